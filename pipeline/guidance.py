@@ -1,0 +1,150 @@
+"""Guidance for scale-wise autoregressive models: CFG, IGG (global or 2-D sliding window) and their mix.
+
+At one scale the backbone gives conditional and unconditional logits for the ``l = h·w`` tokens of that scale.
+With the guidance nudge ``Δ = cond − uncond`` (B, l, V)::
+
+    guided = uncond + t_cfg · Δ + t_igg · (A · Δ)
+    t_cfg  = 0 if w_cfg is None else 1 + ratio · w_cfg        (same for t_igg with w_igg)
+    A      = row-softmax(Δ Δᵀ / √V)                          (B, l, l), per image, over the tokens of this scale
+
+``w_cfg=c, w_igg=None`` is VAR's own CFG with ``cfg=c``; ``w_cfg=None, w_igg=c`` is the IGG authors' IGG
+(Information-Grounding Guidance, "Not All Tokens are Guided Equal", arXiv 2509.23876). With a window ``s``
+(odd, ≥ 1) token i attends only to the tokens j within ``(s−1)/2`` rows and columns of it on the h×w map
+(tokens in row-major order); the windowed path never builds the l×l matrix: its memory is O(l·s² + l·V).
+
+``ratio`` comes from a schedule over the K scales (:func:`schedule_ratio`); VAR's is the linear ramp k/(K−1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SCHEDULES = ("linear", "constant", "interval")
+
+
+def _term_weight(w: float | None, ratio: float, name: str) -> float:
+    """1 + ratio·w, or 0 when the term is dropped (w is None)."""
+    if w is None:
+        return 0.0
+    if not math.isfinite(w):
+        raise ValueError(f"{name}={w} is not a finite number; pass a finite guidance weight or None to drop the term")
+    return 1.0 + ratio * w
+
+
+def guide(
+    cond_BlV: Tensor,
+    uncond_BlV: Tensor,
+    *,
+    w_cfg: float | None,
+    w_igg: float | None,
+    ratio: float,
+    hw: tuple[int, int] | None = None,
+    window: int | None = None,
+) -> Tensor:
+    """Combine conditional and unconditional logits of one scale into guided logits.
+
+    Args:
+        cond_BlV: conditional logits (B, l, V), any float dtype.
+        uncond_BlV: unconditional logits (B, l, V).
+        w_cfg: CFG weight, or None to drop the CFG term.
+        w_igg: IGG weight, or None to drop the IGG term.
+        ratio: schedule value at this scale (VAR: k/(K−1)).
+        hw: (h, w) of the token map, h·w = l; required with ``window``.
+        window: odd side of the square attention window on the token map, or None for global attention.
+
+    Returns:
+        Guided logits (B, l, V), float32.
+    """
+    if cond_BlV.shape != uncond_BlV.shape or cond_BlV.dim() != 3:
+        raise ValueError(
+            f"cond_BlV {tuple(cond_BlV.shape)} and uncond_BlV {tuple(uncond_BlV.shape)} must both be (B, l, V)"
+        )
+    if not math.isfinite(ratio):
+        raise ValueError(f"ratio={ratio} is not finite; pass the schedule's value at this scale")
+    t_cfg = _term_weight(w_cfg, ratio, "w_cfg")
+    t_igg = _term_weight(w_igg, ratio, "w_igg")
+    if window is not None:
+        if window < 1 or window % 2 == 0:
+            raise ValueError(f"window={window} must be an odd integer >= 1 (or None for global attention)")
+        if hw is None:
+            raise ValueError("window needs hw=(h, w), the token map of this scale")
+    if hw is not None and hw[0] * hw[1] != cond_BlV.shape[1]:
+        raise ValueError(f"hw={tuple(hw)} has {hw[0] * hw[1]} tokens but the logits have l={cond_BlV.shape[1]}")
+
+    uncond_BlV = uncond_BlV.float()
+    delta_BlV = cond_BlV.float() - uncond_BlV
+    guided_BlV = uncond_BlV + t_cfg * delta_BlV if t_cfg else uncond_BlV.clone()
+    if t_igg:
+        if window is None:
+            grounded_BlV = F.scaled_dot_product_attention(delta_BlV, delta_BlV, delta_BlV)
+        else:
+            assert hw is not None
+            grounded_BlV = window_attention(delta_BlV, hw, window)
+        guided_BlV = guided_BlV + t_igg * grounded_BlV
+    return guided_BlV
+
+
+def window_attention(x_BlV: Tensor, hw: tuple[int, int], window: int) -> Tensor:
+    """Self-attention of each token over its s×s neighbourhood on the h×w map: softmax(x xᵀ/√V) x, windowed.
+
+    Tokens outside the map do not exist (they are masked out, not zero-padded into the softmax). The loop runs over
+    the s² offsets; each step holds one shifted view of the map, so memory is O(l·V + l·s²), never O(l²).
+
+    Args:
+        x_BlV: (B, l, V) float32, tokens in row-major order of the h×w map.
+        hw: (h, w), h·w = l.
+        window: odd side s of the window.
+
+    Returns:
+        (B, l, V) float32.
+    """
+    B, _, V = x_BlV.shape
+    h, w = hw
+    r = window // 2
+    x_BhwV = x_BlV.reshape(B, h, w, V)
+    xpad_BhwV = F.pad(x_BhwV, (0, 0, r, r, r, r))  # zero border of r rows and columns
+    rows_h = torch.arange(h, device=x_BlV.device)
+    cols_w = torch.arange(w, device=x_BlV.device)
+    scale = 1.0 / math.sqrt(V)
+    offsets = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
+    scores = []
+    for dy, dx in offsets:
+        nb_BhwV = xpad_BhwV[:, r + dy : r + dy + h, r + dx : r + dx + w]
+        s_Bhw = (x_BhwV * nb_BhwV).sum(-1) * scale
+        inside_hw = ((rows_h + dy >= 0) & (rows_h + dy < h))[:, None] & ((cols_w + dx >= 0) & (cols_w + dx < w))[None]
+        scores.append(s_Bhw.masked_fill(~inside_hw, float("-inf")))
+    attn_Bhwo = torch.softmax(torch.stack(scores, dim=-1), dim=-1)
+    out_BhwV = torch.zeros_like(x_BhwV)
+    for o, (dy, dx) in enumerate(offsets):
+        nb_BhwV = xpad_BhwV[:, r + dy : r + dy + h, r + dx : r + dx + w]
+        out_BhwV.add_(attn_Bhwo[..., o : o + 1] * nb_BhwV)
+    return out_BhwV.reshape(B, h * w, V)
+
+
+def schedule_ratio(schedule: str, k: int, K: int, *, start: int = 0, end: int | None = None) -> float | None:
+    """The guidance ratio at scale index k of K.
+
+    - ``linear``: k/(K−1), VAR's ramp (1.0 when K = 1);
+    - ``constant``: 1.0;
+    - ``interval``: the linear ramp inside scale indices [start, end) (``end=None`` means K), ``None`` outside.
+
+    ``None`` means no guidance at this scale: the sampler uses the conditional logits as they are (Switti's
+    CFG on/off range).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
+    if K < 1 or not 0 <= k < K:
+        raise ValueError(f"scale index k={k} is outside 0..K-1 with K={K}")
+    if schedule == "constant":
+        return 1.0
+    if schedule == "interval":
+        stop = K if end is None else end
+        if not 0 <= start <= stop <= K:
+            raise ValueError(f"interval [start={start}, end={end}) must satisfy 0 <= start <= end <= K={K}")
+        if not start <= k < stop:
+            return None
+    return k / (K - 1) if K > 1 else 1.0
