@@ -1,0 +1,338 @@
+"""Sweep configuration: typed schemas (Hydra ConfigStore), composition from conf/, and validation.
+
+Every knob of a sweep lives here or in conf/ (one source of truth). `load_config(overrides)` composes conf/sweep.yaml
+with command-line overrides, checks every value, and returns a typed `SweepConfig`; any problem raises `ConfigError`
+(a ValueError) with one line naming the key and the fix, before anything is written anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.guidance import SCHEDULES
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "backbones" / "weights"
+GROUPS = ("backbone", "guidance", "search", "proxy", "confirm", "launcher", "tracking")
+GUIDANCE_PARAMS = ("w_cfg", "w_igg", "window")
+SAMPLERS = ("tpe", "gp", "random")
+EVENNESS_KINDS = ("vocab", "tokens")
+DIVERGENCE_REFERENCES = ("uncond", "cond")
+FID_METRICS = ("fid", "isc", "kid", "prc")
+EMBEDDED_REFERENCE = "shapes"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message is one line naming the key and the fix."""
+
+
+@dataclass
+class BackboneConfig:
+    """A scale-wise generator: checkpoints, patch schedule, published sampling defaults, FID setup."""
+
+    name: str = MISSING
+    vae_ckpt: str = MISSING  # tokenizer state dict (official VAR layout)
+    var_ckpt: str = MISSING  # transformer state dict (official VAR layout)
+    patch_nums: list[int] = MISSING  # side of the token map at each scale; checked against the checkpoint
+    top_k: int = 0  # published sampling defaults (0 = no top-k / top-p filtering)
+    top_p: float = 0.0
+    default_cfg: float = 1.5  # published CFG weight: the baseline candidate of the confirm stage
+    fid_extractor: str = "inception-v3-compat"  # torch-fidelity feature extractor name
+    fid_reference: str = MISSING  # ADM .npz, a folder of real images, or "shapes" (the embedded dataset)
+
+
+@dataclass
+class GuidanceConfig:
+    """Which guidance terms are searched; a term not searched is off (its weight is None)."""
+
+    name: str = MISSING
+    params: list[str] = MISSING  # subset of w_cfg, w_igg, window
+    schedule: str = "linear"  # ratio at scale k: linear k/(K-1), constant 1, interval: linear inside [start, end)
+    schedule_start: int = 0  # first guided scale index (interval schedule)
+    schedule_end: int | None = None  # first unguided scale index after the interval (null: K)
+
+
+@dataclass
+class SearchConfig:
+    """Stage 1 search space and Optuna sampler."""
+
+    n_trials: int = 24
+    sampler: str = "tpe"  # tpe | gp | random
+    n_startup_trials: int = 8  # random trials before the model-based sampler takes over
+    w_cfg: list[float] = field(default_factory=lambda: [0.0, 6.0])  # [low, high]
+    w_igg: list[float] = field(default_factory=lambda: [0.0, 6.0])  # [low, high]
+    windows: list[int | None] = field(default_factory=lambda: [None, 3, 5])  # odd sizes; null = global
+
+
+@dataclass
+class ProxyConfig:
+    """Stage 0 calibration and stage 1 proxy trials (evenness-divergence equilibrium)."""
+
+    num_images: int = 16  # images sampled per proxy trial (same labels and seed for every trial)
+    batch_size: int = 16
+    evenness: str = "vocab"  # vocab: H(softmax)/ln V of the guided logits; tokens: evenness of the nudge
+    reference: str = "uncond"  # divergence of the guided logits from the uncond | cond logits
+    calibration: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # fractions of ranges
+
+
+@dataclass
+class ConfirmConfig:
+    """Stage 2: FID of the top-K distinct proxy candidates plus the published default (multi-fidelity)."""
+
+    top_k: int = 4
+    small_num_images: int = 256  # FID sample count for every candidate
+    num_images: int = 512  # full FID sample count, for the `full_top` best candidates at small N
+    full_top: int = 2
+    reference: str = MISSING  # FID reference; defaults to backbone.fid_reference
+    metrics: list[str] = field(default_factory=lambda: list(FID_METRICS))
+    batch_size: int = 64
+    decimals: int = 2  # candidates equal after rounding weights to this many decimals are one candidate
+
+
+@dataclass
+class LauncherConfig:
+    """Ray actor pool."""
+
+    workers: int = 2  # actors; each loads the backbone once
+    address: str | None = None  # null: start a local Ray; auto or host:port: join a cluster
+    cpus_per_worker: int = 1
+    gpus_per_worker: int = 1  # used only when the cluster has GPUs
+    object_store_memory: int = 200_000_000  # bytes, local Ray only
+    connect_timeout_s: float = 15.0  # bounded wait for a cluster address
+    max_retries: int = 2  # re-runs of a job whose actor died
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = MISSING  # MLflow tracking URI
+
+
+@dataclass
+class SweepMeta:
+    name: str = MISSING  # MLflow experiment and Optuna study names; rerunning a name resumes it
+    output_dir: str = MISSING  # best.yaml, report.md and plots
+
+
+@dataclass
+class SweepConfig:
+    sweep: SweepMeta = field(default_factory=SweepMeta)
+    seed: int = 0
+    root: str = "mlruns"  # folder of the default stores
+    storage: str = MISSING  # Optuna storage URL (SQLAlchemy)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def _register() -> None:
+    ConfigStore.instance().store(name="schema", node=SweepConfig)
+    if not OmegaConf.has_resolver("weights"):
+        OmegaConf.register_new_resolver("weights", lambda name: str(WEIGHTS_DIR / name))
+
+
+_register()
+
+
+def group_options(group: str, config_dir: Path = CONF_DIR) -> list[str]:
+    """Names of the YAML options of one config group, sorted."""
+    return sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+
+
+def _check_group_overrides(overrides: list[str], config_dir: Path) -> None:
+    for override in OverridesParser.create().parse_overrides(overrides):
+        group = override.key_or_group
+        if override.is_add() or override.is_force_add() or override.is_delete():
+            raise ConfigError(f"{override.input_line}: adding or deleting keys is not supported; set an existing key")
+        if group in GROUPS and isinstance(override.value(), str):
+            options = group_options(group, config_dir)
+            if override.value() not in options:
+                raise ConfigError(
+                    f"{group}={override.value()} is unknown; choose one of {', '.join(options)} "
+                    f"(e.g. {group}={options[0]})"
+                )
+
+
+def compose_config(overrides: list[str], config_dir: Path = CONF_DIR) -> DictConfig:
+    """Compose conf/sweep.yaml with Hydra overrides (no output dir, no chdir). Raises ConfigError."""
+    try:
+        _check_group_overrides(overrides, config_dir)
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            return compose(config_name="sweep", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(err).__name__
+
+
+def _one_line(err: Exception) -> str:
+    reason = _first_line(err)
+    if err.__cause__ is not None:
+        reason = f"{reason}: {_first_line(err.__cause__)}"
+    return f"{reason} (`python -m pipeline.sweep --cfg` lists every key and its value)"
+
+
+def to_schema(cfg: DictConfig) -> SweepConfig:
+    """Resolve interpolations and convert to the typed dataclasses. Raises ConfigError."""
+    try:
+        schema = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err)) from None
+    assert isinstance(schema, SweepConfig)
+    return schema
+
+
+def _positive(key: str, value: float, example: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be positive (got {value}); set e.g. {key}={example}")
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value} is unknown; choose one of {', '.join(choices)}")
+
+
+def _range(key: str, bounds: list[float]) -> None:
+    if len(bounds) != 2:
+        raise ConfigError(f"{key} must be [low, high] (got {bounds}); set e.g. {key}=[0,6]")
+    low, high = bounds
+    if not low < high:
+        raise ConfigError(f"{key}=[{low}, {high}] is empty or inverted; give low < high, e.g. {key}=[0,6]")
+    if low < 0:
+        raise ConfigError(f"{key}: guidance weights start at 0 (got low={low}); set e.g. {key}=[0,{high}]")
+
+
+def _existing_file(key: str, path: str, fix: str) -> None:
+    if not Path(path).is_file():
+        raise ConfigError(f"{key}: {path} not found; {fix}")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{key}: {path} is not readable; fix its permissions or set {key}=PATH")
+
+
+def _writable_root(key: str, folder: Path) -> None:
+    probe = folder.resolve()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: {folder} is not writable ({probe}); choose a writable folder, e.g. root=/tmp/gt")
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a `sqlite:///path` URL, or None for other stores."""
+    prefix = "sqlite:///"
+    return Path(url[len(prefix) :]) if url.startswith(prefix) else None
+
+
+def validate(cfg: SweepConfig) -> None:
+    """Check every value a user may set; raise ConfigError (one line, with the fix) on the first problem."""
+    g, s, p, c, la = cfg.guidance, cfg.search, cfg.proxy, cfg.confirm, cfg.launcher
+    if not cfg.sweep.name or "/" in cfg.sweep.name:
+        raise ConfigError(f"sweep.name={cfg.sweep.name!r} must be a non-empty name without '/'; e.g. sweep.name=run1")
+    for param in g.params:
+        _choice("guidance.params", param, GUIDANCE_PARAMS)
+    if not g.params or ("window" in g.params and "w_igg" not in g.params):
+        raise ConfigError(f"guidance.params={g.params} must search w_cfg and/or w_igg (window needs w_igg)")
+    _choice("guidance.schedule", g.schedule, SCHEDULES)
+    K = len(cfg.backbone.patch_nums)
+    end = K if g.schedule_end is None else g.schedule_end
+    if not 0 <= g.schedule_start < end <= K:
+        raise ConfigError(
+            f"guidance.schedule_start={g.schedule_start}, schedule_end={g.schedule_end} must satisfy "
+            f"0 <= start < end <= {K} (the backbone's scales); e.g. guidance.schedule_start=0"
+        )
+    _choice("search.sampler", s.sampler, SAMPLERS)
+    _choice("proxy.evenness", p.evenness, EVENNESS_KINDS)
+    _choice("proxy.reference", p.reference, DIVERGENCE_REFERENCES)
+    for metric in c.metrics:
+        _choice("confirm.metrics", metric, FID_METRICS)
+    if "fid" not in c.metrics:
+        raise ConfigError("confirm.metrics must include fid (it ranks the candidates); e.g. confirm.metrics=[fid,isc]")
+    for key, value, example in (
+        ("search.n_trials", s.n_trials, "24"),
+        ("search.n_startup_trials", s.n_startup_trials, "8"),
+        ("proxy.num_images", p.num_images, "16"),
+        ("proxy.batch_size", p.batch_size, "16"),
+        ("confirm.top_k", c.top_k, "4"),
+        ("confirm.small_num_images", c.small_num_images, "256"),
+        ("confirm.num_images", c.num_images, "512"),
+        ("confirm.full_top", c.full_top, "2"),
+        ("confirm.batch_size", c.batch_size, "64"),
+        ("launcher.workers", la.workers, "2"),
+        ("launcher.cpus_per_worker", la.cpus_per_worker, "1"),
+        ("launcher.gpus_per_worker", la.gpus_per_worker, "1"),
+        ("launcher.object_store_memory", la.object_store_memory, "200000000"),
+        ("launcher.connect_timeout_s", la.connect_timeout_s, "15"),
+    ):
+        _positive(key, value, example)
+    if c.decimals < 0 or la.max_retries < 0:
+        raise ConfigError("confirm.decimals and launcher.max_retries must be >= 0; e.g. confirm.decimals=2")
+    for name in ("w_cfg", "w_igg"):
+        if name in g.params:
+            _range(f"search.{name}", getattr(s, name))
+    if "window" in g.params:
+        if not s.windows:
+            raise ConfigError("search.windows is empty; give odd sizes or null (global), e.g. search.windows=[null,3]")
+        for window in s.windows:
+            if window is not None and (window < 1 or window % 2 == 0):
+                raise ConfigError(
+                    f"search.windows: {window} is not an odd size >= 1; use e.g. search.windows=[null,3,5]"
+                )
+    if not p.calibration or any(not 0.0 <= f <= 1.0 for f in p.calibration) or len(set(p.calibration)) < 2:
+        raise ConfigError(
+            f"proxy.calibration={p.calibration} must hold at least two distinct fractions in [0, 1]; "
+            "e.g. proxy.calibration=[0,0.5,1]"
+        )
+    if c.top_k > s.n_trials:
+        raise ConfigError(
+            f"confirm.top_k={c.top_k} exceeds search.n_trials={s.n_trials}; "
+            "lower confirm.top_k or raise search.n_trials"
+        )
+    if c.full_top > c.top_k + 1:
+        raise ConfigError(f"confirm.full_top={c.full_top} exceeds the {c.top_k + 1} confirmed candidates; lower it")
+    if c.small_num_images > c.num_images:
+        raise ConfigError(
+            f"confirm.small_num_images={c.small_num_images} exceeds confirm.num_images={c.num_images}; lower it"
+        )
+    fix = f"download it or set backbone.{{}}=PATH (see conf/backbone/{cfg.backbone.name}.yaml)"
+    _existing_file("backbone.vae_ckpt", cfg.backbone.vae_ckpt, fix.format("vae_ckpt"))
+    _existing_file("backbone.var_ckpt", cfg.backbone.var_ckpt, fix.format("var_ckpt"))
+    if c.reference != EMBEDDED_REFERENCE and not Path(c.reference).exists():
+        raise ConfigError(
+            f"confirm.reference: {c.reference} not found; give an ADM .npz, an image folder or "
+            f"'{EMBEDDED_REFERENCE}' (the embedded dataset), e.g. confirm.reference=PATH"
+        )
+    for key, url in (("tracking.uri", cfg.tracking.uri), ("storage", cfg.storage)):
+        db = sqlite_path(url)
+        if db is not None:
+            _writable_root(key, db.parent)
+    _writable_root("sweep.output_dir", Path(cfg.sweep.output_dir))
+
+
+def load_config(overrides: list[str], config_dir: Path = CONF_DIR) -> SweepConfig:
+    """Compose, type-check and validate a sweep configuration. Raises ConfigError; touches nothing."""
+    schema = to_schema(compose_config(overrides, config_dir))
+    validate(schema)
+    return schema
+
+
+def as_dict(cfg: SweepConfig) -> dict[str, Any]:
+    """Plain nested dict of a config (for logging and reports)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
