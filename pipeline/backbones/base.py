@@ -1,0 +1,55 @@
+"""What the scale-wise sampler needs from a backbone (VAR, the embedded tiny model, later Switti).
+
+A backbone generates an image as K token maps of growing side ``patch_nums[k]``. The sampler drives it one scale
+at a time through a :class:`Rollout`: ask for the conditional and unconditional logits of the current scale (one
+forward pass over a 2B batch that shares the KV cache: conditional rows first, unconditional rows after), choose
+the tokens, hand them back, and after the last scale decode the images.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+
+class Rollout(Protocol):
+    """One batch of B images being generated; calls alternate ``logits``, ``take``, ... , then ``decode``."""
+
+    def logits(self) -> tuple[Tensor, Tensor]:
+        """Conditional and unconditional logits of the current scale, each (B, pn*pn, V) float32."""
+        ...
+
+    def take(self, idx_Bl: Tensor) -> None:
+        """Commit the chosen tokens (B, pn*pn) int64 of the current scale and move to the next scale."""
+        ...
+
+    def decode(self) -> Tensor:
+        """After the last scale: images (B, 3, H, W) float in [0, 1], on the backbone's device."""
+        ...
+
+
+@runtime_checkable
+class ScaleWiseBackbone(Protocol):
+    """A class-conditional scale-wise autoregressive image generator."""
+
+    @property
+    def patch_nums(self) -> tuple[int, ...]:
+        """Side of the token map of each scale, coarse to fine."""
+        ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def num_classes(self) -> int:
+        """Valid labels are 0 .. num_classes - 1 (the unconditional branch uses the backbone's null class)."""
+        ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def start(self, labels_B: Tensor) -> Rollout:
+        """Begin generating one image per label (B,) int64 on ``device``."""
+        ...

@@ -1,0 +1,180 @@
+"""The scale-wise guided sampler: one loop for every backbone, CFG / IGG / mixed guidance, per-scale signals.
+
+At each scale k of K the backbone gives conditional and unconditional logits (one forward pass over a 2B batch that
+shares the KV cache); :func:`pipeline.guidance.guide` combines them with the schedule's ratio; VAR's top-k then
+top-p filtering and one multinomial draw (seeded generator) choose the tokens. The diagnostics of
+:mod:`pipeline.metrics` are computed from the tensors already there, no extra forward pass.
+
+With ``top_k=1`` and the same weights the tokens equal those of VAR's ``autoregressive_infer_cfg`` (CFG:
+``w_cfg=cfg, w_igg=None``) and of the IGG authors' fork (IGG and mixed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from pipeline.backbones.base import ScaleWiseBackbone
+from pipeline.guidance import guide, schedule_ratio
+from pipeline.metrics import divergence, evenness, vocab_evenness
+
+
+@dataclass
+class ScaleSignals:
+    """Diagnostics of one scale, each per image."""
+
+    token_evenness: Tensor   # (B,) evenness(guided - uncond)
+    vocab_evenness: Tensor   # (B,) vocab_evenness(guided)
+    div_uncond: Tensor       # (B,) divergence(guided, uncond), bits
+    div_cond: Tensor         # (B,) divergence(guided, cond), bits
+    magnitude_Bhw: Tensor    # (B, pn, pn) per-token L2 norm of the nudge (guided - uncond)  # noqa: N815
+
+
+@dataclass
+class SampleResult:
+    images: Tensor           # (B, 3, H, W) float32 in [0, 1], on CPU
+    indices: list[Tensor]    # per scale (B, pn*pn) int64
+    signals: list[ScaleSignals]
+
+
+@dataclass
+class ScaleStep:
+    """What the sampler saw at scale k, handed to the optional ``callback`` (tensors on the backbone's device)."""
+
+    k: int
+    pn: int
+    ratio: float | None      # the schedule's value; None: no guidance at this scale
+    cond: Tensor             # (B, l, V) conditional logits
+    uncond: Tensor           # (B, l, V) unconditional logits
+    guided: Tensor           # (B, l, V) float32 guided logits, before top-k / top-p filtering
+    idx: Tensor              # (B, l) int64 chosen tokens
+    signals: ScaleSignals
+
+
+def scale_signals(cond_BlV: Tensor, uncond_BlV: Tensor, guided_BlV: Tensor, pn: int) -> ScaleSignals:
+    """Diagnostics of one scale from its logits (B, pn*pn, V); all results on CPU."""
+    nudge_BlV = guided_BlV - uncond_BlV.float()
+    return ScaleSignals(
+        token_evenness=evenness(nudge_BlV).cpu(),
+        vocab_evenness=vocab_evenness(guided_BlV).cpu(),
+        div_uncond=divergence(guided_BlV, uncond_BlV).cpu(),
+        div_cond=divergence(guided_BlV, cond_BlV).cpu(),
+        magnitude_Bhw=nudge_BlV.norm(dim=-1).view(-1, pn, pn).cpu(),
+    )
+
+
+def sample_top_k_top_p(logits_BlV: Tensor, *, top_k: int = 0, top_p: float = 0.0,
+                       generator: torch.Generator | None = None) -> Tensor:
+    """VAR's filtering and draw: keep the top_k largest logits (0: all), then the smallest set of largest
+    probabilities whose mass reaches top_p (0: all), then one multinomial draw per token.
+
+    Args:
+        logits_BlV: (B, l, V) float logits (not modified).
+        top_k: number of logits kept per token; 0 disables.
+        top_p: nucleus mass in [0, 1]; 0 disables.
+        generator: random source (None: torch's global one).
+
+    Returns:
+        (B, l) int64 token indices.
+    """
+    B, l, V = logits_BlV.shape
+    if top_k > 0:
+        kth_Bl1 = logits_BlV.topk(min(top_k, V), dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+        logits_BlV = logits_BlV.masked_fill(logits_BlV < kth_Bl1, float("-inf"))
+    if top_p > 0:
+        sorted_BlV, order_BlV = logits_BlV.sort(dim=-1, descending=False)
+        drop_sorted_BlV = sorted_BlV.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        drop_sorted_BlV[..., -1:] = False
+        logits_BlV = logits_BlV.masked_fill(drop_sorted_BlV.scatter(-1, order_BlV, drop_sorted_BlV), float("-inf"))
+    probs_NV = logits_BlV.softmax(dim=-1).view(-1, V)
+    return torch.multinomial(probs_NV, num_samples=1, replacement=True, generator=generator).view(B, l)
+
+
+def _labels_tensor(labels: Tensor | Sequence[int], backbone: ScaleWiseBackbone) -> Tensor:
+    labels_B = torch.as_tensor(labels, dtype=torch.int64).flatten()
+    if labels_B.numel() == 0:
+        raise ValueError("labels is empty; pass one class label per image")
+    if labels_B.min() < 0 or labels_B.max() >= backbone.num_classes:
+        raise ValueError(f"labels must lie in 0..{backbone.num_classes - 1} (the backbone's classes); "
+                         f"got {labels_B.min().item()}..{labels_B.max().item()}")
+    return labels_B.to(backbone.device)
+
+
+def _check_sampling_args(top_k: int, top_p: float, window: int | None) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k={top_k!r} must be an integer >= 0 (0 disables top-k filtering)")
+    if not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"top_p={top_p!r} must lie in [0, 1] (0 disables top-p filtering)")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1
+                               or window % 2 == 0):
+        raise ValueError(f"window={window!r} must be an odd integer >= 1, or None for global IGG")
+
+
+def sample(
+    backbone: ScaleWiseBackbone,
+    labels: Tensor | Sequence[int],
+    *,
+    w_cfg: float | None,
+    w_igg: float | None,
+    window: int | None = None,
+    schedule: str = "linear",
+    top_k: int = 0,
+    top_p: float = 0.0,
+    seed: int | None = None,
+    interval_start: int = 0,
+    interval_end: int | None = None,
+    amp_dtype: torch.dtype = torch.float16,
+    callback: Callable[[ScaleStep], None] | None = None,
+) -> SampleResult:
+    """Generate one image per label with guided scale-wise sampling.
+
+    Args:
+        backbone: a :class:`ScaleWiseBackbone` (e.g. from :func:`pipeline.backbones.var.load_var`).
+        labels: (B,) class labels in 0..num_classes-1.
+        w_cfg: CFG weight (VAR's ``cfg``), or None to drop the CFG term.
+        w_igg: IGG weight, or None to drop the IGG term.
+        window: odd side of IGG's attention window on each scale's token map; None: global.
+        schedule: ``linear`` (VAR's k/(K-1)), ``constant`` or ``interval``.
+        top_k: keep the top_k logits per token; 0 disables.
+        top_p: nucleus mass in [0, 1]; 0 disables.
+        seed: seeds the sampler's own ``torch.Generator``; None uses torch's global random state.
+        interval_start: with ``schedule="interval"``, first guided scale index.
+        interval_end: with ``schedule="interval"``, guidance stops at this scale index (None: K).
+        amp_dtype: autocast dtype on CUDA (float16 as VAR's evaluation, or bfloat16); CPU runs in float32.
+        callback: called after each scale with a :class:`ScaleStep`.
+
+    Returns:
+        :class:`SampleResult` with images (B, 3, H, W) in [0, 1] on CPU, indices per scale, signals per scale.
+    """
+    _check_sampling_args(top_k, top_p, window)
+    labels_B = _labels_tensor(labels, backbone)
+    patch_nums = backbone.patch_nums
+    K = len(patch_nums)
+    ratios = [schedule_ratio(schedule, k, K, start=interval_start, end=interval_end) for k in range(K)]
+    device = backbone.device
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    autocast = torch.autocast("cuda", dtype=amp_dtype) if device.type == "cuda" else nullcontext()
+
+    indices, signals = [], []
+    with torch.no_grad(), autocast:
+        rollout = backbone.start(labels_B)
+        for k, (pn, ratio) in enumerate(zip(patch_nums, ratios, strict=True)):
+            cond_BlV, uncond_BlV = rollout.logits()
+            if ratio is None:
+                guided_BlV = cond_BlV.float()
+            else:
+                guided_BlV = guide(cond_BlV, uncond_BlV, w_cfg=w_cfg, w_igg=w_igg, ratio=ratio, hw=(pn, pn),
+                                   window=window)
+            idx_Bl = sample_top_k_top_p(guided_BlV, top_k=top_k, top_p=top_p, generator=generator)
+            rollout.take(idx_Bl)
+            signal = scale_signals(cond_BlV, uncond_BlV, guided_BlV, pn)
+            indices.append(idx_Bl.cpu())
+            signals.append(signal)
+            if callback is not None:
+                callback(ScaleStep(k, pn, ratio, cond_BlV, uncond_BlV, guided_BlV, idx_Bl, signal))
+        images = rollout.decode().float().cpu()
+    return SampleResult(images=images, indices=indices, signals=signals)
