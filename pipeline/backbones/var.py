@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -402,9 +403,10 @@ def _load_state_dict(path: str | Path, role: str) -> dict[str, Tensor]:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{role} {path}: not a plain tensor state dict (refused by torch.load(weights_only=True):"
-                         f" {first_line})") from None
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n|$)", str(e))
+        reason = found.group(1) if found else type(e).__name__
+        raise ValueError(f"{role} {path}: not a plain tensor state dict (torch.load(weights_only=True) refused it: "
+                         f"{reason}); pass the official .pth state dict") from None
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, Tensor) for v in sd.values()):
         raise ValueError(f"{role} {path}: not a state dict (expected a dict of tensors, got {type(sd).__name__})")
     return sd
