@@ -48,10 +48,15 @@ from torch_fidelity.datasets import ImagesPathDataset
 from torch_fidelity.defaults import DEFAULTS
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
-from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
-from torch_fidelity.metric_isc import isc_features_to_metric
-from torch_fidelity.metric_kid import kid_features_to_metric
-from torch_fidelity.metric_prc import prc_features_to_metric
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+from torch_fidelity.metric_prc import (
+    KEY_METRIC_F_SCORE,
+    KEY_METRIC_PRECISION,
+    KEY_METRIC_RECALL,
+    prc_features_to_metric,
+)
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from torch_fidelity.utils import create_feature_extractor, glob_samples_paths
 from tqdm import tqdm
@@ -66,6 +71,16 @@ INCEPTION = "inception-v3-compat"
 TINY_EXTRACTOR = "guidetune-tiny"
 NPZ_IMAGES = "arr_0"  # the ADM evaluator's image array: uint8 [N, H, W, 3]
 IMAGE_EXTENSIONS = DEFAULTS["samples_find_ext"]  # the files torch-fidelity reads from a folder
+SHORT_NAMES = {  # torch-fidelity's result keys -> the names this project logs
+    KEY_METRIC_FID: "fid",
+    KEY_METRIC_ISC_MEAN: "isc",
+    KEY_METRIC_ISC_STD: "isc_std",
+    KEY_METRIC_KID_MEAN: "kid",
+    KEY_METRIC_KID_STD: "kid_std",
+    KEY_METRIC_PRECISION: "precision",
+    KEY_METRIC_RECALL: "recall",
+    KEY_METRIC_F_SCORE: "f_score",
+}
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -536,15 +551,15 @@ class FidEvaluator:
     def metrics_of(self, features: dict[str, Tensor], reference: Reference | None) -> dict[str, float]:
         """torch-fidelity metrics of extracted features against a reference (None allowed for IS alone).
 
-        Keys are torch-fidelity's (``frechet_inception_distance``, ``inception_score_mean``/``_std``,
-        ``kernel_inception_distance_mean``/``_std``, ``precision``, ``recall``, ``f_score``).
+        Keys are the short names of torch-fidelity's results (:data:`SHORT_NAMES`): ``fid``, ``isc``,
+        ``isc_std``, ``kid``, ``kid_std``, ``precision``, ``recall``, ``f_score``.
         """
         o, out = self.options, {}
         generated_NF = features[self.feature_layer]
         if "isc" in self.metrics:
             out.update(isc_features_to_metric(features[self.isc_layer], o.isc_splits, True, o.rng_seed))
         if not any(m in self.metrics for m in REFERENCE_METRICS):
-            return out
+            return {SHORT_NAMES[key]: value for key, value in out.items()}
         if reference is None:
             raise ValueError(f"metrics {', '.join(self.metrics)} need a reference; pass evaluator.reference(...)")
         F, F_ref = generated_NF.shape[1], reference.mu.shape[0]
@@ -573,7 +588,7 @@ class FidEvaluator:
                 out.update(prc_features_to_metric(generated_NF, reference_NF, prc_neighborhood=o.prc_neighborhood,
                                                   prc_batch_size=o.prc_batch_size, save_cpu_ram=True,
                                                   verbose=False))
-        return out
+        return {SHORT_NAMES[key]: value for key, value in out.items()}
 
     def score(self, batches: Iterable[Tensor], reference: Reference | None, *,
               total: int | None = None) -> dict[str, float]:

@@ -21,6 +21,7 @@ from torchvision.utils import save_image
 from pipeline.data.classifier import ClassifierConfig, ShapeClassifier, save_classifier
 from pipeline.data.shapes import make_batch, random_labels
 from pipeline.fid import (
+    SHORT_NAMES,
     TINY_EXTRACTOR,
     BatchSource,
     FidEvaluator,
@@ -29,6 +30,7 @@ from pipeline.fid import (
     iter_npz_images,
     load_npz,
     npz_image_shape,
+    reference_source,
     save_npz,
     shapes_source,
     to_uint8,
@@ -105,8 +107,8 @@ def test_fid_of_a_set_against_itself_is_zero_and_grows_with_a_shift(weights):
     ev = evaluator(weights)
     real = shapes(96, seed=1)
     ref = ev.reference(BatchSource("real-96-seed1", lambda: real.split(40)))
-    assert abs(ev.score(real.split(50), ref)[KEY_METRIC_FID]) < 1e-6
-    fids = [ev.score([(real + shift).clamp(0, 1)], ref)[KEY_METRIC_FID] for shift in (0.03, 0.1, 0.2, 0.35)]
+    assert abs(ev.score(real.split(50), ref)["fid"]) < 1e-6
+    fids = [ev.score([(real + shift).clamp(0, 1)], ref)["fid"] for shift in (0.03, 0.1, 0.2, 0.35)]
     assert fids[0] > 1e-3
     assert all(a < b for a, b in itertools.pairwise(fids)), fids
 
@@ -122,10 +124,10 @@ def test_in_memory_metrics_equal_calculate_metrics_on_saved_pngs(weights, tmp_pa
         feature_extractor_weights_path=str(weights), cuda=False, cache=False, verbose=False, save_cpu_ram=True,
         batch_size=32, kid_subsets=OPTIONS.kid_subsets, kid_subset_size=OPTIONS.kid_subset_size,
     )
-    assert set(ours) == set(theirs)
-    assert ours[KEY_METRIC_FID] > 0.01 and ours["inception_score_mean"] > 1.05
+    assert set(ours) == {SHORT_NAMES[key] for key in theirs}
+    assert ours["fid"] > 0.01 and ours["isc"] > 1.05
     for key, value in theirs.items():
-        assert ours[key] == pytest.approx(value, abs=1e-3, rel=1e-5), key
+        assert ours[SHORT_NAMES[key]] == pytest.approx(value, abs=1e-3, rel=1e-5), key
 
 
 def test_reference_sources_agree_and_match_torch_fidelity_statistics(weights, tmp_path):
@@ -159,13 +161,22 @@ def test_adm_reference_statistics_are_used_as_given(weights, tmp_path):
     features_NF = ev.features([generated])[ev.feature_layer].double().numpy()
     expected = fid_statistics_to_metric({"mu": features_NF.mean(0), "sigma": np.cov(features_NF, rowvar=False)},
                                         {"mu": mu, "sigma": sigma}, verbose=False)[KEY_METRIC_FID]
-    assert ev.score([generated], ref)[KEY_METRIC_FID] == pytest.approx(expected, rel=1e-6)
+    assert ev.score([generated], ref)["fid"] == pytest.approx(expected, rel=1e-6)
 
     images = to_uint8(shapes(24, seed=7)).permute(0, 2, 3, 1).numpy()
     np.savez(tmp_path / "both.npz", arr_0=images, mu=mu, sigma=sigma)
     both = evaluator(weights, metrics=("fid", "kid")).reference(tmp_path / "both.npz")
     np.testing.assert_array_equal(both.sigma, sigma)  # FID keeps the file's statistics ...
     assert both.features.shape == (24, FEATURE_DIM)  # ... KID/PRC use the file's images
+
+
+def test_reference_source_maps_the_config_value(tmp_path):
+    embedded = reference_source("shapes", num_images=24, seed=3, batch_size=8)
+    assert isinstance(embedded, BatchSource) and embedded.num_batches == 3
+    assert embedded.key == shapes_source(24, seed=3, batch_size=8).key != shapes_source(24, 4, 8).key
+    images = torch.cat(list(embedded.batches()))
+    assert images.shape == (24, 3, 32, 32) and torch.equal(images, torch.cat(list(embedded.batches())))
+    assert reference_source(str(tmp_path / "ref.npz"), num_images=24, seed=3, batch_size=8) == tmp_path / "ref.npz"
 
 
 def test_reference_is_picklable_for_ray(weights):
@@ -322,4 +333,4 @@ def test_bad_arguments_give_one_clear_error(weights, tmp_path):
 
 def test_inception_score_alone_needs_no_reference(weights):
     out = evaluator(weights, metrics=("isc",)).score([shapes(40, seed=0)], None)
-    assert set(out) == {"inception_score_mean", "inception_score_std"} and out["inception_score_mean"] >= 1.0
+    assert set(out) == {"isc", "isc_std"} and out["isc"] >= 1.0
