@@ -534,9 +534,12 @@ class FidEvaluator:
         key = f"{source_key}-{self.extractor_key}"
         path = None if self.cache_dir is None else self.cache_dir / f"{key}.pt"
         if path is not None and path.is_file():
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            return Reference(blob["mu"].numpy(), blob["sigma"].numpy(), features=blob["features"],
-                             num_images=blob["num_images"], key=key, from_cache=True)
+            try:
+                blob = torch.load(path, map_location="cpu", weights_only=True)
+                return Reference(blob["mu"].numpy(), blob["sigma"].numpy(), features=blob["features"],
+                                 num_images=blob["num_images"], key=key, from_cache=True)
+            except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError):
+                pass  # unreadable (foreign or damaged file): recomputed and overwritten below
         ref = compute()
         ref.key = key
         if path is not None:

@@ -224,6 +224,11 @@ def test_reference_cache_is_reused_when_unchanged_and_rebuilt_when_data_changes(
 
     assert not evaluator(weights).reference(folder).from_cache  # no cache_dir: always computed
 
+    (cache / f"{rebuilt.key}.pt").write_bytes(b"not a torch file")  # a damaged entry is rebuilt, not fatal
+    repaired = evaluator(weights, cache_dir=cache).reference(folder)
+    assert not repaired.from_cache and np.array_equal(repaired.mu, rebuilt.mu)
+    assert evaluator(weights, cache_dir=cache).reference(folder).from_cache
+
 
 def test_cache_key_follows_the_extractor_weights(weights, tmp_path):
     other = tmp_path / "other.pt"

@@ -1,0 +1,138 @@
+"""Images/s of the in-memory FID path vs writing PNGs and scoring the folder with torch-fidelity.
+
+Both paths score the same generated images (float in [0, 1], as the sampler returns them) against the same
+reference, with the same extractor, in the same run; the reference statistics are prepared beforehand for both
+(our disk cache / torch-fidelity's ``input2_cache_name``), so only the generated side is timed:
+
+- in memory: ``FidEvaluator.score(batches, reference)`` (quantise, extract, FID);
+- PNG folder: ``torchvision.utils.save_image`` per image, then ``torch_fidelity.calculate_metrics`` on the folder
+  (its defaults, so its DataLoader workers decode the PNGs).
+
+Run: ``.venv/bin/python bench/bench_fid.py [--sizes 32 128] [--num-images 1024] [--write]``; ``--write``
+replaces the ``## FID`` section of docs/BENCHMARKS.md with the table and this command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch_fidelity import KEY_METRIC_FID, calculate_metrics
+from torchvision.utils import save_image
+
+from pipeline.data.classifier import SHIPPED_CLASSIFIER, ClassifierConfig, ShapeClassifier, save_classifier
+from pipeline.data.shapes import ShapesConfig, make_batch, random_labels
+from pipeline.fid import TINY_EXTRACTOR, BatchSource, FidEvaluator
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
+SECTION = "FID"
+
+
+def write_section(path: Path, title: str, body: str) -> None:
+    """Replace (or append) the ``## title`` section of a markdown file, leaving the other sections as they are."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    section = f"## {title}\n\n{body.strip()}\n\n"
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else f"{text.rstrip()}\n\n{section}"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text.rstrip() + "\n")
+    os.replace(tmp, path)
+
+
+def time_in_memory(evaluator: FidEvaluator, generated: torch.Tensor, reference, batch_size: int) -> tuple[float, float]:
+    start = time.perf_counter()
+    fid = evaluator.score(generated.split(batch_size), reference)["fid"]
+    return time.perf_counter() - start, fid
+
+
+def time_png_folder(generated: torch.Tensor, folder: Path, kwargs: dict) -> tuple[float, float, float]:
+    """(seconds writing PNGs, seconds scoring the folder, FID)."""
+    folder.mkdir()
+    start = time.perf_counter()
+    for i, image in enumerate(generated):
+        save_image(image, folder / f"{i:06d}.png")
+    written = time.perf_counter()
+    fid = calculate_metrics(input1=str(folder), **kwargs)[KEY_METRIC_FID]
+    return written - start, time.perf_counter() - written, fid
+
+
+def run(size: int, num_images: int, batch_size: int, repeats: int, weights: Path, work: Path) -> dict:
+    config = ShapesConfig(size=size)
+    generated = (make_batch(random_labels(num_images, 1), 1, config=config) * 0.9 + 0.05).clamp(0, 1)
+    real = make_batch(random_labels(num_images, 2), 2, config=config)
+    evaluator = FidEvaluator(TINY_EXTRACTOR, weights_path=weights, batch_size=batch_size, progress=False)
+    reference = evaluator.reference(BatchSource(f"bench-{size}-{num_images}", lambda: real.split(batch_size)))
+
+    real_dir = work / f"real-{size}"
+    real_dir.mkdir()
+    for i, image in enumerate(real):
+        save_image(image, real_dir / f"{i:06d}.png")
+    kwargs = dict(input2=str(real_dir), input2_cache_name=f"bench-real-{size}-{num_images}", cache_root=str(work),
+                  fid=True, feature_extractor=TINY_EXTRACTOR, feature_extractor_weights_path=str(weights),
+                  cuda=False, verbose=False, batch_size=batch_size)
+    calculate_metrics(input1=str(real_dir), **kwargs)  # fills torch-fidelity's cache of the reference statistics
+
+    memory, write, score, fids = [], [], [], set()
+    for r in range(repeats):
+        seconds, fid_memory = time_in_memory(evaluator, generated, reference, batch_size)
+        write_s, score_s, fid_png = time_png_folder(generated, work / f"generated-{size}-{r}", kwargs)
+        memory.append(seconds)
+        write.append(write_s)
+        score.append(score_s)
+        fids.add(abs(fid_memory - fid_png))
+    return {"size": size, "memory": statistics.median(memory), "write": statistics.median(write),
+            "score": statistics.median(score), "fid": fid_memory, "fid_diff": max(fids)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 128], help="image side(s), pixels")
+    parser.add_argument("--num-images", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per path; the median is reported")
+    parser.add_argument("--write", action="store_true", help="update the ## FID section of docs/BENCHMARKS.md")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        weights, weights_note = SHIPPED_CLASSIFIER, "shipped tiny_classifier.pt"
+        if not weights.is_file():  # same architecture and cost as the shipped classifier
+            weights, weights_note = work / "classifier.pt", "randomly initialised ShapeClassifier (default config)"
+            save_classifier(ShapeClassifier(ClassifierConfig()).eval(), weights)
+        rows = [run(size, args.num_images, args.batch_size, args.repeats, weights, work) for size in args.sizes]
+
+    n = args.num_images
+    lines = [
+        f"Command: `{shlex.join(['.venv/bin/python', 'bench/bench_fid.py', *sys.argv[1:]])}`",
+        "",
+        f"{n} generated images (float in [0, 1], in memory) scored by FID against {n} reference images with the "
+        f"`{TINY_EXTRACTOR}` extractor ({weights_note}), batch size {args.batch_size}, CPU, "
+        f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}; median of {args.repeats} runs, same "
+        "images and same run for both paths; reference statistics prepared beforehand for both. PNG path = "
+        "`save_image` per image + `torch_fidelity.calculate_metrics` on the folder (its default DataLoader workers).",
+        "",
+        "| image side | in memory (img/s) | PNG folder (img/s) | of which: write PNGs (s) | score folder (s) "
+        "| speed-up | FID | abs FID difference |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        png = row["write"] + row["score"]
+        lines.append(f"| {row['size']} | {n / row['memory']:.0f} | {n / png:.0f} | {row['write']:.2f} "
+                     f"| {row['score']:.2f} | {png / row['memory']:.1f}x | {row['fid']:.4f} | {row['fid_diff']:.1e} |")
+    body = "\n".join(lines)
+    print(body)
+    if args.write:
+        write_section(BENCHMARKS, SECTION, body)
+        print(f"wrote the ## {SECTION} section of {BENCHMARKS}")
+
+
+if __name__ == "__main__":
+    main()
