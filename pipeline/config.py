@@ -95,6 +95,8 @@ class ConfirmConfig:
     num_images: int = 512  # full FID sample count, for the `full_top` best candidates at small N
     full_top: int = 2
     reference: str = MISSING  # FID reference; defaults to backbone.fid_reference
+    reference_num_images: int = 2000  # images of the embedded dataset when reference is "shapes"
+    extractor_weights: str | None = None  # local weights of the FID feature extractor (offline clusters)
     metrics: list[str] = field(default_factory=lambda: list(FID_METRICS))
     batch_size: int = 64
     decimals: int = 2  # candidates equal after rounding weights to this many decimals are one candidate
@@ -122,6 +124,9 @@ class TrackingConfig:
 class SweepMeta:
     name: str = MISSING  # MLflow experiment and Optuna study names; rerunning a name resumes it
     output_dir: str = MISSING  # best.yaml, report.md and plots
+    grid_images: int = 16  # images in each trial's sample grid
+    grid_nrow: int = 8  # images per row of the grid
+    heatmap_images: int = 4  # images (rows) in each trial's guidance heat map
 
 
 @dataclass
@@ -275,6 +280,10 @@ def validate(cfg: SweepConfig) -> None:
         ("confirm.num_images", c.num_images, "512"),
         ("confirm.full_top", c.full_top, "2"),
         ("confirm.batch_size", c.batch_size, "64"),
+        ("confirm.reference_num_images", c.reference_num_images, "2000"),
+        ("sweep.grid_images", cfg.sweep.grid_images, "16"),
+        ("sweep.grid_nrow", cfg.sweep.grid_nrow, "8"),
+        ("sweep.heatmap_images", cfg.sweep.heatmap_images, "4"),
         ("launcher.workers", la.workers, "2"),
         ("launcher.cpus_per_worker", la.cpus_per_worker, "1"),
         ("launcher.gpus_per_worker", la.gpus_per_worker, "1"),
@@ -311,14 +320,21 @@ def validate(cfg: SweepConfig) -> None:
         raise ConfigError(
             f"confirm.small_num_images={c.small_num_images} exceeds confirm.num_images={c.num_images}; lower it"
         )
-    fix = f"download it or set backbone.{{}}=PATH (see conf/backbone/{cfg.backbone.name}.yaml)"
-    _existing_file("backbone.vae_ckpt", cfg.backbone.vae_ckpt, fix.format("vae_ckpt"))
-    _existing_file("backbone.var_ckpt", cfg.backbone.var_ckpt, fix.format("var_ckpt"))
+    for key in ("vae_ckpt", "var_ckpt"):
+        path = getattr(cfg.backbone, key)
+        fix = (
+            "the embedded weights are missing: reinstall guidetune or run `python -m pipeline.backbones.tiny train`"
+            if Path(path).parent == WEIGHTS_DIR
+            else f"download it or set backbone.{key}=PATH (see conf/backbone/{cfg.backbone.name}.yaml)"
+        )
+        _existing_file(f"backbone.{key}", path, fix)
     if c.reference != EMBEDDED_REFERENCE and not Path(c.reference).exists():
         raise ConfigError(
             f"confirm.reference: {c.reference} not found; give an ADM .npz, an image folder or "
             f"'{EMBEDDED_REFERENCE}' (the embedded dataset), e.g. confirm.reference=PATH"
         )
+    if c.extractor_weights is not None:
+        _existing_file("confirm.extractor_weights", c.extractor_weights, "give the local extractor weights file")
     for key, url in (("tracking.uri", cfg.tracking.uri), ("storage", cfg.storage)):
         db = sqlite_path(url)
         if db is not None:

@@ -107,7 +107,7 @@ def run_ledger(
         assert done.evaluation is not None
         record(trial, done.evaluation)
         study.tell(trial, value)
-        observer.finished(stage, trial.number, job, done, {"value": value})
+        observer.finished(stage, trial.number, job, done, {})
 
     drive(pool, next_job, on_done, desc=stage, total=len(todo))
     finished = completed()
