@@ -104,7 +104,8 @@ def _labels_tensor(labels: Tensor | Sequence[int], backbone: ScaleWiseBackbone) 
     return labels_B.to(backbone.device)
 
 
-def _check_sampling_args(top_k: int, top_p: float, window: int | None) -> None:
+def check_sampling_args(top_k: int, top_p: float, window: int | None) -> None:
+    """ValueError naming the argument if top_k, top_p or window is out of range."""
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k={top_k!r} must be an integer >= 0 (0 disables top-k filtering)")
     if not 0.0 <= top_p <= 1.0:
@@ -150,7 +151,7 @@ def sample(
     Returns:
         :class:`SampleResult` with images (B, 3, H, W) in [0, 1] on CPU, indices per scale, signals per scale.
     """
-    _check_sampling_args(top_k, top_p, window)
+    check_sampling_args(top_k, top_p, window)
     labels_B = _labels_tensor(labels, backbone)
     patch_nums = backbone.patch_nums
     K = len(patch_nums)
