@@ -22,7 +22,7 @@ SHIPPED_SHAPE_CLASSIFIER = WEIGHTS_DIR / "tiny_classifier_shape.pt"
 
 @dataclass
 class ClassifierConfig:
-    width: int = 32          # channels of the first stage; doubled at each of the three stages
+    width: int = 16          # channels of the first stage; doubled at each of the three stages
     feature_dim: int = 128   # F, the penultimate (feature) width
     num_classes: int = NUM_CLASSES
 
