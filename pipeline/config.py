@@ -8,6 +8,7 @@ with command-line overrides, checks every value, and returns a typed `SweepConfi
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,11 +234,20 @@ def _existing_file(key: str, path: str, fix: str) -> None:
 
 
 def _writable_root(key: str, folder: Path) -> None:
+    """The nearest existing ancestor of `folder` must be a folder that accepts a file (probed, then removed)."""
     probe = folder.resolve()
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}: {folder} is not writable ({probe}); choose a writable folder, e.g. root=/tmp/gt")
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(str(probe))
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"{key}: {folder} is not writable ({type(err).__name__}: {probe}); choose a writable folder, "
+            "e.g. root=/tmp/guidetune"
+        ) from None
 
 
 def sqlite_path(url: str) -> Path | None:

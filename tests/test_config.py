@@ -1,0 +1,202 @@
+"""Sweep configuration: every conf/ group composes with Hydra; every bad value is refused before anything is touched.
+
+Refusals go through the real entry point (`pipeline.sweep.main`, in-process for speed; one case as a subprocess):
+exit code 2, exactly one line on stderr naming the key and the fix, and the sweep's root folder never created.
+"""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from pipeline.backbones.var import VARConfig, random_var
+from pipeline.backbones.vqvae import VQVAEConfig
+from pipeline.config import (
+    CONF_DIR,
+    GROUPS,
+    WEIGHTS_DIR,
+    ConfigError,
+    compose_config,
+    group_options,
+    load_config,
+    to_schema,
+)
+from pipeline.sweep import SETTINGS_ATTR, main, resume_settings
+from tuners.studies import study_name
+
+REPO = Path(__file__).resolve().parent.parent
+PATCH_NUMS = (1, 2, 4)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> dict[str, Path]:
+    """A small random VQVAE+VAR pair in the official layout, plus files that are not one."""
+    d = tmp_path_factory.mktemp("ckpt")
+    vae = VQVAEConfig(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=PATCH_NUMS,
+                      using_sa=False, using_mid_sa=False)
+    var = VARConfig(vocab_size=32, z_channels=8, depth=1, embed_dim=32, num_heads=2, num_classes=4,
+                    patch_nums=PATCH_NUMS)
+    random_var(vae, var).save(d / "vae.pt", d / "var.pt")
+    torch.save([1, 2, 3], d / "list.pt")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (d / "evil.pt").write_bytes(pickle.dumps(Evil()))
+    return {"vae": d / "vae.pt", "var": d / "var.pt", "list": d / "list.pt", "evil": d / "evil.pt"}
+
+
+def valid(ckpt, root: Path) -> list[str]:
+    return [f"root={root}", f"backbone.vae_ckpt={ckpt['vae']}", f"backbone.var_ckpt={ckpt['var']}",
+            f"backbone.patch_nums=[{','.join(map(str, PATCH_NUMS))}]"]
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in group_options(g)])
+def test_every_group_option_composes(group, option):
+    cfg = to_schema(compose_config([f"{group}={option}"]))
+    node = getattr(cfg, group)
+    if group == "backbone":
+        assert node.name == option
+        if option.startswith("var_d"):
+            assert (node.top_k, node.top_p, node.default_cfg) == (900, 0.96, 1.5)
+            assert node.patch_nums[-1] == (32 if option == "var_d36" else 16)
+            assert node.var_ckpt.endswith(f"{option}.pth") and node.fid_extractor == "inception-v3-compat"
+        else:
+            assert Path(node.var_ckpt).parent == WEIGHTS_DIR and node.fid_reference == "shapes"
+        assert cfg.confirm.reference == node.fid_reference  # interpolated default
+    if group == "guidance":
+        assert node.name == option
+        assert {"cfg": ["w_cfg"], "igg": ["w_igg", "window"], "mixed": ["w_cfg", "w_igg", "window"]}[option] == \
+            node.params
+
+
+def test_group_options_are_the_yaml_files():
+    assert group_options("backbone") == ["tiny", "var_d16", "var_d20", "var_d24", "var_d30", "var_d36"]
+    assert group_options("guidance") == ["cfg", "igg", "mixed"]
+    assert all((CONF_DIR / g).is_dir() and group_options(g) for g in GROUPS)
+
+
+def test_defaults_and_derived_paths():
+    cfg = to_schema(compose_config([]))
+    assert (cfg.backbone.name, cfg.guidance.name, cfg.launcher.workers) == ("tiny", "mixed", 2)
+    assert cfg.sweep.name == "tiny-mixed"
+    assert cfg.tracking.uri == "sqlite:///mlruns/mlflow.db"  # the store `make ui` opens
+    assert cfg.storage == "sqlite:///mlruns/optuna.db"
+    assert cfg.sweep.output_dir == "mlruns/sweeps/tiny-mixed"
+    assert cfg.search.windows == [None, 3, 5] and cfg.search.sampler == "tpe"
+    other = to_schema(compose_config(["root=/x", "sweep.name=abc"]))
+    assert (other.storage, other.tracking.uri, other.sweep.output_dir) == (
+        "sqlite:////x/optuna.db", "sqlite:////x/mlflow.db", "/x/sweeps/abc")
+
+
+def test_command_line_keys(ckpt, tmp_path):
+    keys = ["sweep.name=k1", "seed=7", "guidance=cfg", "search.n_trials=9", "search.sampler=gp",
+            "proxy.num_images=5", "confirm.top_k=3", "confirm.num_images=300", "confirm.reference=shapes",
+            "launcher.workers=1", "launcher.address=auto", f"tracking.uri=sqlite:///{tmp_path}/m.db",
+            f"storage=sqlite:///{tmp_path}/o.db"]
+    cfg = load_config(valid(ckpt, tmp_path / "r") + keys)
+    assert (cfg.sweep.name, cfg.seed, cfg.guidance.name, cfg.search.n_trials, cfg.search.sampler) == (
+        "k1", 7, "cfg", 9, "gp")
+    assert (cfg.proxy.num_images, cfg.confirm.top_k, cfg.confirm.num_images, cfg.launcher.workers) == (5, 3, 300, 1)
+    assert cfg.launcher.address == "auto" and cfg.storage.endswith("/o.db") and cfg.tracking.uri.endswith("/m.db")
+    assert not (tmp_path / "r").exists()
+
+
+BAD = [
+    (["backbone=var_d99"], "backbone=var_d99 is unknown; choose one of tiny, var_d16"),
+    (["guidance=clip"], "guidance=clip is unknown; choose one of cfg, igg, mixed"),
+    (["search.sampler=cmaes"], "search.sampler=cmaes is unknown; choose one of tpe, gp, random"),
+    (["proxy.evenness=gini"], "proxy.evenness=gini is unknown"),
+    (["proxy.reference=both"], "proxy.reference=both is unknown"),
+    (["search.w_cfg=[4,1]"], "search.w_cfg=[4.0, 1.0] is empty or inverted"),
+    (["search.w_igg=[2,2]"], "search.w_igg=[2.0, 2.0] is empty or inverted"),
+    (["search.w_cfg=[-1,2]"], "search.w_cfg: guidance weights start at 0"),
+    (["search.windows=[null,4]"], "search.windows: 4 is not an odd size"),
+    (["search.windows=[0]"], "search.windows: 0 is not an odd size"),
+    (["search.windows=[-3]"], "search.windows: -3 is not an odd size"),
+    (["search.windows=[]"], "search.windows is empty"),
+    (["search.n_trials=0"], "search.n_trials must be positive (got 0)"),
+    (["proxy.num_images=-4"], "proxy.num_images must be positive (got -4)"),
+    (["confirm.num_images=0"], "confirm.num_images must be positive"),
+    (["launcher.workers=0"], "launcher.workers must be positive"),
+    (["confirm.top_k=30", "search.n_trials=10"], "confirm.top_k=30 exceeds search.n_trials=10"),
+    (["confirm.small_num_images=600", "confirm.num_images=500"], "confirm.small_num_images=600 exceeds"),
+    (["search.n_trials=abc"], "search.n_trials=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+    (["search.nope=1"], "Key 'nope' not in 'SearchConfig'"),
+    (["+extra=1"], "+extra=1: adding or deleting keys is not supported"),
+    (["guidance.params=[window]"], "window needs w_igg"),
+    (["confirm.metrics=[isc]"], "confirm.metrics must include fid"),
+    (["proxy.calibration=[0.5]"], "proxy.calibration=[0.5] must hold at least two distinct fractions"),
+    (["guidance.schedule=cosine"], "guidance.schedule=cosine is unknown"),
+    (["confirm.reference=/nonexistent/ref.npz"], "confirm.reference: /nonexistent/ref.npz not found"),
+    (["backbone.var_ckpt=/nonexistent/var.pth"], "backbone.var_ckpt: /nonexistent/var.pth not found"),
+    (["backbone.patch_nums=[1,2,3]"], "backbone.patch_nums=[1, 2, 3] but"),
+    (["launcher.address=127.0.0.1:1", "launcher.connect_timeout_s=1"], "launcher.address=127.0.0.1:1: no Ray"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_input_exits_2_with_one_line_and_touches_nothing(ckpt, tmp_path, capsys, overrides, message):
+    root = tmp_path / "root"
+    assert main(valid(ckpt, root) + overrides) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert message in err
+    assert not root.exists()
+
+
+@pytest.mark.parametrize("which,message", [("list", "not a state dict"), ("evil", "weights_only"),
+                                           ("vae", "not a VAR state dict")])
+def test_bad_checkpoints_are_refused(ckpt, tmp_path, capsys, which, message):
+    root = tmp_path / "root"
+    assert main([*valid(ckpt, root), f"backbone.var_ckpt={ckpt[which]}"]) == 2
+    err = capsys.readouterr()
+    assert message in err.err and "pwned" not in err.out
+    assert not root.exists()
+
+
+def test_embedded_weights_missing_says_how_to_get_them(tmp_path):
+    missing = WEIGHTS_DIR / "no_such_tiny.pt"
+    with pytest.raises(ConfigError, match="embedded weights are missing"):
+        load_config([f"root={tmp_path}", f"backbone.var_ckpt={missing}"])
+
+
+def test_unwritable_root_is_refused(ckpt):
+    overrides = valid(ckpt, Path("/etc/hostname/sub"))
+    with pytest.raises(ConfigError, match="is not writable"):
+        load_config(overrides)
+
+
+def test_resume_with_other_settings_is_refused(ckpt, tmp_path, capsys):
+    overrides = [*valid(ckpt, tmp_path), "sweep.name=r1"]
+    cfg = load_config(overrides)
+    study = optuna.create_study(storage=cfg.storage, study_name=study_name("r1", "proxy"))
+    study.set_user_attr(SETTINGS_ATTR, resume_settings(cfg))
+    assert main([*overrides, "search.w_cfg=[0,3]"]) == 2
+    assert "sweep.name=r1 exists with search.w_cfg=[0.0, 6.0] (now [0.0, 3.0])" in capsys.readouterr().err
+    assert resume_settings(load_config([*overrides, "search.n_trials=50"])) == resume_settings(cfg)
+
+
+def test_help_and_cfg(capsys):
+    assert main(["--help"]) == 0
+    assert "backbone: tiny, var_d16, var_d20, var_d24, var_d30, var_d36" in capsys.readouterr().out
+    assert main(["--cfg", "seed=3", "guidance=igg"]) == 0
+    out = capsys.readouterr().out
+    assert "seed: 3" in out and "name: tiny-igg" in out
+
+
+def test_cli_subprocess_exit_code_and_no_traceback(tmp_path):
+    root = tmp_path / "root"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.sweep", f"root={root}", "search.w_cfg=[5,1]"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: search.w_cfg=[5.0, 1.0] is empty or inverted; give low < high, e.g. search.w_cfg=[0,6]"]
+    assert "Traceback" not in proc.stderr and not root.exists()
