@@ -22,6 +22,9 @@ from torch import Tensor
 SHAPES_VERSION = "1"
 """Bumped whenever the images of a given (seed, labels) change; part of every cache key built on this data."""
 
+OBJECT_EXTENT = 1.2
+"""Largest distance from the object centre reached by any class's shape, in radii (the frame's corners)."""
+
 CLASS_NAMES = ("disk", "square", "ring", "frame", "triangle", "plus", "half_disk", "crescent")
 NUM_CLASSES = len(CLASS_NAMES)
 
@@ -127,7 +130,7 @@ def make_batch(labels: Tensor, seed: int, *, hue_random: bool = False,
     # Every draw has a fixed shape per image, so image i never depends on the other labels.
     # Per-image scalars are kept as (B, 1, 1) to broadcast over the pixel grid.
     radius = (_uniform(g, B, cfg.radius_range) * S)[:, None, None]
-    margin = radius * 1.05 + 1.0
+    margin = radius * OBJECT_EXTENT + 1.0
     cx = margin + (S - 2 * margin) * torch.rand(B, 1, 1, generator=g)
     cy = margin + (S - 2 * margin) * torch.rand(B, 1, 1, generator=g)
     angle = 2 * math.pi * torch.rand(B, 1, 1, generator=g)
