@@ -14,9 +14,8 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from sweep_fixtures import micro_overrides, write_micro_backbone
 
-from pipeline.backbones.var import VARConfig, random_var
-from pipeline.backbones.vqvae import VQVAEConfig
 from pipeline.config import (
     CONF_DIR,
     GROUPS,
@@ -31,18 +30,13 @@ from pipeline.sweep import SETTINGS_ATTR, main, resume_settings
 from tuners.studies import study_name
 
 REPO = Path(__file__).resolve().parent.parent
-PATCH_NUMS = (1, 2, 4)
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> dict[str, Path]:
-    """A small random VQVAE+VAR pair in the official layout, plus files that are not one."""
+    """The micro backbone, plus files that are not a VAR state dict."""
     d = tmp_path_factory.mktemp("ckpt")
-    vae = VQVAEConfig(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=PATCH_NUMS,
-                      using_sa=False, using_mid_sa=False)
-    var = VARConfig(vocab_size=32, z_channels=8, depth=1, embed_dim=32, num_heads=2, num_classes=4,
-                    patch_nums=PATCH_NUMS)
-    random_var(vae, var).save(d / "vae.pt", d / "var.pt")
+    paths = write_micro_backbone(d)
     torch.save([1, 2, 3], d / "list.pt")
 
     class Evil:
@@ -50,12 +44,11 @@ def ckpt(tmp_path_factory) -> dict[str, Path]:
             return (print, ("pwned",))
 
     (d / "evil.pt").write_bytes(pickle.dumps(Evil()))
-    return {"vae": d / "vae.pt", "var": d / "var.pt", "list": d / "list.pt", "evil": d / "evil.pt"}
+    return {**paths, "list": d / "list.pt", "evil": d / "evil.pt"}
 
 
 def valid(ckpt, root: Path) -> list[str]:
-    return [f"root={root}", f"backbone.vae_ckpt={ckpt['vae']}", f"backbone.var_ckpt={ckpt['var']}",
-            f"backbone.patch_nums=[{','.join(map(str, PATCH_NUMS))}]"]
+    return micro_overrides(ckpt, root)
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in group_options(g)])
@@ -138,6 +131,7 @@ BAD = [
     (["confirm.reference=/nonexistent/ref.npz"], "confirm.reference: /nonexistent/ref.npz not found"),
     (["backbone.var_ckpt=/nonexistent/var.pth"], "backbone.var_ckpt: /nonexistent/var.pth not found"),
     (["backbone.patch_nums=[1,2,3]"], "backbone.patch_nums=[1, 2, 3] but"),
+    (["confirm.extractor_weights=/nonexistent/cls.pt"], "confirm.extractor_weights: /nonexistent/cls.pt not found"),
     (["launcher.address=127.0.0.1:1", "launcher.connect_timeout_s=1"], "launcher.address=127.0.0.1:1: no Ray"),
 ]
 

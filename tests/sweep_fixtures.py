@@ -1,0 +1,41 @@
+"""A micro backbone for the sweep's tests: real model code (random VQVAE + VAR in the official layout) and a random
+FID feature extractor (a small ShapeClassifier), tiny enough that a whole sweep runs in seconds of compute."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.backbones.var import VARConfig, random_var
+from pipeline.backbones.vqvae import VQVAEConfig
+from pipeline.data.classifier import ClassifierConfig, ShapeClassifier, save_classifier
+
+PATCH_NUMS = (1, 2, 4)
+FEATURE_DIM = 16  # FID needs more images than this
+
+
+def write_micro_backbone(folder: Path, seed: int = 0) -> dict[str, Path]:
+    """Write vae.pt, var.pt (load_var format, 16x16 images, 4 classes) and cls.pt (extractor weights)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vae = VQVAEConfig(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, patch_nums=PATCH_NUMS,
+                      using_sa=False, using_mid_sa=False)
+    var = VARConfig(vocab_size=32, z_channels=8, depth=1, embed_dim=32, num_heads=2, num_classes=4,
+                    patch_nums=PATCH_NUMS)
+    paths = {"vae": folder / "vae.pt", "var": folder / "var.pt", "cls": folder / "cls.pt"}
+    random_var(vae, var, seed=seed).save(paths["vae"], paths["var"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        save_classifier(ShapeClassifier(ClassifierConfig(width=8, feature_dim=FEATURE_DIM)), paths["cls"])
+    return paths
+
+
+def micro_overrides(paths: dict[str, Path], root: Path) -> list[str]:
+    """Hydra overrides that point a sweep at the micro backbone, with every store under `root`."""
+    return [
+        f"root={root}",
+        f"backbone.vae_ckpt={paths['vae']}",
+        f"backbone.var_ckpt={paths['var']}",
+        f"backbone.patch_nums=[{','.join(map(str, PATCH_NUMS))}]",
+        f"confirm.extractor_weights={paths['cls']}",
+    ]
