@@ -278,10 +278,10 @@ def train_vqvae(cfg: TinyConfig, out: Path, *, progress: bool = True) -> tuple[V
     return vae, log
 
 
-def load_vqvae(path: Path) -> VQVAE:
+def load_vqvae(path: Path, patch_nums: tuple[int, ...]) -> VQVAE:
     """The tokenizer saved by the vqvae stage (official layout), in eval mode."""
     sd = torch.load(path, map_location="cpu", weights_only=True)
-    vae = VQVAE(vqvae_config_from_state_dict(sd, tiny_vqvae_config().patch_nums))
+    vae = VQVAE(vqvae_config_from_state_dict(sd, patch_nums))
     vae.load_state_dict(sd)
     return vae.eval().requires_grad_(False)
 
@@ -349,8 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{TINY_VAE.name}: {log.steps_done} steps in {log.seconds:.0f} s, "
                   f"PSNR {log.metrics['psnr_db']:.2f} dB, codes used {log.metrics['codes_used_pct']:.1f} %")
         elif name == "var":
-            _, log = train_var(cfg, load_vqvae(args.out / TINY_VAE.name), args.out / TINY_VAR.name,
-                               progress=progress)
+            vae = load_vqvae(args.out / TINY_VAE.name, cfg.var.model.patch_nums)
+            _, log = train_var(cfg, vae, args.out / TINY_VAR.name, progress=progress)
             print(f"{TINY_VAR.name}: {log.steps_done} steps in {log.seconds:.0f} s, "
                   f"final loss (mean of the last 50 steps) {sum(log.losses[-50:]) / len(log.losses[-50:]):.4f}")
     return 0
