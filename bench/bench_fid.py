@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="update the ## FID section of docs/BENCHMARKS.md")
     args = parser.parse_args()
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         weights, weights_note = SHIPPED_CLASSIFIER, "shipped tiny_classifier.pt"
@@ -118,7 +119,10 @@ def main() -> None:
         f"`{TINY_EXTRACTOR}` extractor ({weights_note}), batch size {args.batch_size}, CPU, "
         f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}; best of {args.repeats} runs, same "
         "images and same run for both paths; reference statistics prepared beforehand for both. PNG path = "
-        "`save_image` per image + `torch_fidelity.calculate_metrics` on the folder (its default DataLoader workers).",
+        "`save_image` per image + `torch_fidelity.calculate_metrics` on the folder (its default DataLoader workers). "
+        f"Load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (a shared machine: ratios from the "
+        "same run are the comparable numbers). On CPU the extractor dominates both paths; the in-memory path saves "
+        "the PNG encode (write column) and decode, and needs no folder.",
         "",
         "| image side | in memory (img/s) | PNG folder (img/s) | of which: write PNGs (s) | score folder (s) "
         "| speed-up | FID | abs FID difference |",
