@@ -1,0 +1,157 @@
+"""The worker on a real (micro, random) VAR and the Ray actor pool on a real local Ray with 2 CPUs."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import ray
+import torch
+from PIL import Image
+from sweep_fixtures import PATCH_NUMS, micro_overrides, write_micro_backbone
+
+from pipeline.config import load_config
+from pipeline.distributed import RayPool, Worker, _probe, batch_seed, connect, spread_labels
+from pipeline.fid import FidEvaluator
+from pipeline.metrics import trial_mean
+from pipeline.sampling import sample
+from pipeline.sweep import fid_reference
+from tuners.jobs import SIGNALS, Job
+from tuners.space import Candidate
+
+MIXED = Candidate(w_cfg=2.0, w_igg=1.0, window=3)
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist")
+    paths = write_micro_backbone(d / "ckpt")
+    return load_config([
+        *micro_overrides(paths, d / "root"), "proxy.batch_size=4", "confirm.batch_size=16",
+        "confirm.reference_num_images=40", "sweep.grid_images=4", "sweep.grid_nrow=2", "sweep.heatmap_images=2",
+        "launcher.workers=2", "launcher.max_retries=1"])
+
+
+@pytest.fixture(scope="module")
+def reference(cfg):
+    return fid_reference(cfg)
+
+
+@pytest.fixture(scope="module")
+def worker(cfg, reference):
+    return Worker(cfg, reference)
+
+
+def test_spread_labels():
+    assert spread_labels(4, 10).tolist() == [0, 2, 5, 7]
+    assert spread_labels(6, 4).tolist() == [0, 1, 2, 3, 0, 1]
+
+
+def test_batch_seed_is_deterministic_and_distinct():
+    seeds = {batch_seed(s, b) for s in range(3) for b in range(3)}
+    assert len(seeds) == 9 and batch_seed(1, 2) == batch_seed(1, 2)
+
+
+def test_proxy_job_equals_the_sampler(cfg, worker):
+    job = Job(MIXED, num_images=4, seed=5)
+    ev = worker.evaluate(job)
+    assert ev.error is None and ev.fid_metrics == {} and ev.num_images == 4 and ev.wall_s > 0
+    direct = sample(worker.backbone, spread_labels(4, worker.backbone.num_classes), w_cfg=2.0, w_igg=1.0, window=3,
+                    seed=batch_seed(5, 0))
+    for name in SIGNALS:
+        per_scale = [getattr(s, name) for s in direct.signals]
+        assert ev.per_scale[name] == pytest.approx([float(v.mean()) for v in per_scale], abs=1e-6)
+        assert ev.signals[name] == pytest.approx(float(trial_mean(per_scale).mean()), abs=1e-6)
+    grid = Image.open(io.BytesIO(ev.images["samples.png"]))
+    side = 16 + 2  # image + padding
+    assert grid.size == (2 * side + 2, 2 * side + 2)
+    Image.open(io.BytesIO(ev.images["guidance.png"])).verify()
+
+
+def test_batches_seeds_and_aggregation(worker):
+    six = worker.evaluate(Job(MIXED, num_images=6, seed=0))  # batches of 4 + 2
+    again = worker.evaluate(Job(MIXED, num_images=6, seed=0))
+    other = worker.evaluate(Job(MIXED, num_images=6, seed=1))
+    assert six.signals == again.signals and six.per_scale == again.per_scale
+    assert six.signals != other.signals
+    assert all(len(v) == len(PATCH_NUMS) for v in six.per_scale.values())
+    for name in SIGNALS:
+        assert six.signals[name] == pytest.approx(sum(six.per_scale[name][1:]) / (len(PATCH_NUMS) - 1), abs=1e-6)
+
+
+def test_fid_job_equals_scoring_the_same_images(cfg, worker, reference):
+    job = Job(Candidate(1.5, None, None), num_images=20, seed=3, fid=True)
+    ev = worker.evaluate(job)
+    assert ev.error is None
+    assert {"fid", "isc", "kid", "precision", "recall"} <= set(ev.fid_metrics)
+    labels = spread_labels(20, worker.backbone.num_classes)
+    images = [sample(worker.backbone, labels_B, w_cfg=1.5, w_igg=None, seed=batch_seed(3, b)).images
+              for b, labels_B in enumerate(labels.split(cfg.confirm.batch_size))]
+    evaluator = FidEvaluator(cfg.backbone.fid_extractor, metrics=cfg.confirm.metrics,
+                             weights_path=cfg.confirm.extractor_weights, progress=False)
+    expected = evaluator.score(images, reference)
+    assert ev.fid_metrics["fid"] == pytest.approx(expected["fid"], rel=1e-5)
+    assert ev.fid_metrics["fid"] > 0 and math.isfinite(ev.fid_metrics["kid"])
+
+
+def test_numerical_fault_fails_the_job_with_its_reason(worker):
+    ev = worker.evaluate(Job(Candidate(1e38, None, None), num_images=4, seed=0))
+    assert ev.error and ev.signals == {} and ev.wall_s > 0
+
+
+def test_fid_job_without_reference_is_an_error(cfg, worker):
+    bare = Worker.__new__(Worker)
+    bare.__dict__.update(worker.__dict__, fid=None, reference=None)
+    ev = bare.evaluate(Job(MIXED, 4, 0, fid=True))
+    assert ev.error == "ValueError: this worker has no FID reference; start it with one to run FID jobs"
+
+
+def test_unreachable_address_fails_fast():
+    with pytest.raises(ConnectionError, match="no Ray cluster answered within 1 s"):
+        _probe("127.0.0.1:1", 1.0)
+    with pytest.raises(ConnectionError, match="not auto, host:port"):
+        _probe("nowhere", 1.0)
+
+
+@pytest.fixture(scope="module")
+def pool(cfg, reference):
+    started = connect(cfg.launcher)
+    assert started and ray.cluster_resources()["CPU"] == 2
+    pool = RayPool(cfg, reference)
+    yield pool
+    pool.close()
+    ray.shutdown()
+
+
+def test_pool_keeps_both_actors_busy_and_matches_the_local_worker(pool, worker):
+    jobs = {0: Job(MIXED, 4, 0), 1: Job(Candidate(3.0, None, None), 4, 0)}
+    assert pool.idle() == 2
+    for tag, job in jobs.items():
+        pool.submit(tag, job)
+    assert pool.idle() == 0 and pool.pending() == 2
+    done = {d.tag: d for d in (pool.wait(), pool.wait())}
+    assert pool.idle() == 2 and pool.pending() == 0
+    for tag, job in jobs.items():
+        assert done[tag].error is None and done[tag].retries == 0
+        assert done[tag].evaluation.signals == pytest.approx(worker.evaluate(job).signals)
+        evaluation = done[tag].evaluation  # numbers and PNG bytes only
+        assert all(isinstance(v, float) for v in evaluation.signals.values())
+        assert all(isinstance(b, bytes) for b in evaluation.images.values())
+        assert not any(isinstance(v, torch.Tensor) for v in vars(evaluation).values())
+
+
+def test_dead_actor_is_replaced_and_the_job_retried(pool, cfg):
+    pool.submit(7, Job(MIXED, 8, 0))
+    [busy] = [a for a in pool.actors if a not in pool.free]
+    ray.kill(busy)
+    done = pool.wait()
+    assert (done.tag, done.error, done.retries) == (7, None, 1)
+    assert busy not in pool.actors and len(pool.actors) == 2 and pool.idle() == 2
+    cfg.launcher.max_retries = 0  # the driver reads the bound at each failure
+    pool.submit(8, Job(MIXED, 4, 0))
+    [busy] = [a for a in pool.actors if a not in pool.free]
+    ray.kill(busy)
+    done = pool.wait()
+    assert done.evaluation is None and done.error.startswith("worker died 1 times") and done.retries == 0
+    assert pool.idle() == 2
