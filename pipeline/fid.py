@@ -29,7 +29,7 @@ import hashlib
 import math
 import os
 import pickle
-import tempfile
+import uuid
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -115,17 +115,15 @@ def to_uint8(images_B3HW: Tensor) -> Tensor:
 
 
 def _temp_beside(path: Path) -> Path:
-    """A fresh temporary file in ``path``'s folder (same file system, so ``os.replace`` is atomic)."""
+    """A unique temporary name in ``path``'s folder (same file system, so ``os.replace`` is atomic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(tmp)
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
 
 
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     tmp = _temp_beside(path)
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:
             write(f)
         os.replace(tmp, path)
     finally:
