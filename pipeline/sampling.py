@@ -52,7 +52,7 @@ class ScaleStep:
     uncond: Tensor           # (B, l, V) unconditional logits
     guided: Tensor           # (B, l, V) float32 guided logits, before top-k / top-p filtering
     idx: Tensor              # (B, l) int64 chosen tokens
-    signals: ScaleSignals
+    signals: ScaleSignals | None   # None when sampling with_signals=False
 
 
 def scale_signals(cond_BlV: Tensor, uncond_BlV: Tensor, guided_BlV: Tensor, pn: int) -> ScaleSignals:
@@ -129,6 +129,7 @@ def sample(
     interval_start: int = 0,
     interval_end: int | None = None,
     amp_dtype: torch.dtype = torch.float16,
+    with_signals: bool = True,
     callback: Callable[[ScaleStep], None] | None = None,
 ) -> SampleResult:
     """Generate one image per label with guided scale-wise sampling.
@@ -146,6 +147,7 @@ def sample(
         interval_start: with ``schedule="interval"``, first guided scale index.
         interval_end: with ``schedule="interval"``, guidance stops at this scale index (None: K).
         amp_dtype: autocast dtype on CUDA (float16 as VAR's evaluation, or bfloat16); CPU runs in float32.
+        with_signals: compute the per-scale diagnostics; False leaves ``signals`` empty (FID batches).
         callback: called after each scale with a :class:`ScaleStep`.
 
     Returns:
@@ -172,9 +174,10 @@ def sample(
                                    window=window)
             idx_Bl = sample_top_k_top_p(guided_BlV, top_k=top_k, top_p=top_p, generator=generator)
             rollout.take(idx_Bl)
-            signal = scale_signals(cond_BlV, uncond_BlV, guided_BlV, pn)
+            signal = scale_signals(cond_BlV, uncond_BlV, guided_BlV, pn) if with_signals else None
             indices.append(idx_Bl.cpu())
-            signals.append(signal)
+            if signal is not None:
+                signals.append(signal)
             if callback is not None:
                 callback(ScaleStep(k, pn, ratio, cond_BlV, uncond_BlV, guided_BlV, idx_Bl, signal))
         images = rollout.decode().float().cpu()

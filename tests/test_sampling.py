@@ -82,6 +82,13 @@ def test_guidance_and_signals_per_scale(w_cfg, w_igg, window):
         torch.testing.assert_close(sig.magnitude_Bhw.flatten(1), nudge.norm(dim=-1))
 
 
+def test_without_signals_same_samples():
+    steps = []
+    plain = sample(BB, LABELS, w_cfg=2.0, w_igg=1.0, seed=5, with_signals=False, callback=steps.append)
+    assert plain.signals == [] and all(step.signals is None for step in steps)
+    assert same(plain, sample(BB, LABELS, w_cfg=2.0, w_igg=1.0, seed=5))
+
+
 def test_interval_schedule_leaves_outer_scales_unguided():
     steps = []
     sample(BB, LABELS, w_cfg=4.0, w_igg=None, schedule="interval", interval_start=1, interval_end=3, seed=0,

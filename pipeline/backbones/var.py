@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from pipeline.backbones.vqvae import VQVAE, VQVAEConfig, vqvae_config_from_state_dict
 
 MAX_SCALE_MUL = math.log(100.0)   # the learned per-head q scale is clamped to at most 100
+Modulation = tuple[Tensor, ...]   # AdaLN vectors of one block (or the head), each (B, 1, C)
 
 
 @dataclass(frozen=True)
@@ -150,20 +151,21 @@ class AdaLNSelfAttn(nn.Module):
         else:
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
 
-    def modulation(self, cond: Tensor) -> Tensor:
-        """(B, 1, 6, C) gamma1, gamma2, scale1, scale2, shift1, shift2 from the class embedding (B, D) or, with
-        shared AdaLN, from the shared projection (B, 1, 6, C)."""
-        if self.shared_aln:
-            return self.ada_gss + cond
-        return self.ada_lin(cond).view(-1, 1, 6, self.C)
+    def modulation(self, cond: Tensor) -> Modulation:
+        """gamma1, gamma2, 1 + scale1, 1 + scale2, shift1, shift2, each (B, 1, C), from the class embedding (B, D)
+        or, with shared AdaLN, from the shared projection (B, 1, 6, C). Fixed for a batch: sampling computes it
+        once for all scales."""
+        gss_B16C = self.ada_gss + cond if self.shared_aln else self.ada_lin(cond).view(-1, 1, 6, self.C)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = gss_B16C.unbind(2)
+        return gamma1, gamma2, scale1.add(1), scale2.add(1), shift1, shift2
 
-    def forward(self, x_BlC: Tensor, mod_B16C: Tensor, attn_bias: Tensor | None = None,
+    def forward(self, x_BlC: Tensor, mod: Modulation, attn_bias: Tensor | None = None,
                 cache: KVCache | None = None) -> Tensor:
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = mod_B16C.unbind(2)
-        attn = self.attn(self.ln_wo_grad(x_BlC) * (scale1 + 1) + shift1, attn_bias, cache)
-        x_BlC = x_BlC + drop_path(attn * gamma1, self.drop_path_p, self.training)
-        ffn = self.ffn(self.ln_wo_grad(x_BlC) * (scale2 + 1) + shift2)
-        return x_BlC + drop_path(ffn * gamma2, self.drop_path_p, self.training)
+        gamma1, gamma2, scale1p, scale2p, shift1, shift2 = mod
+        attn = self.attn(self.ln_wo_grad(x_BlC).mul(scale1p).add_(shift1), attn_bias, cache).mul_(gamma1)
+        x_BlC = x_BlC + drop_path(attn, self.drop_path_p, self.training)
+        ffn = self.ffn(self.ln_wo_grad(x_BlC).mul(scale2p).add_(shift2)).mul_(gamma2)
+        return x_BlC + drop_path(ffn, self.drop_path_p, self.training)
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -173,13 +175,14 @@ class AdaLNBeforeHead(nn.Module):
         self.ln_wo_grad = nn.LayerNorm(C, eps=eps, elementwise_affine=False)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
 
-    def modulation(self, cond_BD: Tensor) -> Tensor:
-        """(B, 1, 2, C): scale, shift."""
-        return self.ada_lin(cond_BD).view(-1, 1, 2, self.C)
+    def modulation(self, cond_BD: Tensor) -> Modulation:
+        """1 + scale, shift, each (B, 1, C)."""
+        scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
+        return scale.add(1), shift
 
-    def forward(self, x_BlC: Tensor, mod_B12C: Tensor) -> Tensor:
-        scale, shift = mod_B12C.unbind(2)
-        return self.ln_wo_grad(x_BlC) * (scale + 1) + shift
+    def forward(self, x_BlC: Tensor, mod: Modulation) -> Tensor:
+        scale_p, shift = mod
+        return self.ln_wo_grad(x_BlC).mul(scale_p).add_(shift)
 
 
 class SharedAdaLin(nn.Linear):
@@ -260,9 +263,9 @@ class VAR(nn.Module):
         """Input tokens of scale k > 0 from f_hat downsampled to its pn x pn, (B, Cvae, pn, pn) -> (B, pn², C)."""
         return self.word_embed(next_BCvhw.flatten(2).transpose(1, 2)) + self.lvl_pos(k)
 
-    def logits(self, x_BlC: Tensor, head_mod_B12C: Tensor) -> Tensor:
+    def logits(self, x_BlC: Tensor, head_mod: Modulation) -> Tensor:
         """Output tokens (B, l, C) -> logits (B, l, V) float32."""
-        return self.head(self.head_nm(x_BlC.float(), head_mod_B12C).float()).float()
+        return self.head(self.head_nm(x_BlC.float(), head_mod).float()).float()
 
     def forward(self, label_B: Tensor, x_BLCvae_wo_first_l: Tensor) -> Tensor:
         """Teacher-forced training forward.

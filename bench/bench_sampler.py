@@ -1,0 +1,233 @@
+"""Sampler benchmark: token parity with the reference samplers, speed against VAR's, IGG's overhead over CFG.
+
+    python bench/bench_sampler.py --reference /tmp/VAR --igg-reference /tmp/infoground-guidance --write
+
+``--reference`` is a checkout of FoundationVision/VAR, ``--igg-reference`` one of dnngky/infoground-guidance (the
+IGG authors' fork); neither is needed by the tests, nor committed. Their ``models`` package is imported from the
+given folder as it is; only its ``huggingface_hub`` import (used by a hub wrapper class we do not touch) is
+satisfied with an empty stand-in when that package is not installed. Without references only IGG's overhead is
+measured.
+
+1. Parity: the same random tiny weights (official key layout, loaded with ``strict=True`` into both models),
+   the same labels, ``top_k=1``: tokens at every scale, ours vs the reference (CFG) and vs the IGG fork (CFG, IGG,
+   mixed). Also a seeded run with top-k/top-p filtering (same generator seed): share of equal tokens.
+2. Speed: d16-sized random weights at 256 px, VAR's evaluation settings (cfg 1.5, top_k 900, top_p 0.96), our
+   sampler and VAR's ``autoregressive_infer_cfg`` interleaved, median seconds per batch.
+3. IGG overhead: our sampler with CFG vs IGG (global, window 3) and mixed, same weights, interleaved.
+
+``--write`` replaces the ``## Sampler`` section of docs/BENCHMARKS.md with the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import platform
+import statistics
+import sys
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.backbones.var import VARBackbone, VARConfig, random_var
+from pipeline.backbones.vqvae import VQVAEConfig
+from pipeline.sampling import sample
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
+SECTION = "## Sampler"
+REFERENCE_CH_MULT = (1, 1, 2, 2, 4)      # hard-coded in VAR's VQVAE
+PARITY_PN = (1, 2, 3, 4, 5)
+
+
+@dataclass
+class Reference:
+    """A reference sampler loaded from a checkout, with the tokens it drew in its last run."""
+
+    var: torch.nn.Module
+    drawn: list[torch.Tensor]
+
+
+def import_models(path: Path) -> types.ModuleType:
+    """Import the ``models`` package of a VAR checkout (isolated from any previously imported one)."""
+    for name in [m for m in sys.modules if m in ("models", "dist") or m.startswith("models.")]:
+        del sys.modules[name]
+    try:
+        importlib.import_module("huggingface_hub")
+    except ImportError:
+        sys.modules["huggingface_hub"] = types.SimpleNamespace(PyTorchModelHubMixin=object)
+    sys.path.insert(0, str(path))
+    try:
+        return importlib.import_module("models")
+    finally:
+        sys.path.remove(str(path))
+
+
+def load_reference(path: Path, ours: VARBackbone) -> Reference:
+    """Build the checkout's VQVAE + VAR with our hyper-parameters and load our state dicts (strict)."""
+    vae_cfg, var_cfg = ours.vae.cfg, ours.var.cfg
+    if vae_cfg.ch_mult != REFERENCE_CH_MULT or vae_cfg.num_res_blocks != 2:
+        raise ValueError(f"the reference VQVAE hard-codes ch_mult={REFERENCE_CH_MULT} and 2 res blocks")
+    models = import_models(path)
+    with contextlib.redirect_stdout(io.StringIO()):
+        vae = models.VQVAE(vocab_size=vae_cfg.vocab_size, z_channels=vae_cfg.z_channels, ch=vae_cfg.ch,
+                           share_quant_resi=vae_cfg.share_quant_resi, v_patch_nums=vae_cfg.patch_nums,
+                           test_mode=True)
+        var = models.VAR(vae, num_classes=var_cfg.num_classes, depth=var_cfg.depth, embed_dim=var_cfg.embed_dim,
+                         num_heads=var_cfg.num_heads, mlp_ratio=var_cfg.mlp_ratio, shared_aln=var_cfg.shared_aln,
+                         attn_l2_norm=True, patch_nums=var_cfg.patch_nums, flash_if_available=False,
+                         fused_if_available=False)
+    vae.load_state_dict(ours.vae.state_dict(), strict=True)
+    var.load_state_dict(ours.var.state_dict(), strict=True)
+    var.eval().requires_grad_(False)
+    ref = Reference(var, [])
+    draw = models.var.sample_with_top_k_top_p_
+
+    def recording_draw(*args, **kwargs):
+        idx_Bl1 = draw(*args, **kwargs)
+        ref.drawn.append(idx_Bl1[:, :, 0].clone())
+        return idx_Bl1
+
+    models.var.sample_with_top_k_top_p_ = recording_draw
+    return ref
+
+
+def run_reference(ref: Reference, labels: torch.Tensor, *, w_cfg: float | None, w_igg: float | None, igg: bool,
+                  top_k: int, top_p: float, seed: int) -> list[torch.Tensor]:
+    ref.drawn.clear()
+    guidance = {"w_cfg": w_cfg, "w_igg": w_igg} if igg else {"cfg": w_cfg}
+    with torch.no_grad():
+        ref.var.autoregressive_infer_cfg(len(labels), labels, g_seed=seed, top_k=top_k, top_p=top_p, **guidance)
+    return list(ref.drawn)
+
+
+def agreement(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> tuple[int, int, int]:
+    """(scales with every token equal, number of scales, first scale with a difference or -1)."""
+    equal = [torch.equal(a, b) for a, b in zip(ours, theirs, strict=True)]
+    return sum(equal), len(equal), equal.index(False) if False in equal else -1
+
+
+def parity(var_path: Path | None, igg_path: Path | None, batch: int) -> list[str]:
+    vae_cfg = VQVAEConfig(vocab_size=512, z_channels=16, ch=32, ch_mult=REFERENCE_CH_MULT, patch_nums=PARITY_PN)
+    var_cfg = VARConfig(vocab_size=512, z_channels=16, depth=3, embed_dim=128, num_heads=4, num_classes=10,
+                        patch_nums=PARITY_PN)
+    ours = random_var(vae_cfg, var_cfg, seed=0)
+    labels = torch.arange(batch) % var_cfg.num_classes
+    rows = ["| reference | w_cfg | w_igg | top_k / top_p | scales with equal tokens |", "|---|---|---|---|---|"]
+    cases = []
+    if var_path is not None:
+        cases += [("VAR", var_path, False, w, None) for w in (0.0, 1.5, 4.0)]
+    if igg_path is not None:
+        cases += [("IGG fork", igg_path, True, wc, wi) for wc, wi in ((1.5, None), (None, 3.0), (1.5, 3.0), (4.0, 1.0))]
+    loaded: dict[Path, Reference] = {}
+    for name, path, igg, w_cfg, w_igg in cases:
+        if path not in loaded:
+            loaded[path] = load_reference(path, ours)
+        ref = loaded[path]
+        for top_k, top_p in ((1, 0.0), (50, 0.9)):
+            theirs = run_reference(ref, labels, w_cfg=w_cfg, w_igg=w_igg, igg=igg, top_k=top_k, top_p=top_p, seed=0)
+            mine = sample(ours, labels, w_cfg=w_cfg, w_igg=w_igg, top_k=top_k, top_p=top_p, seed=0).indices
+            n_eq, n, first = agreement(mine, theirs)
+            where = "" if first < 0 else f" (first difference at scale {first})"
+            rows.append(f"| {name} | {w_cfg} | {w_igg} | {top_k} / {top_p} | {n_eq}/{n}{where} |")
+    return rows
+
+
+def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each run, the runs interleaved round-robin after one warm-up round."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(repeats + 1):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            if r > 0:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def speed(var_path: Path | None, batch: int, repeats: int) -> tuple[list[str], list[str]]:
+    ours = random_var(VQVAEConfig(), VARConfig.official(16), seed=0)
+    labels = torch.arange(batch) * 97 % 1000
+    settings = {"top_k": 900, "top_p": 0.96, "seed": 0}
+    runs: dict[str, Callable[[], object]] = {
+        "ours CFG 1.5": lambda: sample(ours, labels, w_cfg=1.5, w_igg=None, **settings),
+        "ours IGG 1.5 (global)": lambda: sample(ours, labels, w_cfg=None, w_igg=1.5, **settings),
+        "ours IGG 1.5 (window 3)": lambda: sample(ours, labels, w_cfg=None, w_igg=1.5, window=3, **settings),
+        "ours mixed 1.5 + 1.5": lambda: sample(ours, labels, w_cfg=1.5, w_igg=1.5, **settings),
+    }
+    ref = None
+    if var_path is not None:
+        ref = load_reference(var_path, ours)
+        runs["VAR autoregressive_infer_cfg, cfg 1.5"] = lambda: run_reference(
+            ref, labels, w_cfg=1.5, w_igg=None, igg=False, top_k=900, top_p=0.96, seed=0)
+    medians = interleaved(runs, repeats)
+    speed_rows = ["| sampler | s / batch | images / s | ours ÷ VAR (speed) |", "|---|---|---|---|"]
+    base = medians.get("VAR autoregressive_infer_cfg, cfg 1.5")
+    for name in ("ours CFG 1.5", "VAR autoregressive_infer_cfg, cfg 1.5"):
+        if name in medians:
+            ratio = f"{base / medians[name]:.3f}" if base else "n/a"
+            speed_rows.append(f"| {name} | {medians[name]:.2f} | {batch / medians[name]:.3f} | {ratio} |")
+    if ref is not None:
+        mine = sample(ours, labels, w_cfg=1.5, w_igg=None, **settings).indices
+        n_eq, n, _ = agreement(mine, run_reference(ref, labels, w_cfg=1.5, w_igg=None, igg=False, top_k=900,
+                                                   top_p=0.96, seed=0))
+        speed_rows.append(f"\nSame seed, same weights at d16: {n_eq}/{n} scales with every token equal.")
+    cfg_s = medians["ours CFG 1.5"]
+    overhead_rows = ["| ours | s / batch | overhead over CFG |", "|---|---|---|"]
+    for name in runs:
+        if name.startswith("ours"):
+            overhead_rows.append(f"| {name[5:]} | {medians[name]:.2f} | {100 * (medians[name] / cfg_s - 1):+.1f} % |")
+    return speed_rows, overhead_rows
+
+
+def write_section(text: str) -> None:
+    """Replace (or append) the ``## Sampler`` section of docs/BENCHMARKS.md."""
+    old = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
+    lines = old.splitlines()
+    if SECTION in lines:
+        start = lines.index(SECTION)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = [*text.rstrip("\n").splitlines(), ""]
+    else:
+        lines += ["", *text.rstrip("\n").splitlines()]
+    BENCHMARKS.parent.mkdir(parents=True, exist_ok=True)
+    BENCHMARKS.write_text("\n".join(lines).rstrip("\n") + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reference", type=Path, help="checkout of FoundationVision/VAR")
+    parser.add_argument("--igg-reference", type=Path, help="checkout of dnngky/infoground-guidance")
+    parser.add_argument("--batch", type=int, default=2, help="images per batch in the speed runs")
+    parser.add_argument("--parity-batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (after one warm-up round)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--write", action="store_true", help="write the tables into docs/BENCHMARKS.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    command = "python bench/bench_sampler.py " + " ".join(sys.argv[1:])
+    parts = [SECTION, "", f"Command: `{command}`  ",
+             f"Machine: {platform.processor() or platform.machine()}, {args.threads} CPU threads, torch "
+             f"{torch.__version__}, float32; {time.strftime('%Y-%m-%d')}.", ""]
+    if args.reference or args.igg_reference:
+        parts += ["Token parity, same random tiny weights (V 512, depth 3, patch_nums "
+                  f"{PARITY_PN}, {args.parity_batch} images, seed 0):", "",
+                  *parity(args.reference, args.igg_reference, args.parity_batch), ""]
+    speed_rows, overhead_rows = speed(args.reference, args.batch, args.repeats)
+    parts += [f"Speed, d16-sized random weights at 256 px, batch {args.batch}, top_k 900, top_p 0.96, median of "
+              f"{args.repeats} interleaved rounds:", "", *speed_rows, "", "IGG overhead over CFG (ours, same runs):",
+              "", *overhead_rows, ""]
+    text = "\n".join(parts)
+    print(text)
+    if args.write:
+        write_section(text)
+
+
+if __name__ == "__main__":
+    main()
