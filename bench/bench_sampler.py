@@ -10,7 +10,7 @@ measured.
 
 1. Parity: the same random tiny weights (official key layout, loaded with ``strict=True`` into both models),
    the same labels, ``top_k=1``: tokens at every scale, ours vs the reference (CFG) and vs the IGG fork (CFG, IGG,
-   mixed). Also a seeded run with top-k/top-p filtering (same generator seed): share of equal tokens.
+   mixed); and seeded runs with top-k/top-p filtering (top_k 50, top_p 0.9, the same generator seed).
 2. Speed: d16-sized random weights at 256 px, VAR's evaluation settings (cfg 1.5, top_k 900, top_p 0.96), our
    sampler and VAR's ``autoregressive_infer_cfg`` interleaved, median seconds per batch.
 3. IGG overhead: our sampler with CFG vs IGG (global, window 3) and mixed, same weights, interleaved.
@@ -26,6 +26,7 @@ import importlib
 import io
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import types
@@ -37,6 +38,7 @@ import torch
 
 from pipeline.backbones.var import VARBackbone, VARConfig, random_var
 from pipeline.backbones.vqvae import VQVAEConfig
+from pipeline.guidance import guide
 from pipeline.sampling import sample
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +46,13 @@ BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
 SECTION = "## Sampler"
 REFERENCE_CH_MULT = (1, 1, 2, 2, 4)      # hard-coded in VAR's VQVAE
 PARITY_PN = (1, 2, 3, 4, 5)
+GUIDANCE = {
+    "CFG 1.5": {"w_cfg": 1.5, "w_igg": None},
+    "IGG 1.5 (global)": {"w_cfg": None, "w_igg": 1.5},
+    "IGG 1.5 (window 3)": {"w_cfg": None, "w_igg": 1.5, "window": 3},
+    "mixed 1.5 + 1.5 (global)": {"w_cfg": 1.5, "w_igg": 1.5},
+}
+VAR_RUN = "VAR autoregressive_infer_cfg, cfg 1.5"
 
 
 @dataclass
@@ -52,6 +61,12 @@ class Reference:
 
     var: torch.nn.Module
     drawn: list[torch.Tensor]
+
+
+def describe(path: Path) -> str:
+    """``path`` and its git commit, for the record."""
+    head = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return f"`{path}` at commit {head.stdout.strip()}" if head.returncode == 0 else f"`{path}` (not a git checkout)"
 
 
 def import_models(path: Path) -> types.ModuleType:
@@ -140,15 +155,32 @@ def parity(var_path: Path | None, igg_path: Path | None, batch: int) -> list[str
 
 
 def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each run, the runs interleaved round-robin after one warm-up round."""
+    """Median seconds of each run over ``repeats`` rounds, the runs interleaved round-robin."""
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for r in range(repeats + 1):
+    for _ in range(repeats):
         for name, fn in runs.items():
             start = time.perf_counter()
             fn()
-            if r > 0:
-                times[name].append(time.perf_counter() - start)
+            times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def guide_seconds(batch: int, vocab: int, patch_nums: tuple[int, ...], repeats: int) -> dict[str, float]:
+    """Seconds of the guidance combination alone over all scales (best of ``repeats``), on random logits."""
+    gen = torch.Generator().manual_seed(0)
+    logits = [(torch.randn(batch, pn * pn, vocab, generator=gen), torch.randn(batch, pn * pn, vocab, generator=gen))
+              for pn in patch_nums]
+    K = len(patch_nums)
+    best = {}
+    for name, kw in GUIDANCE.items():
+        ts = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for k, ((cond, uncond), pn) in enumerate(zip(logits, patch_nums, strict=True)):
+                guide(cond, uncond, ratio=k / (K - 1), hw=(pn, pn), **kw)
+            ts.append(time.perf_counter() - start)
+        best[name] = min(ts)
+    return best
 
 
 def speed(var_path: Path | None, batch: int, repeats: int) -> tuple[list[str], list[str]]:
@@ -156,33 +188,35 @@ def speed(var_path: Path | None, batch: int, repeats: int) -> tuple[list[str], l
     labels = torch.arange(batch) * 97 % 1000
     settings = {"top_k": 900, "top_p": 0.96, "seed": 0}
     runs: dict[str, Callable[[], object]] = {
-        "ours CFG 1.5": lambda: sample(ours, labels, w_cfg=1.5, w_igg=None, **settings),
-        "ours IGG 1.5 (global)": lambda: sample(ours, labels, w_cfg=None, w_igg=1.5, **settings),
-        "ours IGG 1.5 (window 3)": lambda: sample(ours, labels, w_cfg=None, w_igg=1.5, window=3, **settings),
-        "ours mixed 1.5 + 1.5": lambda: sample(ours, labels, w_cfg=1.5, w_igg=1.5, **settings),
-    }
+        f"ours {name}": (lambda kw=kw: sample(ours, labels, **kw, **settings)) for name, kw in GUIDANCE.items()}
+    runs["ours CFG 1.5, with_signals=False"] = lambda: sample(ours, labels, **GUIDANCE["CFG 1.5"], **settings,
+                                                             with_signals=False)
     ref = None
     if var_path is not None:
         ref = load_reference(var_path, ours)
-        runs["VAR autoregressive_infer_cfg, cfg 1.5"] = lambda: run_reference(
-            ref, labels, w_cfg=1.5, w_igg=None, igg=False, top_k=900, top_p=0.96, seed=0)
+        runs[VAR_RUN] = lambda: run_reference(ref, labels, w_cfg=1.5, w_igg=None, igg=False, **settings)
+    sample(ours, labels, w_cfg=1.5, w_igg=None, top_k=1, with_signals=False)    # warm-up (allocator, kernels)
     medians = interleaved(runs, repeats)
-    speed_rows = ["| sampler | s / batch | images / s | ours ÷ VAR (speed) |", "|---|---|---|---|"]
-    base = medians.get("VAR autoregressive_infer_cfg, cfg 1.5")
-    for name in ("ours CFG 1.5", "VAR autoregressive_infer_cfg, cfg 1.5"):
+
+    speed_rows = ["| sampler | s / batch | images / s | speed vs VAR |", "|---|---|---|---|"]
+    for name in ("ours CFG 1.5", "ours CFG 1.5, with_signals=False", VAR_RUN):
         if name in medians:
-            ratio = f"{base / medians[name]:.3f}" if base else "n/a"
-            speed_rows.append(f"| {name} | {medians[name]:.2f} | {batch / medians[name]:.3f} | {ratio} |")
+            ratio = f"{medians[VAR_RUN] / medians[name]:.3f}" if VAR_RUN in medians else "n/a"
+            speed_rows.append(f"| {name} | {medians[name]:.2f} | {batch / medians[name]:.4f} | {ratio} |")
     if ref is not None:
         mine = sample(ours, labels, w_cfg=1.5, w_igg=None, **settings).indices
-        n_eq, n, _ = agreement(mine, run_reference(ref, labels, w_cfg=1.5, w_igg=None, igg=False, top_k=900,
-                                                   top_p=0.96, seed=0))
-        speed_rows.append(f"\nSame seed, same weights at d16: {n_eq}/{n} scales with every token equal.")
+        n_eq, n, _ = agreement(mine, run_reference(ref, labels, w_cfg=1.5, w_igg=None, igg=False, **settings))
+        speed_rows += ["", f"Same seed, same d16 weights: {n_eq}/{n} scales with every token equal to VAR's."]
+
     cfg_s = medians["ours CFG 1.5"]
-    overhead_rows = ["| ours | s / batch | overhead over CFG |", "|---|---|---|"]
-    for name in runs:
-        if name.startswith("ours"):
-            overhead_rows.append(f"| {name[5:]} | {medians[name]:.2f} | {100 * (medians[name] / cfg_s - 1):+.1f} % |")
+    guide_s = guide_seconds(batch, ours.vocab_size, ours.patch_nums, repeats=5)
+    overhead_rows = ["| ours | s / batch (end to end) | end-to-end overhead | guide() s / batch | "
+                     "guide() overhead ÷ CFG sample time |", "|---|---|---|---|---|"]
+    for name in GUIDANCE:
+        t = medians[f"ours {name}"]
+        extra = guide_s[name] - guide_s["CFG 1.5"]
+        overhead_rows.append(f"| {name} | {t:.2f} | {100 * (t / cfg_s - 1):+.1f} % | {guide_s[name]:.4f} | "
+                             f"{100 * extra / cfg_s:+.2f} % |")
     return speed_rows, overhead_rows
 
 
@@ -204,9 +238,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference", type=Path, help="checkout of FoundationVision/VAR")
     parser.add_argument("--igg-reference", type=Path, help="checkout of dnngky/infoground-guidance")
-    parser.add_argument("--batch", type=int, default=2, help="images per batch in the speed runs")
+    parser.add_argument("--batch", type=int, default=1, help="images per batch in the speed runs")
     parser.add_argument("--parity-batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (after one warm-up round)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds, runs interleaved")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--write", action="store_true", help="write the tables into docs/BENCHMARKS.md")
     args = parser.parse_args()
@@ -216,13 +250,15 @@ def main() -> None:
              f"Machine: {platform.processor() or platform.machine()}, {args.threads} CPU threads, torch "
              f"{torch.__version__}, float32; {time.strftime('%Y-%m-%d')}.", ""]
     if args.reference or args.igg_reference:
-        parts += ["Token parity, same random tiny weights (V 512, depth 3, patch_nums "
+        parts += ["References: " + "; ".join(describe(p) for p in (args.reference, args.igg_reference) if p) + ".",
+                  "","Token parity, same random tiny weights (V 512, depth 3, patch_nums "
                   f"{PARITY_PN}, {args.parity_batch} images, seed 0):", "",
                   *parity(args.reference, args.igg_reference, args.parity_batch), ""]
     speed_rows, overhead_rows = speed(args.reference, args.batch, args.repeats)
-    parts += [f"Speed, d16-sized random weights at 256 px, batch {args.batch}, top_k 900, top_p 0.96, median of "
-              f"{args.repeats} interleaved rounds:", "", *speed_rows, "", "IGG overhead over CFG (ours, same runs):",
-              "", *overhead_rows, ""]
+    parts += [f"Speed, d16-sized random weights at 256 px (VAE decode included), batch {args.batch}, top_k 900, "
+              f"top_p 0.96, median of {args.repeats} interleaved rounds:", "", *speed_rows, "",
+              "IGG overhead over CFG (ours, same rounds; the guide() column times the combination alone on random "
+              "d16-shaped logits, best of 5, as a share of the CFG sample's end-to-end time):", "", *overhead_rows, ""]
     text = "\n".join(parts)
     print(text)
     if args.write:
