@@ -253,11 +253,14 @@ class VAR(nn.Module):
         begin, end = self.begin_ends[k]
         return self.lvl_embed(self.lvl_1L[:, begin:end]) + self.pos_1LC[:, begin:end]
 
+    def start_tokens(self, cond_BD: Tensor) -> Tensor:
+        """Class embedding (B, D) + pos_start: the scale-0 tokens before level/position embedding, (B, pn_0², C)."""
+        B = cond_BD.shape[0]
+        return cond_BD[:, None].expand(B, self.first_l, -1) + self.pos_start.expand(B, -1, -1)
+
     def first_input(self, cond_BD: Tensor) -> Tensor:
         """Input tokens of scale 0 from the class embedding (B, D): (B, pn_0², C)."""
-        B = cond_BD.shape[0]
-        sos_BlC = cond_BD[:, None].expand(B, self.first_l, -1) + self.pos_start.expand(B, -1, -1)
-        return sos_BlC + self.lvl_pos(0)
+        return self.start_tokens(cond_BD) + self.lvl_pos(0)
 
     def scale_input(self, k: int, next_BCvhw: Tensor) -> Tensor:
         """Input tokens of scale k > 0 from f_hat downsampled to its pn x pn, (B, Cvae, pn, pn) -> (B, pn², C)."""
@@ -278,13 +281,11 @@ class VAR(nn.Module):
         Returns:
             logits (B, L, V) float32; row block k predicts the tokens of scale k.
         """
-        B = label_B.shape[0]
         if self.training and self.cfg.cond_drop_rate > 0:
-            drop_B = torch.rand(B, device=label_B.device) < self.cfg.cond_drop_rate
+            drop_B = torch.rand(label_B.shape[0], device=label_B.device) < self.cfg.cond_drop_rate
             label_B = label_B.masked_fill(drop_B, self.num_classes)
         cond_BD = self.class_emb(label_B)
-        sos_BlC = cond_BD[:, None].expand(B, self.first_l, -1) + self.pos_start.expand(B, -1, -1)
-        x_BLC = torch.cat((sos_BlC, self.word_embed(x_BLCvae_wo_first_l.float())), dim=1)
+        x_BLC = torch.cat((self.start_tokens(cond_BD), self.word_embed(x_BLCvae_wo_first_l.float())), dim=1)
         x_BLC = x_BLC + (self.lvl_embed(self.lvl_1L) + self.pos_1LC)
         shared = self.shared_ada_lin(cond_BD)
         for block in self.blocks:
