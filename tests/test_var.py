@@ -124,6 +124,9 @@ def test_load_refuses_bad_checkpoints(tmp_path):
     torch.save({**sd, "extra.weight": torch.zeros(1)}, tmp_path / "extra.pth")
     with pytest.raises(ValueError, match=r"extra\.pth: does not match .*unexpected extra\.weight"):
         load_var(vae_p, tmp_path / "extra.pth")
+    torch.save({**sd, "lvl_1L": sd["lvl_1L"].flip(1)}, tmp_path / "lvl.pth")
+    with pytest.raises(ValueError, match=r"lvl\.pth: cannot infer the VAR hyper-parameters \(lvl_1L does not hold"):
+        load_var(vae_p, tmp_path / "lvl.pth")
     torch.save({**sd, "head.bias": torch.zeros(65)}, tmp_path / "shape.pth")
     with pytest.raises(ValueError, match=r"shape head\.bias \(65,\) != \(64,\)"):
         load_var(vae_p, tmp_path / "shape.pth")

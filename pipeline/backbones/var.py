@@ -20,16 +20,19 @@ from __future__ import annotations
 import math
 import pickle
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.backbones.vqvae import VQVAE, VQVAEConfig, vqvae_config_from_state_dict
+from pipeline.backbones.vqvae import VQVAE, VQVAEConfig, count_indexed, vqvae_config_from_state_dict
 
 MAX_SCALE_MUL = math.log(100.0)   # the learned per-head q scale is clamped to at most 100
+T = TypeVar("T")
 Modulation = tuple[Tensor, ...]   # AdaLN vectors of one block (or the head), each (B, 1, C)
 
 
@@ -416,35 +419,39 @@ def _load_state_dict(path: str | Path, role: str) -> dict[str, Tensor]:
     return sd
 
 
-def _require(sd: dict[str, Tensor], keys: tuple[str, ...], role: str, path: str | Path, kind: str) -> None:
-    missing = [key for key in keys if key not in sd]
-    if missing:
-        raise ValueError(f"{role} {path}: not a {kind} state dict (missing {', '.join(missing)})")
-
-
 def var_config_from_state_dict(sd: dict[str, Tensor]) -> VARConfig:
     """Infer the transformer's hyper-parameters from an official-layout state dict (KeyError if a key is absent).
 
     patch_nums come from ``lvl_1L`` (the scale id of each token: scale k has pn_k² tokens).
     """
-    lvl_L = sd["lvl_1L"].flatten()
+    lvl_L = sd["lvl_1L"].flatten().long()
     counts = torch.bincount(lvl_L).tolist()
     patch_nums = tuple(math.isqrt(n) for n in counts)
     if not torch.equal(lvl_L, lvl_L.sort().values) or any(pn * pn != n for pn, n in zip(patch_nums, counts,
                                                                                            strict=True)):
-        raise ValueError(f"lvl_1L does not hold square token maps in scale order (counts {counts})")
+        raise ValueError(f"lvl_1L does not hold square token maps in scale order (tokens per scale {counts})")
     embed_dim = sd["pos_start"].shape[2]
     return VARConfig(
         vocab_size=sd["head.weight"].shape[0],
         z_channels=sd["word_embed.weight"].shape[1],
-        depth=1 + max(int(key.split(".")[1]) for key in sd if key.startswith("blocks.")),
-        embed_dim=embed_dim,
         num_heads=sd["blocks.0.attn.scale_mul_1H11"].shape[1],
+        depth=count_indexed(sd, "blocks.{}.attn.scale_mul_1H11"),
+        embed_dim=embed_dim,
         mlp_ratio=sd["blocks.0.ffn.fc1.weight"].shape[0] / embed_dim,
         num_classes=sd["class_emb.weight"].shape[0] - 1,
         patch_nums=patch_nums,
         shared_aln="shared_ada_lin.1.weight" in sd,
     )
+
+
+def _infer(infer: Callable[..., T], role: str, path: str | Path, kind: str, *args: object) -> T:
+    """Run a config inference; any failure becomes one ValueError naming the file."""
+    try:
+        return infer(*args)
+    except KeyError as e:
+        raise ValueError(f"{role} {path}: not a {kind} state dict (missing {e.args[0]})") from None
+    except (ValueError, IndexError, RuntimeError) as e:
+        raise ValueError(f"{role} {path}: cannot infer the {kind} hyper-parameters ({e})") from None
 
 
 def _check_layout(model: nn.Module, sd: dict[str, Tensor], role: str, path: str | Path) -> None:
@@ -469,16 +476,12 @@ def load_var(vae_ckpt: str | Path, var_ckpt: str | Path, device: str | torch.dev
     """
     vae_sd = _load_state_dict(vae_ckpt, "vae_ckpt")
     var_sd = _load_state_dict(var_ckpt, "var_ckpt")
-    _require(vae_sd, ("quantize.embedding.weight", "encoder.conv_in.weight", "encoder.down.0.block.0.conv1.weight"),
-             "vae_ckpt", vae_ckpt, "VQVAE")
-    _require(var_sd, ("lvl_1L", "pos_start", "head.weight", "word_embed.weight", "class_emb.weight",
-                      "blocks.0.attn.scale_mul_1H11", "blocks.0.ffn.fc1.weight"), "var_ckpt", var_ckpt, "VAR")
-    var_cfg = var_config_from_state_dict(var_sd)
-    vocab, cvae = vae_sd["quantize.embedding.weight"].shape
-    if (vocab, cvae) != (var_cfg.vocab_size, var_cfg.z_channels):
-        raise ValueError(f"vae_ckpt {vae_ckpt} (vocabulary {vocab}, Cvae {cvae}) does not fit var_ckpt {var_ckpt} "
-                         f"(vocabulary {var_cfg.vocab_size}, Cvae {var_cfg.z_channels}): pass the matching pair")
-    vae_cfg = vqvae_config_from_state_dict(vae_sd, var_cfg.patch_nums)
+    var_cfg = _infer(var_config_from_state_dict, "var_ckpt", var_ckpt, "VAR", var_sd)
+    vae_cfg = _infer(vqvae_config_from_state_dict, "vae_ckpt", vae_ckpt, "VQVAE", vae_sd, var_cfg.patch_nums)
+    if (vae_cfg.vocab_size, vae_cfg.z_channels) != (var_cfg.vocab_size, var_cfg.z_channels):
+        raise ValueError(f"vae_ckpt {vae_ckpt} (vocabulary {vae_cfg.vocab_size}, Cvae {vae_cfg.z_channels}) does not "
+                         f"fit var_ckpt {var_ckpt} (vocabulary {var_cfg.vocab_size}, Cvae {var_cfg.z_channels}): "
+                         "pass the matching pair")
     with torch.device("meta"):
         vae, var = VQVAE(vae_cfg), VAR(var_cfg)
     ema = "quantize.ema_vocab_hit_SV"

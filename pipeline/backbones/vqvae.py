@@ -391,17 +391,25 @@ class VQVAE(nn.Module):
         return f_hat_BChw, F.interpolate(f_hat_BChw, size=(pn, pn), mode="area")
 
 
+def count_indexed(sd: dict[str, Tensor], pattern: str) -> int:
+    """Number of consecutive indices i = 0, 1, ... for which ``pattern.format(i)`` is a key of ``sd``."""
+    n = 0
+    while pattern.format(n) in sd:
+        n += 1
+    return n
+
+
 def vqvae_config_from_state_dict(sd: dict[str, Tensor], patch_nums: Sequence[int]) -> VQVAEConfig:
     """Infer the tokenizer's hyper-parameters from an official-layout state dict (KeyError if a key is absent)."""
     vocab_size, z_channels = sd["quantize.embedding.weight"].shape
     ch = sd["encoder.conv_in.weight"].shape[0]
-    n_levels = 1 + max(int(key.split(".")[2]) for key in sd if key.startswith("encoder.down."))
+    n_levels = max(count_indexed(sd, "encoder.down.{}.block.0.conv1.weight"), 1)
     ch_mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(n_levels))
-    num_res_blocks = 1 + max(int(key.split(".")[4]) for key in sd if key.startswith("encoder.down.0.block."))
-    phis = {key.split(".")[3] for key in sd if key.startswith("quantize.quant_resi.qresi_ls.")}
+    n_phis = count_indexed(sd, "quantize.quant_resi.qresi_ls.{}.weight")
     return VQVAEConfig(
-        vocab_size=vocab_size, z_channels=z_channels, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
-        quant_resi=0.5 if phis else 0.0, share_quant_resi=len(phis) or VQVAEConfig.share_quant_resi,
+        vocab_size=vocab_size, z_channels=z_channels, ch=ch, ch_mult=ch_mult,
+        num_res_blocks=count_indexed(sd, "encoder.down.0.block.{}.conv1.weight"),
+        quant_resi=0.5 if n_phis else 0.0, share_quant_resi=n_phis or VQVAEConfig.share_quant_resi,
         patch_nums=tuple(patch_nums),
         using_sa=f"encoder.down.{n_levels - 1}.attn.0.qkv.weight" in sd,
         using_mid_sa="encoder.mid.attn_1.qkv.weight" in sd,
