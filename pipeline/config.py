@@ -80,8 +80,8 @@ class SearchConfig:
 class ProxyConfig:
     """Stage 0 calibration and stage 1 proxy trials (evenness-divergence equilibrium)."""
 
-    num_images: int = 16  # images sampled per proxy trial (same labels and seed for every trial)
-    batch_size: int = 16
+    num_images: int = 32  # images sampled per proxy trial (same labels and seed for every trial)
+    batch_size: int = 32
     evenness: str = "vocab"  # vocab: H(softmax)/ln V of the guided logits; tokens: evenness of the nudge
     reference: str = "uncond"  # divergence of the guided logits from the uncond | cond logits
     calibration: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # fractions of ranges
@@ -93,7 +93,7 @@ class ConfirmConfig:
 
     top_k: int = 4
     small_num_images: int = 256  # FID sample count for every candidate
-    num_images: int = 512  # full FID sample count, for the `full_top` best candidates at small N
+    num_images: int = 1024  # full FID sample count, for the `full_top` best candidates at small N
     full_top: int = 2
     reference: str = MISSING  # FID reference; defaults to backbone.fid_reference
     reference_num_images: int = 2000  # images of the embedded dataset when reference is "shapes"
@@ -283,11 +283,11 @@ def validate(cfg: SweepConfig) -> None:
     for key, value, example in (
         ("search.n_trials", s.n_trials, "24"),
         ("search.n_startup_trials", s.n_startup_trials, "8"),
-        ("proxy.num_images", p.num_images, "16"),
-        ("proxy.batch_size", p.batch_size, "16"),
+        ("proxy.num_images", p.num_images, "32"),
+        ("proxy.batch_size", p.batch_size, "32"),
         ("confirm.top_k", c.top_k, "4"),
         ("confirm.small_num_images", c.small_num_images, "256"),
-        ("confirm.num_images", c.num_images, "512"),
+        ("confirm.num_images", c.num_images, "1024"),
         ("confirm.full_top", c.full_top, "2"),
         ("confirm.batch_size", c.batch_size, "64"),
         ("confirm.reference_num_images", c.reference_num_images, "2000"),

@@ -9,11 +9,13 @@ from __future__ import annotations
 import pickle
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
 import pytest
 import torch
+from omegaconf import MISSING
 from sweep_fixtures import micro_overrides, write_micro_backbone
 
 from pipeline.config import (
@@ -21,6 +23,10 @@ from pipeline.config import (
     GROUPS,
     WEIGHTS_DIR,
     ConfigError,
+    ConfirmConfig,
+    LauncherConfig,
+    ProxyConfig,
+    SearchConfig,
     compose_config,
     group_options,
     load_config,
@@ -194,3 +200,12 @@ def test_cli_subprocess_exit_code_and_no_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "error: search.w_cfg=[5.0, 1.0] is empty or inverted; give low < high, e.g. search.w_cfg=[0,6]"]
     assert "Traceback" not in proc.stderr and not root.exists()
+
+
+def test_schema_defaults_equal_the_default_yaml():
+    """The dataclass defaults (used by library callers) and conf/*/default.yaml (used by the CLI) must not drift."""
+    cfg = to_schema(compose_config([]))
+    assert cfg.search == SearchConfig()
+    assert cfg.proxy == ProxyConfig()
+    assert cfg.launcher == LauncherConfig()
+    assert replace(cfg.confirm, reference=MISSING) == ConfirmConfig()
