@@ -76,7 +76,11 @@ class Worker:
         return str(self.device)
 
     def evaluate(self, job: Job) -> Evaluation:
-        """Sample, measure and (for FID jobs) score one candidate. Failures come back as `Evaluation.error`."""
+        """Sample, measure and (for FID jobs) score one candidate. Failures come back as `Evaluation.error`.
+
+        Proxy jobs measure the signals on every image; FID jobs only on the first batch (the heat map and a
+        snapshot), so the bulk of their sampling skips the diagnostics.
+        """
         start = time.perf_counter()
         try:
             evaluation = self._evaluate(job)
@@ -107,6 +111,7 @@ class Worker:
                     top_k=cfg.backbone.top_k,
                     top_p=cfg.backbone.top_p,
                     seed=batch_seed(job.seed, b),
+                    with_signals=b == 0 or not job.fid,
                 )
                 for k, signals in enumerate(result.signals):
                     for name in SIGNALS:

@@ -34,8 +34,9 @@ class Job:
 class Evaluation:
     """A worker's answer to a `Job`.
 
-    signals: trial-level value of each of `SIGNALS` (mean over images of the mean over scales 1..K-1).
-    per_scale: each of `SIGNALS` per scale index (mean over images), K values.
+    signals: trial-level value of each of `SIGNALS` (mean over images of the mean over scales 1..K-1); FID jobs
+        measure them on their first batch only.
+    per_scale: each of `SIGNALS` per scale index (mean over the same images), K values.
     fid_metrics: fid, isc, kid, precision, recall... (empty without `Job.fid`).
     images: artifact file name -> PNG bytes (sample grid, guidance heat map).
     error: why the evaluation is unusable (e.g. non-finite logits); the trial fails with this reason.
