@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-SHAPES_VERSION = "1"
+SHAPES_VERSION = "2"
 """Bumped whenever the images of a given (seed, labels) change; part of every cache key built on this data."""
 
 OBJECT_EXTENT = 1.2
