@@ -28,17 +28,13 @@ from pipeline.metrics import trial_mean
 from pipeline.report import heatmap_png, sample_grid_png
 from pipeline.sampling import sample
 from tuners.jobs import SIGNALS, Done, Evaluation, Job
+from tuners.samplers import derive_seed
 
 
 def spread_labels(num_images: int, num_classes: int) -> Tensor:
     """(N,) labels: every class in turn when N >= classes, else N evenly spaced classes."""
     i_N = torch.arange(num_images)
     return i_N % num_classes if num_images >= num_classes else i_N * num_classes // num_images
-
-
-def batch_seed(seed: int, batch: int) -> int:
-    """Independent sampler seed of one batch of a job (NumPy SeedSequence of (seed, batch))."""
-    return int(np.random.SeedSequence([seed, batch]).generate_state(1)[0])
 
 
 def _first_line(err: BaseException) -> str:
@@ -110,7 +106,7 @@ class Worker:
                     interval_end=cfg.guidance.schedule_end,
                     top_k=cfg.backbone.top_k,
                     top_p=cfg.backbone.top_p,
-                    seed=batch_seed(job.seed, b),
+                    seed=derive_seed(job.seed, b),
                     with_signals=b == 0 or not job.fid,
                 )
                 for k, signals in enumerate(result.signals):

@@ -44,7 +44,6 @@ from pipeline.tracking import Tracker
 from tuners.confirm import PROXY, Confirmed, baselines, best_of, run_confirm, select_candidates, spearman
 from tuners.jobs import DIVERGENCE_SIGNAL, EVENNESS_SIGNAL, Job
 from tuners.proxy import Calibration, calibrate, gap_name, job_key, run_proxy
-from tuners.samplers import make_sampler
 from tuners.space import design_points
 from tuners.studies import open_study, study_name
 
@@ -139,11 +138,8 @@ def write_outputs(
     weight = "w_cfg" if "w_cfg" in cfg.guidance.params else "w_igg"
     e_name, d_name = EVENNESS_SIGNAL[cfg.proxy.evenness], DIVERGENCE_SIGNAL[cfg.proxy.reference]
     (e_lo, e_hi), (d_lo, d_hi) = calibration.ranges[e_name], calibration.ranges[d_name]
-    rows = [
-        (t.params[weight], (t.user_attrs["signals"][e_name] - e_lo) / (e_hi - e_lo),
-         (t.user_attrs["signals"][d_name] - d_lo) / (d_hi - d_lo))
-        for t in proxy_trials
-    ]
+    signals = [(t.params[weight], t.user_attrs["result"]["signals"]) for t in proxy_trials]
+    rows = [(w, (s[e_name] - e_lo) / (e_hi - e_lo), (s[d_name] - d_lo) / (d_hi - d_lo)) for w, s in signals]
     files.append(atomic_write(out / "proxy_signals.png", signals_vs_weight_png(weight, rows)))
     return best_path, files
 
@@ -168,9 +164,7 @@ def run(cfg: SweepConfig, reference: Reference) -> Path:
 def _stages(cfg: SweepConfig, reference: Reference, tracker: Tracker) -> Path:
     name, storage = cfg.sweep.name, cfg.storage
     calibration_study = open_study(storage, study_name(name, "calibration"))
-    proxy_study = open_study(
-        storage, study_name(name, "proxy"), make_sampler(cfg.search.sampler, cfg.seed, cfg.search.n_startup_trials)
-    )
+    proxy_study = open_study(storage, study_name(name, "proxy"))  # run_proxy seeds a sampler for each ask
     confirm_study = open_study(storage, study_name(name, "confirm"))
     proxy_study.set_user_attr(SETTINGS_ATTR, resume_settings(cfg))
     pool = RayPool(cfg, reference)

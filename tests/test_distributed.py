@@ -12,12 +12,13 @@ from PIL import Image
 from sweep_fixtures import PATCH_NUMS, micro_overrides, write_micro_backbone
 
 from pipeline.config import load_config
-from pipeline.distributed import RayPool, Worker, _probe, batch_seed, connect, spread_labels
+from pipeline.distributed import RayPool, Worker, _probe, connect, spread_labels
 from pipeline.fid import FidEvaluator
 from pipeline.metrics import trial_mean
 from pipeline.sampling import sample
 from pipeline.sweep import fid_reference
 from tuners.jobs import SIGNALS, Job
+from tuners.samplers import derive_seed
 from tuners.space import Candidate
 
 MIXED = Candidate(w_cfg=2.0, w_igg=1.0, window=3)
@@ -48,17 +49,12 @@ def test_spread_labels():
     assert spread_labels(6, 4).tolist() == [0, 1, 2, 3, 0, 1]
 
 
-def test_batch_seed_is_deterministic_and_distinct():
-    seeds = {batch_seed(s, b) for s in range(3) for b in range(3)}
-    assert len(seeds) == 9 and batch_seed(1, 2) == batch_seed(1, 2)
-
-
 def test_proxy_job_equals_the_sampler(cfg, worker):
     job = Job(MIXED, num_images=4, seed=5)
     ev = worker.evaluate(job)
     assert ev.error is None and ev.fid_metrics == {} and ev.num_images == 4 and ev.wall_s > 0
     direct = sample(worker.backbone, spread_labels(4, worker.backbone.num_classes), w_cfg=2.0, w_igg=1.0, window=3,
-                    seed=batch_seed(5, 0))
+                    seed=derive_seed(5, 0))
     for name in SIGNALS:
         per_scale = [getattr(s, name) for s in direct.signals]
         assert ev.per_scale[name] == pytest.approx([float(v.mean()) for v in per_scale], abs=1e-6)
@@ -86,7 +82,7 @@ def test_fid_job_equals_scoring_the_same_images(cfg, worker, reference):
     assert ev.error is None
     assert {"fid", "isc", "kid", "precision", "recall"} <= set(ev.fid_metrics)
     labels = spread_labels(20, worker.backbone.num_classes)
-    images = [sample(worker.backbone, labels_B, w_cfg=1.5, w_igg=None, seed=batch_seed(3, b)).images
+    images = [sample(worker.backbone, labels_B, w_cfg=1.5, w_igg=None, seed=derive_seed(3, b)).images
               for b, labels_B in enumerate(labels.split(cfg.confirm.batch_size))]
     evaluator = FidEvaluator(cfg.backbone.fid_extractor, metrics=cfg.confirm.metrics,
                              weights_path=cfg.confirm.extractor_weights, progress=False)

@@ -67,7 +67,7 @@ def test_optuna_studies(sweep):
     calibration = optuna.load_study(study_name=study_name("e2e", "calibration"), storage=storage)
     assert len(calibration.trials) == CALIBRATION + 2  # design points + the two baselines
     confirm = optuna.load_study(study_name=study_name("e2e", "confirm"), storage=storage)
-    sizes = sorted(t.user_attrs["num_images"] for t in confirm.get_trials(states=(TrialState.COMPLETE,)))
+    sizes = sorted(t.user_attrs["job"]["num_images"] for t in confirm.get_trials(states=(TrialState.COMPLETE,)))
     assert sizes == [20] * (TOP_K + 2) + [24] * 2  # small N for all, full N for the best and unguided
 
 

@@ -89,7 +89,7 @@ def run_confirm(
 
     def metrics_of(trials: dict[str, FrozenTrial], entry: Confirmed, n: int) -> dict[str, float] | None:
         trial = trials.get(job_key(Job(entry.candidate, n, seed, fid=True)))
-        return dict(trial.user_attrs["fid_metrics"]) if trial is not None else None
+        return dict(trial.user_attrs["result"]["fid_metrics"]) if trial is not None else None
 
     def fid_of(ev):
         return ev.fid_metrics["fid"]

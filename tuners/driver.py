@@ -21,20 +21,16 @@ def drive(
 
     Args:
         pool: the workers.
-        next_job: the next (tag, job) to run, or None when the stage has nothing more to submit.
+        next_job: the next (tag, job) to run, or None when the stage has nothing to submit now (it is asked again
+            after each finished job; the loop ends when it returns None with nothing running).
         on_done: called in the driver for each finished job, in completion order.
         desc: progress-bar label (the stage).
         total: jobs this call is expected to finish (progress-bar length).
     """
-    exhausted = False
     with tqdm(total=total, desc=desc, unit="job", dynamic_ncols=True) as bar:
         while True:
-            while not exhausted and pool.idle() > 0:
-                item = next_job()
-                if item is None:
-                    exhausted = True
-                else:
-                    pool.submit(*item)
+            while pool.idle() > 0 and (item := next_job()) is not None:
+                pool.submit(*item)
             if pool.pending() == 0:
                 return
             on_done(pool.wait())

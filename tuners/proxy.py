@@ -21,8 +21,9 @@ from pipeline.config import GuidanceConfig, ProxyConfig, SearchConfig
 from pipeline.metrics import equilibrium_gap
 from tuners.driver import drive
 from tuners.jobs import DIVERGENCE_SIGNAL, EVENNESS_SIGNAL, SIGNALS, Done, Job, Observer, Pool
+from tuners.samplers import derive_seed, make_sampler
 from tuners.space import Candidate, suggest
-from tuners.studies import counts_toward_budget, fail, fail_stale, record, run_ledger
+from tuners.studies import counts_toward_budget, fail, reason_of, record, run_ledger
 
 
 def gap_name(evenness: str, reference: str) -> str:
@@ -79,7 +80,7 @@ def calibrate(
     missing = [jobs[k].candidate.label() for k in jobs if k not in finished]
     if missing:
         raise RuntimeError(f"calibration failed at {', '.join(missing)}; see the failed runs in MLflow, then rerun")
-    points_signals = {key: trial.user_attrs["signals"] for key, trial in finished.items()}
+    points_signals = {key: trial.user_attrs["result"]["signals"] for key, trial in finished.items()}
     ranges = {
         name: (min(s[name] for s in points_signals.values()), max(s[name] for s in points_signals.values()))
         for name in SIGNALS
@@ -95,6 +96,23 @@ def calibrate(
     return Calibration(ranges=ranges, points=points_signals)
 
 
+def _recover(study: optuna.Study) -> list[dict]:
+    """Fail the trials a dead driver left RUNNING or WAITING (user attr ``stale``); their params, in ask order.
+
+    Trials are asked in number order, so sorting by number gives the order in which they must be re-asked.
+    """
+    leftovers = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+    replay = []
+    for trial in sorted(leftovers, key=lambda t: t.number):
+        params = trial.params if trial.state == TrialState.RUNNING else trial.system_attrs.get("fixed_params", {})
+        # Optuna's public tell() refuses WAITING trials; the storage call is the same state change for both.
+        study._storage.set_trial_user_attr(trial._trial_id, "stale", True)
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        if params:
+            replay.append(dict(params))
+    return replay
+
+
 def run_proxy(
     study: optuna.Study,
     pool: Pool,
@@ -107,46 +125,68 @@ def run_proxy(
 ) -> list[FrozenTrial]:
     """Run proxy trials until `search.n_trials` have finished (resumed trials included); return the COMPLETE ones.
 
-    Trials left RUNNING by a dead driver are failed and their parameters re-asked first.
+    Reproducible for a given seed and number of workers W, whatever order the workers finish in and however often
+    the driver is killed and rerun: trial i (the i-th to use budget) is asked by a sampler seeded with (seed, i)
+    when exactly trials 0..i-W are told and i-W+1..i-1 run (constant liar sees those), and results are told in
+    index order. A worker waits only when results arrive out of order. Trials a dead driver left unfinished are
+    failed and their parameters re-asked first.
     """
     objective = gap_name(proxy.evenness, proxy.reference)
     e_name, d_name = EVENNESS_SIGNAL[proxy.evenness], DIVERGENCE_SIGNAL[proxy.reference]
-    waiting = {json.dumps(t.params, sort_keys=True) for t in study.get_trials(states=(TrialState.WAITING,))}
-    for trial in fail_stale(study):
-        if trial.params and json.dumps(trial.params, sort_keys=True) not in waiting:
-            study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number})
-    used = sum(counts_toward_budget(t) for t in study.get_trials(deepcopy=False))
-    running: dict[int, tuple[optuna.Trial, Job]] = {}
+    replay = _recover(study)
+    told = sum(counts_toward_budget(t) for t in study.get_trials(deepcopy=False))
+    asked = told
+    lag = pool.idle() + pool.pending()  # W: trials that may be asked ahead of the told prefix
+    running: dict[int, tuple[int, optuna.Trial, Job]] = {}  # tag (trial number) -> (index, trial, job)
+    arrived: dict[int, tuple[optuna.Trial, Job, Done]] = {}  # index -> finished, waiting for its turn to be told
+
+    def tell(trial: optuna.Trial, job: Job, done: Done) -> None:
+        reason = reason_of(done)
+        signals = done.evaluation.signals if done.evaluation is not None else {}
+        gaps = calibration.gaps(signals) if reason is None else {}
+        if reason is None and not math.isfinite(gaps[objective]):
+            reason = f"{objective} is not finite (signals {signals})"
+        if reason is not None:
+            fail(study, trial, reason, done.retries)
+            observer.failed("proxy", trial.number, job, reason, done.retries)
+            return
+        record(trial, done, gaps=gaps)
+        study.tell(trial, gaps[objective])
+        selected = {"E": signals[e_name], "D": signals[d_name], "gap": gaps[objective]}
+        observer.finished("proxy", trial.number, job, done, {**selected, **gaps})
+
+    def flush(upto: int) -> None:
+        """Tell the arrived results with index < upto, in index order, up to the first one still running."""
+        nonlocal told
+        while told < upto and told in arrived:
+            tell(*arrived.pop(told))
+            told += 1
 
     def next_job() -> tuple[int, Job] | None:
-        if used + len(running) >= search.n_trials:
+        nonlocal asked
+        if asked >= search.n_trials:
+            flush(search.n_trials)
             return None
+        flush(asked - lag + 1)
+        if told < asked - lag + 1:
+            return None  # the result of trial asked-W is not in yet
+        if replay:
+            study.enqueue_trial(replay.pop(0))
+        else:
+            study.sampler = make_sampler(search.sampler, derive_seed(seed, asked), search.n_startup_trials)
         trial = study.ask()
         job = Job(suggest(trial, guidance, search), proxy.num_images, seed)
-        running[trial.number] = (trial, job)
+        running[trial.number] = (asked, trial, job)
+        asked += 1
         observer.started("proxy", trial.number, job)
         return trial.number, job
 
     def on_done(done: Done) -> None:
-        nonlocal used
-        used += 1
-        trial, job = running.pop(done.tag)
-        trial.set_user_attr("retries", done.retries)
-        evaluation = done.evaluation
-        reason = done.error or (evaluation.error if evaluation else "no evaluation")
-        gaps = calibration.gaps(evaluation.signals) if evaluation and reason is None else {}
-        if reason is None and not math.isfinite(gaps[objective]):
-            reason = f"{objective} is not finite (signals {evaluation.signals if evaluation else {}})"
-        if reason is not None:
-            fail(study, trial, reason)
-            observer.failed("proxy", trial.number, job, reason, done.retries)
-            return
-        assert evaluation is not None
-        record(trial, evaluation)
-        trial.set_user_attr("gaps", gaps)
-        study.tell(trial, gaps[objective])
-        selected = {"E": evaluation.signals[e_name], "D": evaluation.signals[d_name], "gap": gaps[objective]}
-        observer.finished("proxy", trial.number, job, done, {**selected, **gaps})
+        index, trial, job = running.pop(done.tag)
+        arrived[index] = (trial, job, done)
+        if asked >= search.n_trials:
+            flush(search.n_trials)
 
-    drive(pool, next_job, on_done, desc="proxy", total=max(search.n_trials - used, 0))
+    drive(pool, next_job, on_done, desc="proxy", total=max(search.n_trials - told, 0))
+    flush(search.n_trials)
     return study.get_trials(states=(TrialState.COMPLETE,))

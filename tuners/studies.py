@@ -3,11 +3,12 @@
 A sweep named N owns three studies in one storage: ``N/calibration`` and ``N/confirm`` are ledgers (one trial per
 fixed job, identified by its user attr ``job``), ``N/proxy`` is the searched study. Only the driver process talks to
 them. A driver that dies leaves RUNNING trials; the next driver with the same name marks them FAIL (user attr
-``stale``) before it asks anything, and the proxy stage re-asks their parameters.
+``stale``) before it asks anything: a ledger redoes their jobs, the proxy stage re-asks their parameters.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import optuna
@@ -23,11 +24,9 @@ def study_name(sweep: str, stage: str) -> str:
     return f"{sweep}/{stage}"
 
 
-def open_study(storage: str, name: str, sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
+def open_study(storage: str, name: str) -> optuna.Study:
     """Create the study, or load it when it exists (resume). Direction: minimise."""
-    return optuna.create_study(
-        storage=storage, study_name=name, sampler=sampler, direction="minimize", load_if_exists=True
-    )
+    return optuna.create_study(storage=storage, study_name=name, direction="minimize", load_if_exists=True)
 
 
 def fail_stale(study: optuna.Study) -> list[FrozenTrial]:
@@ -46,15 +45,28 @@ def counts_toward_budget(trial: FrozenTrial) -> bool:
     )
 
 
-def record(trial: optuna.Trial, evaluation: Evaluation) -> None:
-    """Store an evaluation's numbers on its trial (user attrs), so a resumed sweep can rebuild its results."""
-    trial.set_user_attr("signals", evaluation.signals)
-    trial.set_user_attr("fid_metrics", evaluation.fid_metrics)
+def record(trial: optuna.Trial, done: Done, **extra: object) -> None:
+    """Store a finished job's numbers on its trial in one write (user attr ``result``: signals, fid_metrics,
+    retries and `extra`), so a resumed sweep can rebuild its results without re-running anything."""
+    assert done.evaluation is not None
+    trial.set_user_attr(
+        "result",
+        {"signals": done.evaluation.signals, "fid_metrics": done.evaluation.fid_metrics, "retries": done.retries,
+         **extra},
+    )
 
 
-def fail(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
-    trial.set_user_attr("fail_reason", reason)
+def fail(study: optuna.Study, trial: optuna.Trial, reason: str, retries: int) -> None:
+    """Finish a trial as FAIL with its reason (user attr ``failure``); it uses budget, it is not re-asked."""
+    trial.set_user_attr("failure", {"reason": reason, "retries": retries})
     study.tell(trial, state=TrialState.FAIL)
+
+
+def reason_of(done: Done) -> str | None:
+    """Why a finished job is unusable (worker error or evaluation error), or None."""
+    if done.error is not None:
+        return done.error
+    return "no evaluation" if done.evaluation is None else done.evaluation.error
 
 
 def run_ledger(
@@ -69,12 +81,13 @@ def run_ledger(
 
     Args:
         jobs: ledger key -> job; a key identifies the job across runs.
-        value_of: the trial's objective value from its evaluation (for display in Optuna; results live in user
-            attrs ``signals`` and ``fid_metrics``).
+        value_of: the trial's objective value from its evaluation (for display in Optuna; the numbers live in
+            the user attr ``result``).
     """
 
     def completed() -> dict[str, FrozenTrial]:
-        return {t.user_attrs["job"]: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+        trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        return {t.user_attrs["job"]["key"]: t for t in trials}
 
     fail_stale(study)
     todo = [key for key in jobs if key not in completed()]
@@ -84,28 +97,26 @@ def run_ledger(
         if not todo:
             return None
         key = todo.pop(0)
-        trial = study.ask()
-        trial.set_user_attr("job", key)
         job = jobs[key]
-        trial.set_user_attr("candidate", job.candidate.as_dict())
-        trial.set_user_attr("num_images", job.num_images)
+        trial = study.ask()
+        trial.set_user_attr(
+            "job", {"key": key, "candidate": job.candidate.as_dict(), "num_images": job.num_images, "fid": job.fid}
+        )
         running[trial.number] = (trial, job)
         observer.started(stage, trial.number, job)
         return trial.number, job
 
     def on_done(done: Done) -> None:
         trial, job = running.pop(done.tag)
-        trial.set_user_attr("retries", done.retries)
-        reason = done.error or (done.evaluation.error if done.evaluation else "no evaluation")
-        value = value_of(done.evaluation) if done.evaluation and not done.evaluation.error else float("nan")
-        if reason is None and value != value:
-            reason = "objective is not a finite number"
+        reason = reason_of(done)
+        value = value_of(done.evaluation) if reason is None and done.evaluation is not None else math.nan
+        if reason is None and not math.isfinite(value):
+            reason = f"objective {value} is not a finite number"
         if reason is not None:
-            fail(study, trial, reason)
+            fail(study, trial, reason, done.retries)
             observer.failed(stage, trial.number, job, reason, done.retries)
             return
-        assert done.evaluation is not None
-        record(trial, done.evaluation)
+        record(trial, done)
         study.tell(trial, value)
         observer.finished(stage, trial.number, job, done, {})
 
