@@ -1,8 +1,9 @@
 """Entry point: ``python -m pipeline.sweep [group=option] [key=value ...]`` (Hydra overrides on conf/sweep.yaml).
 
 Order of work, so that bad input touches nothing: compose and validate the config, load the checkpoints once to check
-them, check a resumed sweep has the same settings, reach Ray (bounded wait), compute the FID reference statistics;
-only then create the MLflow and Optuna stores and start the actors. Stages: calibration -> proxy -> confirm ->
+them, check a resumed sweep has the same settings, reach the Ray cluster if one is named (bounded wait), compute the
+FID reference statistics (cached), start a local Ray if none is named; only then create the MLflow and Optuna stores
+and start the actors. Stages: calibration -> proxy -> confirm ->
 report. The last line printed is ``best: <path to best.yaml>``. Bad input: one line on stderr, exit code 2.
 """
 
@@ -219,17 +220,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(overrides)
         check_backbone(cfg)
         check_resume(cfg)
-        started_ray = connect(cfg.launcher)
-    except (ValueError, ConnectionError) as err:  # bad config, checkpoint or Ray address: one line, no traceback
+        if cfg.launcher.address is not None:  # a cluster that does not answer fails fast, before the reference
+            connect(cfg.launcher)
+        reference = fid_reference(cfg)
+        started_ray = connect(cfg.launcher)  # a local Ray starts only once everything else checked out
+    except (ValueError, ConnectionError) as err:  # bad config, checkpoint, reference or Ray address: one line
         print(f"error: {err}", file=sys.stderr)
         return 2
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        try:
-            reference = fid_reference(cfg)
-        except ValueError as err:  # an FID reference of the wrong format, before any store is touched
-            print(f"error: {err}", file=sys.stderr)
-            return 2
         best_path = run(cfg, reference)
     finally:
         if started_ray:

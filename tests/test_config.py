@@ -12,6 +12,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 import torch
@@ -50,7 +51,8 @@ def ckpt(tmp_path_factory) -> dict[str, Path]:
             return (print, ("pwned",))
 
     (d / "evil.pt").write_bytes(pickle.dumps(Evil()))
-    return {**paths, "list": d / "list.pt", "evil": d / "evil.pt"}
+    np.savez(d / "bad_reference.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
+    return {**paths, "list": d / "list.pt", "evil": d / "evil.pt", "bad_reference": d / "bad_reference.npz"}
 
 
 def valid(ckpt, root: Path) -> list[str]:
@@ -152,11 +154,14 @@ def test_bad_input_exits_2_with_one_line_and_touches_nothing(ckpt, tmp_path, cap
     assert not root.exists()
 
 
-@pytest.mark.parametrize("which,message", [("list", "not a state dict"), ("evil", "weights_only"),
-                                           ("vae", "not a VAR state dict")])
-def test_bad_checkpoints_are_refused(ckpt, tmp_path, capsys, which, message):
+@pytest.mark.parametrize("key,which,message", [
+    ("backbone.var_ckpt", "list", "not a state dict"), ("backbone.var_ckpt", "evil", "weights_only"),
+    ("backbone.var_ckpt", "vae", "not a VAR state dict"), ("backbone.vae_ckpt", "var", "not a VQVAE state dict"),
+    ("confirm.reference", "bad_reference", "has no mu/sigma (FID statistics) and no arr_0 images"),
+])
+def test_bad_files_are_refused(ckpt, tmp_path, capsys, key, which, message):
     root = tmp_path / "root"
-    assert main([*valid(ckpt, root), f"backbone.var_ckpt={ckpt[which]}"]) == 2
+    assert main([*valid(ckpt, root), f"{key}={ckpt[which]}"]) == 2
     err = capsys.readouterr()
     assert message in err.err and "pwned" not in err.out
     assert not root.exists()
