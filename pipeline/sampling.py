@@ -95,13 +95,15 @@ def sample_top_k_top_p(logits_BlV: Tensor, *, top_k: int = 0, top_p: float = 0.0
 
 
 def _labels_tensor(labels: Tensor | Sequence[int], backbone: ScaleWiseBackbone) -> Tensor:
-    labels_B = torch.as_tensor(labels, dtype=torch.int64).flatten()
+    labels_B = torch.as_tensor(labels).flatten()
     if labels_B.numel() == 0:
         raise ValueError("labels is empty; pass one class label per image")
+    if labels_B.is_floating_point() or labels_B.is_complex() or labels_B.dtype == torch.bool:
+        raise ValueError(f"labels must be integer class ids, got {labels_B.dtype}")
     if labels_B.min() < 0 or labels_B.max() >= backbone.num_classes:
         raise ValueError(f"labels must lie in 0..{backbone.num_classes - 1} (the backbone's classes); "
                          f"got {labels_B.min().item()}..{labels_B.max().item()}")
-    return labels_B.to(backbone.device)
+    return labels_B.to(backbone.device, torch.int64)
 
 
 def check_sampling_args(top_k: int, top_p: float, window: int | None) -> None:

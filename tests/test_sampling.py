@@ -123,6 +123,7 @@ def test_top_k_top_p_filtering():
     ({"labels": [0, 10]}, "labels must lie in 0..9"),
     ({"labels": [-1]}, "labels must lie in 0..9"),
     ({"labels": []}, "labels is empty"),
+    ({"labels": [1.5]}, "labels must be integer class ids"),
     ({"top_k": -1}, "top_k=-1"),
     ({"top_k": 2.5}, "top_k=2.5"),
     ({"top_p": 1.5}, r"top_p=1\.5"),
