@@ -111,6 +111,7 @@ class LauncherConfig:
     address: str | None = None  # null: start a local Ray; auto or host:port: join a cluster
     cpus_per_worker: int = 1
     gpus_per_worker: int = 1  # used only when the cluster has GPUs
+    num_cpus: int | None = None  # CPUs of a local Ray (null: workers * cpus_per_worker)
     object_store_memory: int = 200_000_000  # bytes, local Ray only
     connect_timeout_s: float = 15.0  # bounded wait for a cluster address
     max_retries: int = 2  # re-runs of a job whose actor died
@@ -301,6 +302,11 @@ def validate(cfg: SweepConfig) -> None:
         ("launcher.connect_timeout_s", la.connect_timeout_s, "15"),
     ):
         _positive(key, value, example)
+    if la.num_cpus is not None and la.num_cpus < la.workers * la.cpus_per_worker:
+        raise ConfigError(
+            f"launcher.num_cpus={la.num_cpus} is fewer than launcher.workers x cpus_per_worker "
+            f"({la.workers} x {la.cpus_per_worker}); raise it or set launcher.num_cpus=null"
+        )
     if c.decimals < 0 or la.max_retries < 0:
         raise ConfigError("confirm.decimals and launcher.max_retries must be >= 0; e.g. confirm.decimals=2")
     for name in ("w_cfg", "w_igg"):

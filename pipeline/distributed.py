@@ -169,7 +169,7 @@ def connect(launcher: LauncherConfig) -> bool:
     quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": "warning"}
     if launcher.address is None:
         ray.init(
-            num_cpus=launcher.workers * launcher.cpus_per_worker,
+            num_cpus=launcher.num_cpus or launcher.workers * launcher.cpus_per_worker,
             object_store_memory=launcher.object_store_memory,
             **quiet,
         )
@@ -184,6 +184,27 @@ def connect(launcher: LauncherConfig) -> bool:
             "or set launcher.address=null for a local Ray"
         ) from None
     return False
+
+
+def actor_resources(launcher: LauncherConfig) -> dict[str, int]:
+    """Ray resources of one actor: its CPUs, and one GPU (gpus_per_worker) when the cluster has GPUs."""
+    options = {"num_cpus": launcher.cpus_per_worker}
+    if ray.cluster_resources().get("GPU", 0):
+        options["num_gpus"] = launcher.gpus_per_worker
+    return options
+
+
+def check_capacity(launcher: LauncherConfig) -> None:
+    """Raise ValueError if the connected cluster cannot place every actor (Ray would wait for them forever)."""
+    have = ray.cluster_resources()
+    for option, per_worker in actor_resources(launcher).items():
+        kind = {"num_cpus": "CPU", "num_gpus": "GPU"}[option]
+        need, available = launcher.workers * per_worker, have.get(kind, 0)
+        if need > available:
+            raise ValueError(
+                f"launcher.workers={launcher.workers} needs {need:g} {kind} but the Ray cluster has {available:g}; "
+                f"lower launcher.workers or launcher.{kind.lower()}s_per_worker"
+            )
 
 
 @dataclass
@@ -209,11 +230,7 @@ class RayPool:
 
     def __post_init__(self) -> None:
         la = self.cfg.launcher
-        gpus = ray.cluster_resources().get("GPU", 0)
-        options = {"num_gpus": la.gpus_per_worker, "num_cpus": la.cpus_per_worker} if gpus else {
-            "num_cpus": la.cpus_per_worker
-        }
-        self._actor_cls = ray.remote(Worker).options(**options, max_restarts=0, max_task_retries=0)
+        self._actor_cls = ray.remote(Worker).options(**actor_resources(la), max_restarts=0, max_task_retries=0)
         self._reference_ref = ray.put(self.reference)
         self.actors = [self._spawn() for _ in range(la.workers)]
         ray.get([a.ping.remote() for a in self.actors])  # surface load errors now, before any trial

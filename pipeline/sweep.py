@@ -31,7 +31,7 @@ from pipeline.config import (
     load_config,
     sqlite_path,
 )
-from pipeline.distributed import RayPool, connect
+from pipeline.distributed import RayPool, check_capacity, connect
 from pipeline.fid import FidEvaluator, Reference, reference_source
 from pipeline.report import (
     Best,
@@ -227,8 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ConnectionError) as err:  # bad config, checkpoint, reference or Ray address: one line
         print(f"error: {err}", file=sys.stderr)
         return 2
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
+        try:
+            check_capacity(cfg.launcher)
+        except ValueError as err:  # more actors than the cluster can place
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
         best_path = run(cfg, reference)
     finally:
         if started_ray:

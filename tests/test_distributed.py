@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import replace
 
 import pytest
 import ray
@@ -12,7 +13,15 @@ from PIL import Image
 from sweep_fixtures import PATCH_NUMS, micro_overrides, write_micro_backbone
 
 from pipeline.config import load_config
-from pipeline.distributed import RayPool, Worker, _probe, connect, spread_labels
+from pipeline.distributed import (
+    RayPool,
+    Worker,
+    _probe,
+    actor_resources,
+    check_capacity,
+    connect,
+    spread_labels,
+)
 from pipeline.fid import FidEvaluator
 from pipeline.metrics import trial_mean
 from pipeline.sampling import sample
@@ -118,6 +127,13 @@ def pool(cfg, reference):
     yield pool
     pool.close()
     ray.shutdown()
+
+
+def test_capacity_check(pool, cfg):
+    check_capacity(cfg.launcher)  # 2 actors x 1 CPU on 2 CPUs
+    with pytest.raises(ValueError, match=r"launcher.workers=3 needs 3 CPU but the Ray cluster has 2"):
+        check_capacity(replace(cfg.launcher, workers=3))
+    assert actor_resources(cfg.launcher) == {"num_cpus": 1}  # no GPU here
 
 
 def test_pool_keeps_both_actors_busy_and_matches_the_local_worker(pool, worker):
