@@ -70,8 +70,8 @@ def write_section(path: Path, body: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=1000, help="samples per setting (balanced over the classes)")
-    p.add_argument("--cfg", type=float, nargs="+", default=[0.5, 1.0, 2.0, 3.0, 5.0])
-    p.add_argument("--igg", type=float, nargs="+", default=[0.5, 1.0, 2.0, 3.0, 5.0])
+    p.add_argument("--cfg", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0, 8.0])
+    p.add_argument("--igg", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0, 8.0])
     p.add_argument("--reference", type=int, default=5000, help="real images of the FID reference")
     p.add_argument("--batch", type=int, default=250)
     p.add_argument("--threads", type=int, default=2)
