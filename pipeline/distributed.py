@@ -37,7 +37,8 @@ def spread_labels(num_images: int, num_classes: int) -> Tensor:
     return i_N % num_classes if num_images >= num_classes else i_N * num_classes // num_images
 
 
-def _first_line(err: BaseException) -> str:
+def _reason(err: BaseException) -> str:
+    """One line: the exception type and the last line of its message (Ray puts the cause last)."""
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[-1] if text else ''}"
 
@@ -81,7 +82,7 @@ class Worker:
         try:
             evaluation = self._evaluate(job)
         except (RuntimeError, ValueError, FloatingPointError) as err:  # numerical faults fail this trial only
-            evaluation = Evaluation(error=_first_line(err), num_images=job.num_images)
+            evaluation = Evaluation(error=_reason(err), num_images=job.num_images)
         evaluation.wall_s = time.perf_counter() - start
         return evaluation
 
@@ -266,10 +267,10 @@ class RayPool:
                     self._start(_Running(item.tag, item.job, fresh, item.retries + 1))
                     continue
                 self.free.append(fresh)
-                return Done(item.tag, None, f"worker died {item.retries + 1} times: {_first_line(err)}", item.retries)
+                return Done(item.tag, None, f"worker died {item.retries + 1} times: {_reason(err)}", item.retries)
             except RayTaskError as err:
                 self.free.append(item.actor)
-                return Done(item.tag, None, _first_line(err), item.retries)
+                return Done(item.tag, None, _reason(err), item.retries)
             self.free.append(item.actor)
             return Done(item.tag, evaluation, None, item.retries)
 
