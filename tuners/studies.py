@@ -17,8 +17,6 @@ from optuna.trial import FrozenTrial, TrialState
 from tuners.driver import drive
 from tuners.jobs import Done, Evaluation, Job, Observer, Pool
 
-STAGES = ("calibration", "proxy", "confirm")
-
 
 def study_name(sweep: str, stage: str) -> str:
     return f"{sweep}/{stage}"
