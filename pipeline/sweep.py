@@ -30,6 +30,7 @@ from pipeline.config import (
     group_options,
     load_config,
     sqlite_path,
+    store_lock,
 )
 from pipeline.distributed import RayPool, check_capacity, connect
 from pipeline.fid import FidEvaluator, Reference, reference_source
@@ -65,7 +66,8 @@ def check_resume(cfg: SweepConfig) -> None:
         return
     name = study_name(cfg.sweep.name, "proxy")
     try:
-        stored = optuna.load_study(study_name=name, storage=cfg.storage).user_attrs.get(SETTINGS_ATTR)
+        with store_lock(cfg.storage):
+            stored = optuna.load_study(study_name=name, storage=cfg.storage).user_attrs.get(SETTINGS_ATTR)
     except KeyError:
         return
     current = resume_settings(cfg)

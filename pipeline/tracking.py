@@ -17,7 +17,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 
-from pipeline.config import sqlite_path
+from pipeline.config import sqlite_path, store_lock
 from tuners.jobs import Done, Job
 
 SWEEP_TAG = "guidetune.sweep"
@@ -54,24 +54,22 @@ class Tracker:
     """The sweep's MLflow experiment and runs. Implements tuners.jobs.Observer for the stages.
 
     Args:
-        uri: MLflow tracking URI; a SQLite file is created (with its folder) if missing.
+        uri: MLflow tracking URI; a SQLite file is created (with its folder) if missing, one process at a time.
         experiment: experiment name (the sweep name).
         signal_names: (evenness, divergence) signal names the proxy uses, logged per scale as E and D too.
     """
 
     def __init__(self, uri: str, experiment: str, signal_names: tuple[str, str]):
-        db = sqlite_path(uri)
-        if db is not None:
-            db.parent.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=uri)
         self.experiment = experiment
         self.signal_names = signal_names
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = (
-            found.experiment_id
-            if found is not None
-            else self.client.create_experiment(experiment, artifact_location=artifact_root(uri))
-        )
+        with store_lock(uri):  # the client creates a fresh SQLite store; concurrent creators would crash
+            self.client = MlflowClient(tracking_uri=uri)
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = (
+                found.experiment_id
+                if found is not None
+                else self.client.create_experiment(experiment, artifact_location=artifact_root(uri))
+            )
         self.parent_id = ""
         self.runs: dict[tuple[str, int], str] = {}
 

@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -171,3 +172,25 @@ def test_mlflow_ui_on_localhost_lists_runs_over_rest(store):
         server.terminate()
         server.wait(timeout=30)
     assert MlflowClient(uri(store)).get_run(parent).info.status == "FINISHED"
+
+
+OPEN_STORES = """
+import sys
+from pipeline.tracking import Tracker
+from tuners.studies import open_study
+root, name = sys.argv[1], sys.argv[2]
+Tracker(f"sqlite:///{root}/mlflow.db", name, ("vocab_evenness", "div_uncond")).open_parent({})
+open_study(f"sqlite:///{root}/optuna.db", name + "/proxy")
+"""
+
+
+def test_two_drivers_create_fresh_stores_at_once(tmp_path):
+    """Concurrent sweeps with different names on the same (fresh) stores: both create them without crashing."""
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_STORES, str(tmp_path), name], stderr=subprocess.PIPE,
+                              text=True) for name in ("one", "two")]
+    errors = [p.communicate(timeout=240)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    client = MlflowClient(uri(tmp_path))
+    assert {e.name for e in client.search_experiments()} >= {"one", "two"}
+    assert {s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{tmp_path}/optuna.db")} == {
+        "one/proxy", "two/proxy"}

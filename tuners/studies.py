@@ -14,6 +14,7 @@ from collections.abc import Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from pipeline.config import store_lock
 from tuners.driver import drive
 from tuners.jobs import Done, Evaluation, Job, Observer, Pool
 
@@ -23,8 +24,12 @@ def study_name(sweep: str, stage: str) -> str:
 
 
 def open_study(storage: str, name: str) -> optuna.Study:
-    """Create the study, or load it when it exists (resume). Direction: minimise."""
-    return optuna.create_study(storage=storage, study_name=name, direction="minimize", load_if_exists=True)
+    """Create the study, or load it when it exists (resume). Direction: minimise.
+
+    A fresh SQLite storage is created under a cross-process lock (pipeline.config.store_lock).
+    """
+    with store_lock(storage):
+        return optuna.create_study(storage=storage, study_name=name, direction="minimize", load_if_exists=True)
 
 
 def fail_stale(study: optuna.Study) -> list[FrozenTrial]:
