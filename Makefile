@@ -22,4 +22,4 @@ sweep: venv
 	$(PY) -m pipeline.sweep
 
 ui: venv
-	.venv/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlruns/mlflow.db
+	.venv/bin/mlflow ui --host 127.0.0.1 --port 5000 --workers 1 --backend-store-uri sqlite:///mlruns/mlflow.db
