@@ -222,10 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     best_fid = min(fids)
     s0 = 0  # the sweep's own seed (seed=0) for the per-configuration table
 
-    pair_lines = []
+    pair_lines, all_rhos = [], {}
     for e, ref in PAIRS:
         name = gap_name(e, ref)
         rhos = [rho([r["gaps"][i][name] for r in rows], fids) for i in range(len(args.seeds))]
+        all_rhos[name] = rhos
         picks = [min(rows, key=lambda r, i=i: r["gaps"][i][name]) for i in range(len(args.seeds))]
         pick_ratio = [pk["fid"] / best_fid for pk in picks]
         cfg_rows = [r for r in rows if r["family"] == "cfg"]
@@ -240,11 +241,25 @@ def main(argv: list[str] | None = None) -> int:
     for name in SIGNALS:
         values = [[t["signals"][name] for t in results.entries[key_of(from_row(r))]["proxy"]] for r in rows]
         rhos = [rho([v[i] for v in values], fids) for i in range(len(args.seeds))]
+        all_rhos[name] = rhos
         cfg_idx = [j for j, r in enumerate(rows) if r["family"] == "cfg"]
         cfg_rhos = [rho([values[j][i] for j in cfg_idx], [fids[j] for j in cfg_idx]) for i in range(len(args.seeds))]
         signal_lines.append(f"| {name} alone | {fmt_spread(rhos)} | {fmt_spread(cfg_rhos)} | |")
 
     default_gap = gap_name(cfg.proxy.evenness, cfg.proxy.reference)
+    median_rho = {name: statistics.median(v) for name, v in all_rhos.items()}
+    d = median_rho[default_gap]
+    verdict = ("predicts FID" if d >= 0.5 else "predicts FID only weakly" if d > 0.2
+               else "does not predict FID" + (" (it is anti-correlated)" if d < -0.2 else ""))
+    ref_rho = {ref: median_rho[gap_name(cfg.proxy.evenness, ref)] for ref in DIVERGENCE_SIGNAL}
+    better_ref = max(ref_rho, key=lambda ref: ref_rho[ref])
+    top = max(median_rho, key=lambda name: abs(median_rho[name]))
+    conclusion = (
+        f"On this backbone and grid the default gap ({default_gap}) {verdict}: median rho {d:+.2f}. Divergence "
+        f"reference: {better_ref} predicts better ({', '.join(f'{r} {v:+.2f}' for r, v in ref_rho.items())}, "
+        f"{cfg.proxy.evenness} evenness). Strongest monotone relation to FID (largest |median rho|; a negative "
+        f"rho means a higher value goes with a lower FID): {top} ({median_rho[top]:+.2f})."
+    )
     table = [f"| {r['label']} | {r['family']} | {r['signals']['vocab_evenness']:.4f} | "
              f"{r['signals']['token_evenness']:.4f} | {r['signals']['div_uncond']:.4f} | "
              f"{r['signals']['div_cond']:.4f} | {r['gaps'][s0][default_gap]:.3f} | "
@@ -281,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---:|---:|---:|",
         *pair_lines,
         *signal_lines,
+        "",
+        conclusion,
         "",
         f"Per configuration (signals: mean over the {len(args.seeds)} seeds; gaps at seed {args.seeds[s0]}; "
         f"calibration ranges at that seed: vocab evenness {ranges['vocab_evenness'][0]:.4f}-"
