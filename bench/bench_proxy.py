@@ -253,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                else "does not predict FID" + (" (it is anti-correlated)" if d < -0.2 else ""))
     ref_rho = {ref: median_rho[gap_name(cfg.proxy.evenness, ref)] for ref in DIVERGENCE_SIGNAL}
     better_ref = max(ref_rho, key=lambda ref: ref_rho[ref])
+    if max(ref_rho.values()) - min(ref_rho.values()) < 0.01:
+        better_ref = "neither"
     top = max(median_rho, key=lambda name: abs(median_rho[name]))
     conclusion = (
         f"On this backbone and grid the default gap ({default_gap}) {verdict}: median rho {d:+.2f}. Divergence "
