@@ -48,6 +48,16 @@ class Trial:
     wall_s: float  # worker clock: the actor's time on the job
 
     @property
+    def pipeline_s(self) -> float:
+        """Driver's time on the trial: MLflow run created (before submission) to results logged."""
+        return self.end_s - self.start_s
+
+    @property
+    def extra_s(self) -> float:
+        """Pipeline time minus the worker's time: Ray, Optuna and MLflow, and waiting for the driver."""
+        return self.pipeline_s - self.wall_s
+
+    @property
     def kind(self) -> str:
         return f"{self.stage} ({'FID, ' if self.fid else ''}{self.num_images} images)"
 
@@ -111,10 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     proxy_s = statistics.median(t.wall_s for t in trials if t.stage == "proxy")
     rows = [
         f"| {kind} | {len(ts)} | {spread([t.wall_s for t in ts])} | "
-        f"{statistics.median(t.wall_s for t in ts) / proxy_s:.1f}x | "
-        f"{spread([t.end_s - t.start_s - t.wall_s for t in ts])} |"
+        f"{statistics.median(t.wall_s for t in ts) / proxy_s:.1f}x | {spread([t.extra_s for t in ts])} | "
+        f"{statistics.median(t.extra_s / t.pipeline_s for t in ts):.1%} |"
         for kind, ts in kinds.items()
     ]
+    extra_share = sum(t.extra_s for t in trials) / sum(t.pipeline_s for t in trials)
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     body = "\n".join([
         f"Command: `{command}`  ",
@@ -126,18 +137,21 @@ def main(argv: list[str] | None = None) -> int:
         f"{params['proxy.num_images']} images, FID at {params['confirm.small_num_images']} then "
         f"{params['confirm.num_images']} images); it printed `{best_line}`.",
         "",
-        "Worker time per trial (inside the actor: sampling, signals, FID, PNGs), median (min-max); the driver-side "
-        "extra is the MLflow child run's duration minus the worker time (submission, Ray transfer, ordered tells, "
-        "Optuna and MLflow writes):",
+        "Worker time per trial: inside the actor (sampling, signals, FID, PNG rendering), median (min-max). "
+        "Overhead per trial: the pipeline's time on the trial (its MLflow child run, created before the job is "
+        "submitted and closed after its results are logged) minus the worker time, i.e. Ray submission and "
+        "transfer, Optuna ask/tell and user attributes, MLflow runs, metrics and artifacts, and any wait for the "
+        "driver (proxy results are told in ask order); share = overhead / pipeline time, median per trial.",
         "",
-        "| trial kind | trials | worker s / trial | vs proxy trial | driver-side extra s / trial |",
-        "|---|---:|---:|---:|---:|",
+        "| trial kind | trials | worker s / trial | vs proxy trial | overhead s / trial | overhead share |",
+        "|---|---:|---:|---:|---:|---:|",
         *rows,
         "",
-        "Overhead (Ray + Optuna + MLflow, and workers left idle by the stage ordering) over the trial phase, "
-        f"first trial start to last trial end: {workers} workers x {phase_s:.1f} s - {work_s:.1f} s of worker "
-        f"time = {overhead_s:.1f} s, i.e. {overhead_s / len(trials):.2f} s per trial over {len(trials)} trials, "
-        f"{overhead_s / (workers * phase_s):.1%} of the trial phase's worker capacity.",
+        f"All {len(trials)} trials: overhead {extra_share:.1%} of their summed pipeline time. Worker capacity "
+        f"over the trial phase (first trial start to last trial end, {phase_s:.1f} s x {workers} workers) minus "
+        f"worker time = {overhead_s:.1f} s ({overhead_s / (workers * phase_s):.1%}); beyond the per-trial overhead "
+        "this counts workers idle at stage barriers (a stage waits for its slowest job, e.g. an odd number of "
+        "full-N FID jobs on two workers).",
         "",
         f"Whole process: {finished - started:.1f} s; before the first trial (config, checkpoint check, FID reference "
         f"statistics, Ray and actor start) {first - started:.1f} s; after the last trial (report, plots, MLflow "
