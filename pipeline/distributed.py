@@ -145,18 +145,37 @@ class Worker:
         )
 
 
+# HTTP/2 client connection preface and an empty SETTINGS frame: a gRPC server (Ray's GCS, the Ray client server)
+# answers with its own SETTINGS frame (frame type 4, the fourth byte of the 9-byte frame header).
+_HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_SETTINGS_FRAME = 4
+
+
 def _probe(address: str, timeout_s: float) -> None:
-    """Raise ConnectionError unless host:port (or ray://host:port) accepts a TCP connection within timeout_s."""
+    """Raise ConnectionError unless host:port (or ray://host:port) answers as a gRPC server within timeout_s.
+
+    Ray's own connect retries for minutes against a port that accepts connections but never answers; this check
+    bounds the wait and tells a closed port (nothing listens) from a port that is not a Ray cluster.
+    """
     parsed = urlparse(address if "://" in address else f"tcp://{address}")
     if parsed.hostname is None or parsed.port is None:
         raise ConnectionError(f"launcher.address={address} is not auto, host:port or ray://host:port")
+    deadline = time.monotonic() + timeout_s
     try:
-        socket.create_connection((parsed.hostname, parsed.port), timeout=timeout_s).close()
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=timeout_s) as sock:
+            sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+            sock.sendall(_HTTP2_HELLO)
+            header = sock.recv(9)
     except OSError as err:
         raise ConnectionError(
             f"launcher.address={address}: no Ray cluster answered within {timeout_s:g} s ({err}); start one with "
             "`ray start --head` or set launcher.address=null for a local Ray"
         ) from None
+    if len(header) < 4 or header[3] != _SETTINGS_FRAME:
+        raise ConnectionError(
+            f"launcher.address={address} answered but is not a Ray cluster (no gRPC reply); give the head node's "
+            "address (`ray status` on the head prints it) or set launcher.address=null for a local Ray"
+        )
 
 
 def connect(launcher: LauncherConfig) -> bool:

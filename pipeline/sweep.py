@@ -10,6 +10,7 @@ report. The last line printed is ``best: <path to best.yaml>``. Bad input: one l
 from __future__ import annotations
 
 import math
+import pickle
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -47,9 +48,10 @@ from tuners.confirm import PROXY, Confirmed, baselines, best_of, run_confirm, se
 from tuners.jobs import DIVERGENCE_SIGNAL, EVENNESS_SIGNAL, Job
 from tuners.proxy import Calibration, calibrate, gap_name, job_key, run_proxy
 from tuners.space import design_points
-from tuners.studies import open_study, study_name
+from tuners.studies import counts_toward_budget, open_study, study_name
 
 SETTINGS_ATTR = "settings"  # proxy-study user attr: the settings a resumed sweep must keep
+STAGES = ("calibration", "proxy", "confirm")  # one Optuna study each (run_proxy seeds a sampler for each ask)
 
 
 def resume_settings(cfg: SweepConfig) -> dict[str, Any]:
@@ -102,20 +104,35 @@ def check_backbone(cfg: SweepConfig) -> None:
 
 def fid_reference(cfg: SweepConfig) -> Reference:
     """Reference statistics for the confirm stage, computed in the driver (cached under <root>/fid_cache)."""
-    evaluator = FidEvaluator(
-        cfg.backbone.fid_extractor,
-        metrics=cfg.confirm.metrics,
-        weights_path=cfg.confirm.extractor_weights,
-        batch_size=cfg.confirm.batch_size,
-        cache_dir=Path(cfg.root) / "fid_cache",
-    )
+    try:
+        evaluator = FidEvaluator(
+            cfg.backbone.fid_extractor,
+            metrics=cfg.confirm.metrics,
+            weights_path=cfg.confirm.extractor_weights,
+            batch_size=cfg.confirm.batch_size,
+            cache_dir=Path(cfg.root) / "fid_cache",
+        )
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) refused a file that holds more than tensors
+        raise ConfigError(
+            f"confirm.extractor_weights: {cfg.confirm.extractor_weights} is not a plain checkpoint "
+            "(torch.load(weights_only=True) refused it); pass the feature extractor's own weights file"
+        ) from None
     source = reference_source(
         cfg.confirm.reference,
         num_images=cfg.confirm.reference_num_images,
         seed=cfg.seed,
         batch_size=cfg.confirm.batch_size,
     )
-    return evaluator.reference(source)
+    try:
+        return evaluator.reference(source)
+    except ValueError as err:
+        if cfg.confirm.reference in str(err):  # already names the file and the fix
+            raise
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"confirm.reference: {cfg.confirm.reference} cannot be read ({reason}); give an ADM .npz, an image "
+            "folder or 'shapes' (the embedded dataset)"
+        ) from None
 
 
 def write_outputs(
@@ -150,11 +167,14 @@ def write_outputs(
 def run(cfg: SweepConfig, reference: Reference) -> Path:
     """Run (or resume) the sweep of a validated config on a connected Ray; returns the path of best.yaml."""
     e_name, d_name = EVENNESS_SIGNAL[cfg.proxy.evenness], DIVERGENCE_SIGNAL[cfg.proxy.reference]
+    studies = {stage: open_study(cfg.storage, study_name(cfg.sweep.name, stage)) for stage in STAGES}
+    kept = {(stage, t.number) for stage, s in studies.items() for t in s.get_trials(deepcopy=False)
+            if counts_toward_budget(t)}
     tracker = Tracker(cfg.tracking.uri, cfg.sweep.name, (e_name, d_name))
-    tracker.open_parent(as_dict(cfg))
+    tracker.open_parent(as_dict(cfg), kept)  # runs of trials a dead driver left unfinished become KILLED
     status = "FAILED"
     try:
-        best_path = _stages(cfg, reference, tracker)
+        best_path = _stages(cfg, reference, tracker, studies)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -164,11 +184,8 @@ def run(cfg: SweepConfig, reference: Reference) -> Path:
     return best_path
 
 
-def _stages(cfg: SweepConfig, reference: Reference, tracker: Tracker) -> Path:
-    name, storage = cfg.sweep.name, cfg.storage
-    calibration_study = open_study(storage, study_name(name, "calibration"))
-    proxy_study = open_study(storage, study_name(name, "proxy"))  # run_proxy seeds a sampler for each ask
-    confirm_study = open_study(storage, study_name(name, "confirm"))
+def _stages(cfg: SweepConfig, reference: Reference, tracker: Tracker, studies: dict[str, optuna.Study]) -> Path:
+    calibration_study, proxy_study, confirm_study = (studies[stage] for stage in STAGES)
     proxy_study.set_user_attr(SETTINGS_ATTR, resume_settings(cfg))
     pool = RayPool(cfg, reference)
     try:

@@ -1,8 +1,9 @@
 """MLflow side of a sweep (driver only): one parent run per sweep, one child run per trial.
 
 The store (SQLite under mlruns/ by default) and the experiment are created here, in the driver, before any worker
-starts. A rerun with the same sweep name reopens the parent run; child runs left RUNNING by a dead driver are marked
-KILLED first. Workers never talk to MLflow: they return numbers and PNG bytes and the driver logs them.
+starts. A rerun with the same sweep name reopens the parent run; child runs of trials a dead driver did not finish
+in Optuna (left RUNNING, or logged just before the driver died) are marked KILLED first. Workers never talk to
+MLflow: they return numbers and PNG bytes and the driver logs them.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -75,15 +76,21 @@ class Tracker:
 
     # ------------------------------------------------------------------------------------------- parent
 
-    def open_parent(self, params: Mapping[str, Any]) -> str:
-        """Create the sweep's parent run, or reopen it (resume); child runs left RUNNING are marked KILLED."""
+    def open_parent(self, params: Mapping[str, Any], kept: Collection[tuple[str, int]] | None = None) -> str:
+        """Create the sweep's parent run, or reopen it (resume) and mark the stale child runs KILLED.
+
+        Args:
+            params: the sweep configuration, logged on a new parent run.
+            kept: (stage, trial number) of every trial the studies hold as finished; the child runs of all other
+                trials are stale. None: only child runs left RUNNING are stale.
+        """
         found = self.client.search_runs(
             [self.experiment_id], f"tags.`{ROLE_TAG}` = 'parent' and tags.`{SWEEP_TAG}` = '{self.experiment}'"
         )
         if found:
             self.parent_id = found[0].info.run_id
             self.client.update_run(self.parent_id, status="RUNNING")
-            self._kill_stale_children()
+            self._kill_stale_children(kept)
         else:
             run = self.client.create_run(
                 self.experiment_id,
@@ -103,11 +110,14 @@ class Tracker:
             self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent_id}'", max_results=5000)
         )
 
-    def _kill_stale_children(self) -> None:
+    def _kill_stale_children(self, kept: Collection[tuple[str, int]] | None) -> None:
+        killed = RunStatus.to_string(RunStatus.KILLED)
         for run in self.children():
-            if run.info.status == "RUNNING":
+            trial = (run.data.tags.get(STAGE_TAG), int(run.data.tags.get(TRIAL_TAG, -1)))
+            unfinished = kept is not None and trial not in kept
+            if run.info.status == "RUNNING" or (unfinished and run.info.status != killed):
                 self.client.set_tag(run.info.run_id, "guidetune.fail_reason", "driver died during the trial")
-                self.client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.KILLED))
+                self.client.set_terminated(run.info.run_id, status=killed)
 
     def close(self, status: str = "FINISHED") -> None:
         if self.parent_id:

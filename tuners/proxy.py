@@ -146,14 +146,14 @@ def run_proxy(
         gaps = calibration.gaps(signals) if reason is None else {}
         if reason is None and not math.isfinite(gaps[objective]):
             reason = f"{objective} is not finite (signals {signals})"
-        if reason is not None:
-            fail(study, trial, reason, done.retries)
+        if reason is not None:  # the observer hears first: a trial Optuna has finished is finished in MLflow
             observer.failed("proxy", trial.number, job, reason, done.retries)
+            fail(study, trial, reason, done.retries)
             return
-        record(trial, done, gaps=gaps)
-        study.tell(trial, gaps[objective])
         selected = {"E": signals[e_name], "D": signals[d_name], "gap": gaps[objective]}
         observer.finished("proxy", trial.number, job, done, {**selected, **gaps})
+        record(trial, done, gaps=gaps)
+        study.tell(trial, gaps[objective])
 
     def flush(upto: int) -> None:
         """Tell the arrived results with index < upto, in index order, up to the first one still running."""

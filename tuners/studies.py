@@ -4,6 +4,8 @@ A sweep named N owns three studies in one storage: ``N/calibration`` and ``N/con
 fixed job, identified by its user attr ``job``), ``N/proxy`` is the searched study. Only the driver process talks to
 them. A driver that dies leaves RUNNING trials; the next driver with the same name marks them FAIL (user attr
 ``stale``) before it asks anything: a ledger redoes their jobs, the proxy stage re-asks their parameters.
+Every stage reports a finished trial to its Observer (MLflow) before it tells Optuna, so a trial that Optuna holds as
+finished is finished in MLflow too; a resumed sweep marks the MLflow runs of every other trial KILLED.
 """
 
 from __future__ import annotations
@@ -115,13 +117,13 @@ def run_ledger(
         value = value_of(done.evaluation) if reason is None and done.evaluation is not None else math.nan
         if reason is None and not math.isfinite(value):
             reason = f"objective {value} is not a finite number"
-        if reason is not None:
-            fail(study, trial, reason, done.retries)
+        if reason is not None:  # the observer hears first: a trial Optuna has finished is finished in MLflow
             observer.failed(stage, trial.number, job, reason, done.retries)
+            fail(study, trial, reason, done.retries)
             return
+        observer.finished(stage, trial.number, job, done, {})
         record(trial, done)
         study.tell(trial, value)
-        observer.finished(stage, trial.number, job, done, {})
 
     drive(pool, next_job, on_done, desc=stage, total=len(todo))
     finished = completed()
