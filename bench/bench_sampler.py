@@ -1,6 +1,7 @@
 """Sampler benchmark: token parity with the reference samplers, speed against VAR's, IGG's overhead over CFG.
 
-    python bench/bench_sampler.py --reference /tmp/VAR --igg-reference /tmp/infoground-guidance --write
+    OMP_WAIT_POLICY=PASSIVE python bench/bench_sampler.py --reference /tmp/VAR \
+        --igg-reference /tmp/infoground-guidance --write
 
 ``--reference`` is a checkout of FoundationVision/VAR, ``--igg-reference`` one of dnngky/infoground-guidance (the
 IGG authors' fork); neither is needed by the tests, nor committed. Their ``models`` package is imported from the
@@ -12,7 +13,7 @@ measured.
    the same labels, ``top_k=1``: tokens at every scale, ours vs the reference (CFG) and vs the IGG fork (CFG, IGG,
    mixed); and seeded runs with top-k/top-p filtering (top_k 50, top_p 0.9, the same generator seed).
 2. Speed: d16-sized random weights at 256 px, VAR's evaluation settings (cfg 1.5, top_k 900, top_p 0.96), our
-   sampler and VAR's ``autoregressive_infer_cfg`` interleaved, median seconds per batch.
+   sampler and VAR's ``autoregressive_infer_cfg`` interleaved; best CPU seconds per batch (wall times too).
 3. IGG overhead: our sampler with CFG vs IGG (global, window 3) and mixed, same weights, interleaved.
 
 ``--write`` replaces the ``## Sampler`` section of docs/BENCHMARKS.md with the tables.
@@ -24,6 +25,7 @@ import argparse
 import contextlib
 import importlib
 import io
+import os
 import platform
 import statistics
 import subprocess
@@ -53,6 +55,7 @@ GUIDANCE = {
     "mixed 1.5 + 1.5 (global)": {"w_cfg": 1.5, "w_igg": 1.5},
 }
 VAR_RUN = "VAR autoregressive_infer_cfg, cfg 1.5"
+GUIDE_REPEATS = 20
 
 
 @dataclass
@@ -154,35 +157,46 @@ def parity(var_path: Path | None, igg_path: Path | None, batch: int) -> list[str
     return rows
 
 
-def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, float]]:
-    """(best, median) seconds of each run over ``repeats`` rounds; the runs are interleaved and each round starts
-    one run later than the previous one, so that a drift of the machine's load spreads over all of them."""
+@dataclass
+class Timing:
+    wall: list[float]     # seconds of wall-clock time, one per round
+    cpu: list[float]      # seconds of this process's CPU time (all threads), one per round
+
+    @property
+    def best_wall(self) -> float:
+        return min(self.wall)
+
+    @property
+    def best_cpu(self) -> float:
+        return min(self.cpu)
+
+
+def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, Timing]:
+    """Time each run ``repeats`` times; the runs are interleaved and each round starts one run later than the
+    previous one, so that a drift of the machine's load spreads over all of them."""
     names = list(runs)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    timings = {name: Timing([], []) for name in names}
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             runs[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: (min(ts), statistics.median(ts)) for name, ts in times.items()}
+            timings[name].cpu.append(time.process_time() - cpu)
+            timings[name].wall.append(time.perf_counter() - wall)
+    return timings
 
 
-def guide_seconds(batch: int, vocab: int, patch_nums: tuple[int, ...], repeats: int) -> dict[str, float]:
-    """Seconds of the guidance combination alone over all scales (best of ``repeats``), on random logits."""
+def guide_runs(batch: int, vocab: int, patch_nums: tuple[int, ...]) -> dict[str, Callable[[], object]]:
+    """The guidance combination alone, over all scales of one sample, on random d16-shaped logits."""
     gen = torch.Generator().manual_seed(0)
     logits = [(torch.randn(batch, pn * pn, vocab, generator=gen), torch.randn(batch, pn * pn, vocab, generator=gen))
               for pn in patch_nums]
     K = len(patch_nums)
-    best = {}
-    for name, kw in GUIDANCE.items():
-        ts = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for k, ((cond, uncond), pn) in enumerate(zip(logits, patch_nums, strict=True)):
-                guide(cond, uncond, ratio=k / (K - 1), hw=(pn, pn), **kw)
-            ts.append(time.perf_counter() - start)
-        best[name] = min(ts)
-    return best
+
+    def combine(kw: dict) -> None:
+        for k, ((cond, uncond), pn) in enumerate(zip(logits, patch_nums, strict=True)):
+            guide(cond, uncond, ratio=k / (K - 1), hw=(pn, pn), **kw)
+
+    return {name: (lambda kw=kw: combine(kw)) for name, kw in GUIDANCE.items()}
 
 
 def speed(var_path: Path | None, batch: int, repeats: int) -> tuple[list[str], list[str]]:
@@ -198,29 +212,30 @@ def speed(var_path: Path | None, batch: int, repeats: int) -> tuple[list[str], l
         ref = load_reference(var_path, ours)
         runs[VAR_RUN] = lambda: run_reference(ref, labels, w_cfg=1.5, w_igg=None, igg=False, **settings)
     sample(ours, labels, w_cfg=1.5, w_igg=None, top_k=1, with_signals=False)    # warm-up (allocator, kernels)
-    seconds = interleaved(runs, repeats)
+    t = interleaved(runs, repeats)
 
-    speed_rows = ["| sampler | best s / batch | median s / batch | images / s (best) | speed vs VAR (best) |",
-                  "|---|---|---|---|---|"]
+    speed_rows = ["| sampler | best CPU s / batch | best wall s / batch | median wall s | speed vs VAR (CPU) | "
+                  "speed vs VAR (wall) |", "|---|---|---|---|---|---|"]
     for name in ("ours CFG 1.5", "ours CFG 1.5, with_signals=False", VAR_RUN):
-        if name in seconds:
-            best, median = seconds[name]
-            ratio = f"{seconds[VAR_RUN][0] / best:.3f}" if VAR_RUN in seconds else "n/a"
-            speed_rows.append(f"| {name} | {best:.2f} | {median:.2f} | {batch / best:.4f} | {ratio} |")
+        if name in t:
+            cpu_ratio = f"{t[VAR_RUN].best_cpu / t[name].best_cpu:.3f}" if VAR_RUN in t else "n/a"
+            wall_ratio = f"{t[VAR_RUN].best_wall / t[name].best_wall:.3f}" if VAR_RUN in t else "n/a"
+            speed_rows.append(f"| {name} | {t[name].best_cpu:.2f} | {t[name].best_wall:.2f} | "
+                              f"{statistics.median(t[name].wall):.2f} | {cpu_ratio} | {wall_ratio} |")
     if ref is not None:
         mine = sample(ours, labels, w_cfg=1.5, w_igg=None, **settings).indices
         n_eq, n, _ = agreement(mine, run_reference(ref, labels, w_cfg=1.5, w_igg=None, igg=False, **settings))
         speed_rows += ["", f"Same seed, same d16 weights: {n_eq}/{n} scales with every token equal to VAR's."]
 
-    cfg_s = seconds["ours CFG 1.5"][0]
-    guide_s = guide_seconds(batch, ours.vocab_size, ours.patch_nums, repeats=5)
-    overhead_rows = ["| ours | best s / batch | end-to-end overhead (best) | guide() s / batch | "
-                     "guide() overhead ÷ CFG sample time |", "|---|---|---|---|---|"]
+    cfg = t["ours CFG 1.5"]
+    g = interleaved(guide_runs(batch, ours.vocab_size, ours.patch_nums), repeats=GUIDE_REPEATS)
+    overhead_rows = ["| ours | best CPU s / batch | end-to-end overhead (CPU) | guide() CPU s / batch | "
+                     "guide() extra ÷ CFG sample CPU time |", "|---|---|---|---|---|"]
     for name in GUIDANCE:
-        t = seconds[f"ours {name}"][0]
-        extra = guide_s[name] - guide_s["CFG 1.5"]
-        overhead_rows.append(f"| {name} | {t:.2f} | {100 * (t / cfg_s - 1):+.1f} % | {guide_s[name]:.4f} | "
-                             f"{100 * extra / cfg_s:+.2f} % |")
+        run = t[f"ours {name}"]
+        extra = g[name].best_cpu - g["CFG 1.5"].best_cpu
+        overhead_rows.append(f"| {name} | {run.best_cpu:.2f} | {100 * (run.best_cpu / cfg.best_cpu - 1):+.1f} % | "
+                             f"{g[name].best_cpu:.4f} | {100 * extra / cfg.best_cpu:+.2f} % |")
     return speed_rows, overhead_rows
 
 
@@ -249,7 +264,8 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="write the tables into docs/BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    command = "python bench/bench_sampler.py " + " ".join(sys.argv[1:])
+    wait = os.environ.get("OMP_WAIT_POLICY")
+    command = (f"OMP_WAIT_POLICY={wait} " if wait else "") + "python bench/bench_sampler.py " + " ".join(sys.argv[1:])
     parts = [SECTION, "", f"Command: `{command}`  ",
              f"Machine: {platform.processor() or platform.machine()}, {args.threads} CPU threads, torch "
              f"{torch.__version__}, float32; {time.strftime('%Y-%m-%d')}.", ""]
@@ -260,11 +276,11 @@ def main() -> None:
                   *parity(args.reference, args.igg_reference, args.parity_batch), ""]
     speed_rows, overhead_rows = speed(args.reference, args.batch, args.repeats)
     parts += [f"Speed, d16-sized random weights at 256 px (VAE decode included), batch {args.batch}, top_k 900, "
-              f"top_p 0.96, {args.repeats} interleaved rounds (shared machine: the best time is the cost, "
-              "the median shows the noise):", "", *speed_rows, "",
-              "IGG overhead over CFG (ours, same rounds; the guide() columns time the combination alone on "
-              "random d16-shaped logits, best of 5, and its extra cost over CFG's as a share of the CFG "
-              "sample's time):", "", *overhead_rows, ""]
+              f"top_p 0.96, {args.repeats} interleaved rounds. The machine is shared with other jobs: the best "
+              "CPU time (this process, all threads) is the cost; wall times show the noise.", "", *speed_rows, "",
+              "IGG overhead over CFG (ours, same rounds). The guide() columns time the combination alone on "
+              f"random d16-shaped logits (best of {GUIDE_REPEATS}) and give its extra cost over CFG's as a share "
+              "of the CFG sample's CPU time:", "", *overhead_rows, ""]
     text = "\n".join(parts)
     print(text)
     if args.write:
