@@ -26,6 +26,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -83,6 +84,18 @@ def key_of(c: Candidate) -> str:
 
 def file_sha(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def provenance(path: str) -> str:
+    """Where a checkpoint comes from: the last commit that changed it, when it is the committed file; else its path."""
+    resolved = Path(path).resolve()
+    if resolved.is_relative_to(ROOT):
+        unchanged = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--", str(resolved)])
+        commit = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h", "--", str(resolved)],
+                                capture_output=True, text=True).stdout.strip()
+        if unchanged.returncode == 0 and commit:
+            return f"{resolved.relative_to(ROOT)} as committed in {commit}"
+    return str(path)
 
 
 class Results:
@@ -281,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs shared with other jobs (load average "
         f"{load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end), torch {torch.__version__}, "
         f"{args.threads} threads; {date}.  ",
-        f"Checkpoints: tiny_vae sha256 {setup['vae']}…, tiny_var sha256 {setup['var']}… "
-        f"(`{Path(cfg.backbone.var_ckpt).name}`).",
+        f"Checkpoints: VAE sha256 {setup['vae']}… (`{provenance(cfg.backbone.vae_ckpt)}`), VAR sha256 "
+        f"{setup['var']}… (`{provenance(cfg.backbone.var_ckpt)}`).",
         "",
         f"{len(rows)} configurations. Proxy: the sweep's stage-1 trial (`Job(candidate, {cfg.proxy.num_images}, "
         f"seed)` on pipeline.distributed.Worker: {cfg.proxy.num_images} images, trial-level signals = mean over "
