@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from bench_fid import BENCHMARKS, write_section
+from bench_proxy import provenance
 from mlflow import MlflowClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Sweep: `{shlex.join(sweep[1:])}` (sweep defaults otherwise: {workers} Ray actors with "
         f"{params['launcher.cpus_per_worker']} CPU each, {params['search.n_trials']} proxy trials of "
         f"{params['proxy.num_images']} images, FID at {params['confirm.small_num_images']} then "
-        f"{params['confirm.num_images']} images); it printed `{best_line}`.",
+        f"{params['confirm.num_images']} images; VAR `{provenance(params['backbone.var_ckpt'])}`); it printed "
+        f"`{best_line}`.",
         "",
         "Worker time per trial: inside the actor (sampling, signals, FID, PNG rendering), median (min-max). "
         "Overhead per trial: the pipeline's time on the trial (its MLflow child run, created before the job is "
