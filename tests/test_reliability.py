@@ -78,11 +78,8 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def reap(pids: list[int], timeout_s: float = 60.0) -> None:
-    """Wait for the processes a killed driver leaves (Ray shares their fate); SIGKILL any still alive after that."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
-        time.sleep(0.5)
+def reap(pids: list[int]) -> None:
+    """SIGKILL what a killed driver's Ray leaves behind (its agents may outlive it for a while)."""
     for p in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(p, signal.SIGKILL)
@@ -247,7 +244,7 @@ def test_non_finite_trial_fails_with_reason_and_the_sweep_goes_on(runs, name):
     [absurd] = [t for t in proxy if t.params.get("w_cfg") == ABSURD]
     assert absurd.state == TrialState.FAIL and not absurd.user_attrs.get("stale")
     reason = absurd.user_attrs["failure"]["reason"]
-    assert "inf" in reason or "nan" in reason.lower(), reason
+    assert any(word in reason.lower() for word in ("non-finite", "inf", "nan")), reason
     [run] = [r for r in children(runs, name) if r.data.tags[STAGE_TAG] == "proxy"
              and int(r.data.tags[TRIAL_TAG]) == absurd.number]
     assert run.info.status == "FAILED" and run.data.tags["guidetune.fail_reason"] == reason
