@@ -28,7 +28,7 @@ from pipeline.sampling import sample
 MICRO_PATCH_NUMS = (1, 2, 4)
 
 
-def micro_config(steps: int = 40) -> TinyConfig:
+def micro_config(steps: int = 30) -> TinyConfig:
     """8x8 images, 4x4 latents: every stage of the recipe in a few seconds."""
     vae = VQVAEConfig(vocab_size=32, z_channels=4, ch=32, ch_mult=(1, 2), num_res_blocks=1,
                       patch_nums=MICRO_PATCH_NUMS, using_sa=False, using_mid_sa=False, test_mode=False)
