@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -138,6 +141,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the server and every process it started (uvicorn, job consumers); SIGKILL what outlives the grace."""
+    os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=grace_s)
+
+
 def test_mlflow_ui_on_localhost_lists_runs_over_rest(store):
     tracker = Tracker(uri(store), "served", SIGNALS)
     parent = tracker.open_parent({})
@@ -148,7 +161,7 @@ def test_mlflow_ui_on_localhost_lists_runs_over_rest(store):
     mlflow = Path(sys.executable).parent / "mlflow"
     server = subprocess.Popen([str(mlflow), "ui", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                                "--backend-store-uri", uri(store)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
@@ -169,8 +182,7 @@ def test_mlflow_ui_on_localhost_lists_runs_over_rest(store):
         child = next(r for r in runs if r["info"]["run_id"] != parent)
         assert {m["key"]: m["value"] for m in child["data"]["metrics"]}["gap"] == 0.5
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_process_group(server)
     assert MlflowClient(uri(store)).get_run(parent).info.status == "FINISHED"
 
 
