@@ -75,12 +75,13 @@ def load_curve(path: Path) -> Curve:
     if len(rows) < 3:
         raise ValueError(f"{path} holds {len(rows)} pure-CFG configurations with FID; run bench/bench_proxy.py first")
     seeds = len(rows[0]["proxy"])
+    measured = [e for e in stored["entries"].values() if "fid" in e]  # unit costs: every configuration of the run
     return Curve(
         w=np.array([e["candidate"]["w_cfg"] for e in rows]),
         fid=np.array([e["fid"] for e in rows]),
         signals=[{n: np.array([e["proxy"][i]["signals"][n] for e in rows]) for n in SIGNALS} for i in range(seeds)],
-        proxy_s=statistics.median(t["wall_s"] for e in rows for t in e["proxy"]),
-        fid_s=statistics.median(e["fid_wall_s"] for e in rows),
+        proxy_s=statistics.median(t["wall_s"] for e in measured for t in e["proxy"]),
+        fid_s=statistics.median(e["fid_wall_s"] for e in measured),
         num_images=stored["setup"]["num_images"],
     )
 
@@ -103,8 +104,12 @@ def tpe_study(objective: Callable[[float], float], seed: int, n_startup: int, lo
     return study
 
 
-def spread(values: list[float], unit: str = "") -> str:
-    return f"{statistics.median(values):.1f}{unit} ({min(values):.1f}-{max(values):.1f})"
+def spread(values: list[float], unit: str = "", digits: int = 1) -> str:
+    return f"{statistics.median(values):.{digits}f}{unit} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def spread_or_none(values: list[int]) -> str:
+    return spread([float(x) for x in values]) if values else "none reached"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"the grid spans w {min_w}..{max_w} but search.w_cfg is [{low}, {high}]; "
                          "measure the whole range with bench_proxy.py --cfg")
 
-    proxy_evals, proxy_walls, proxy_roles, proxy_best = [], [], [], []
-    tpe_evals, tpe_walls, tpe_miss = [], [], 0
+    proxy_evals, proxy_spent, proxy_walls, proxy_roles, proxy_best = [], [], [], [], []
+    tpe_evals, tpe_walls, tpe_best = [], [], []
     grid_evals = []
     for run in range(args.runs):
         s = run % len(curve.signals)
@@ -149,22 +154,22 @@ def main(argv: list[str] | None = None) -> int:
         hit = first_hit(fids, target)
         proxy_best.append(min(fids) / best)
         proxy_roles.append("miss" if hit is None else chosen[hit - 1][1])
-        n_fid = hit if hit is not None else len(chosen)
-        proxy_evals.append(n_fid)
-        proxy_walls.append((calibration_jobs + cfg.search.n_trials) * curve.proxy_s + n_fid * curve.fid_s)
+        if hit is not None:
+            proxy_evals.append(hit)
+        proxy_spent.append(len(chosen))
+        proxy_walls.append((calibration_jobs + cfg.search.n_trials) * curve.proxy_s + len(chosen) * curve.fid_s)
 
         direct = tpe_study(curve.fid_at, derive_seed(run, 1), cfg.search.n_startup_trials, low, high,
                            args.max_evals, lambda v: v <= target)
         n = len(direct.trials)
-        if direct.trials[-1].value > target:
-            tpe_miss += 1
-        tpe_evals.append(n)
+        if direct.trials[-1].value <= target:
+            tpe_evals.append(n)
+        tpe_best.append(direct.best_value / best)
         tpe_walls.append(n * curve.fid_s)
 
         order = np.random.default_rng(derive_seed(run, 2)).permutation(len(curve.w))
         grid_evals.append(first_hit([float(curve.fid[i]) for i in order], target))
 
-    hits = [r for r in proxy_roles if r != "miss"]
     role_counts = ", ".join(f"{r}: {proxy_roles.count(r)}" for r in dict.fromkeys(proxy_roles))
     grid_best_w = float(curve.w[int(curve.fid.argmin())])
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -184,21 +189,29 @@ def main(argv: list[str] | None = None) -> int:
         f"`{objective}`, {calibration_jobs} calibration jobs, top {cfg.confirm.top_k} distinct candidates + "
         f"baselines (w={', '.join(f'{w:g}' for w in roles)}).",
         "",
-        "| method | FID evaluations to reach within 1 %, median (min-max) | wall time, median (min-max) | "
-        "reached |",
-        "|---|---:|---:|---:|",
-        f"| (a) proxy -> FID (sweep) | {spread([float(x) for x in proxy_evals])} | "
-        f"{spread([w / 60 for w in proxy_walls], ' min')} | {len(hits)}/{args.runs} |",
-        f"| (b) TPE on FID | {spread([float(x) for x in tpe_evals])} | {spread([w / 60 for w in tpe_walls], ' min')}"
-        f" | {args.runs - tpe_miss}/{args.runs} (cap {args.max_evals}) |",
-        f"| (c) grid, random order | {spread([float(x) for x in grid_evals])} | "
-        f"{spread([x * curve.fid_s / 60 for x in grid_evals], ' min')} | {args.runs}/{args.runs} |",
-        f"| (c) grid, exhaustive | {len(curve.w)} | {len(curve.w) * curve.fid_s / 60:.1f} min | 1/1 |",
+        "| method | runs within 1 % | FID evaluations to get there (those runs) | FID evaluations spent per run | "
+        "wall time per run | best FID found / grid best |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| (a) proxy -> FID (sweep) | {len(proxy_evals)}/{args.runs} | {spread_or_none(proxy_evals)} | "
+        f"{spread([float(x) for x in proxy_spent])} | {spread([w / 60 for w in proxy_walls], ' min')} | "
+        f"{spread(proxy_best, '', 3)} |",
+        f"| (b) TPE on FID | {len(tpe_evals)}/{args.runs} | {spread_or_none(tpe_evals)} | "
+        f"{spread([w / curve.fid_s for w in tpe_walls])} (cap {args.max_evals}) | "
+        f"{spread([w / 60 for w in tpe_walls], ' min')} | {spread(tpe_best, '', 3)} |",
+        f"| (c) grid, random order, stop at the first hit | {args.runs}/{args.runs} | "
+        f"{spread([float(x) for x in grid_evals])} | {spread([float(x) for x in grid_evals])} | "
+        f"{spread([x * curve.fid_s / 60 for x in grid_evals], ' min')} | <= {1 + TOLERANCE:.3f} |",
+        f"| (c) grid, exhaustive | 1/1 | {len(curve.w)} | {len(curve.w)} | {len(curve.w) * curve.fid_s / 60:.1f} min | "
+        "1.000 |",
         "",
-        f"(a) counts FID evaluations in gap order until the first within 1 % (all of its {cfg.confirm.top_k}+"
-        f"baseline candidates when none is; wall time includes the calibration and proxy trials). Which candidate "
-        f"reached the target: {role_counts}. Best FID among (a)'s candidates / grid best: median "
-        f"{statistics.median(proxy_best):.3f} ({min(proxy_best):.3f}-{max(proxy_best):.3f}).",
+        f"(a) spends one FID on each of its {cfg.confirm.top_k} distinct proxy candidates and on the baselines not "
+        "among them, as the sweep does (the full-N re-scoring of the best few is not simulated); \"to get "
+        "there\" counts them in gap order up to the first within 1 %; its wall time includes the calibration and "
+        f"proxy trials. Which of (a)'s candidates first reached the target: {role_counts}. (b) and (c, random "
+        f"order) stop at the first evaluation within 1 % or after {args.max_evals}: an oracle stop (they are not told "
+        "the best FID in practice), so their counts are lower bounds; the exhaustive grid is what a grid costs. FID at {curve.num_images} images is itself noisy by about "
+        "this tolerance (compare neighbouring grid points in the Proxy validity table), so \"within 1 %\" is a "
+        "strict criterion here.",
     ])
     print(body)
     if args.write:
