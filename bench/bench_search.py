@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         "there\" counts them in gap order up to the first within 1 %; its wall time includes the calibration and "
         f"proxy trials. Which of (a)'s candidates first reached the target: {role_counts}. (b) and (c, random "
         f"order) stop at the first evaluation within 1 % or after {args.max_evals}: an oracle stop (they are not told "
-        "the best FID in practice), so their counts are lower bounds; the exhaustive grid is what a grid costs. FID at {curve.num_images} images is itself noisy by about "
+        "the best FID in practice), so their counts are lower bounds; the exhaustive grid is what a grid costs. "
+        f"FID at {curve.num_images} images is itself noisy by about "
         "this tolerance (compare neighbouring grid points in the Proxy validity table), so \"within 1 %\" is a "
         "strict criterion here.",
     ])
