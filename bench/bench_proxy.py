@@ -105,12 +105,15 @@ class Results:
         self.path, self.setup = path, setup
         stored = json.loads(path.read_text()) if path.is_file() else {}
         self.entries: dict[str, dict] = stored.get("entries", {}) if stored.get("setup") == setup else {}
+        self.fresh = 0  # entries measured by this process
 
     def get(self, c: Candidate, compute: Callable[[], dict], needs: str = "proxy") -> dict:
         """The cached entry of `c` if it holds `needs`, else `compute()`'s, stored."""
         key = key_of(c)
         if needs not in self.entries.get(key, {}):
-            self.entries[key] = {"candidate": c.as_dict(), **compute()}
+            self.entries[key] = {"candidate": c.as_dict(), **compute(),
+                                 "measured_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
+            self.fresh += 1
             tmp = self.path.with_name(f".{self.path.name}.tmp")
             tmp.write_text(json.dumps({"setup": self.setup, "entries": self.entries}, indent=1))
             os.replace(tmp, self.path)
@@ -290,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     ranges = calibrations[s0].ranges
     body = "\n".join([
-        f"Command: `{command}` ({(time.monotonic() - start) / 60:.0f} min, fresh or cached per configuration)  ",
+        f"Command: `{command}` ({(time.monotonic() - start) / 60:.0f} min; {results.fresh} configurations "
+        f"measured by this invocation, the others read from `{args.results.name}`, written by an earlier "
+        "invocation of the same command)  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs shared with other jobs (load average "
         f"{load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end), torch {torch.__version__}, "
         f"{args.threads} threads; {date}.  ",
