@@ -104,7 +104,9 @@ class Results:
     def __init__(self, path: Path, setup: dict):
         self.path, self.setup = path, setup
         stored = json.loads(path.read_text()) if path.is_file() else {}
-        self.entries: dict[str, dict] = stored.get("entries", {}) if stored.get("setup") == setup else {}
+        same = stored.get("setup") == setup
+        self.entries: dict[str, dict] = stored.get("entries", {}) if same else {}
+        self.runs: list[dict] = stored.get("runs", []) if same else []  # the invocations that measured entries
         self.fresh = 0  # entries measured by this process
 
     def get(self, c: Candidate, compute: Callable[[], dict], needs: str = "proxy") -> dict:
@@ -114,10 +116,19 @@ class Results:
             self.entries[key] = {"candidate": c.as_dict(), **compute(),
                                  "measured_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
             self.fresh += 1
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text(json.dumps({"setup": self.setup, "entries": self.entries}, indent=1))
-            os.replace(tmp, self.path)
+            self.save()
         return self.entries[key]
+
+    def record_run(self, run: dict) -> None:
+        """Remember how this invocation measured its entries (time, machine load), if it measured any."""
+        if self.fresh:
+            self.runs.append({**run, "configurations": self.fresh})
+            self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps({"setup": self.setup, "runs": self.runs, "entries": self.entries}, indent=1))
+        os.replace(tmp, self.path)
 
 
 def evaluate(worker: Worker, c: Candidate, cfg: SweepConfig, seeds: list[int], num_images: int,
@@ -206,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     command = "python bench/bench_proxy.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     start, load_before = time.monotonic(), os.getloadavg()[0]
+    started_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
     root = Path(tempfile.mkdtemp(prefix="guidetune-proxy-"))
     base = [f"root={root}", "confirm.metrics=[fid]", f"launcher.cpus_per_worker={args.threads}", *args.overrides]
@@ -229,6 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     points = [results.get(c, lambda c=c: evaluate(worker, c, cfg, args.seeds, args.num_images, None))
               for c in calib_candidates]
 
+    results.record_run({"start": started_at, "end": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                        "minutes": round((time.monotonic() - start) / 60, 1), "load_start": load_before,
+                        "load_end": os.getloadavg()[0]})
+    measured = "; ".join(f"{r['configurations']} configurations {r['start']} to {r['end']} ({r['minutes']:g} min, "
+                         f"load average {r['load_start']:.1f} at start, {r['load_end']:.1f} at end)"
+                         for r in results.runs)
     calibrations = [calibration_of(points, i) for i in range(len(args.seeds))]
     rows = []
     for c in candidates:
@@ -293,12 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     ranges = calibrations[s0].ranges
     body = "\n".join([
-        f"Command: `{command}` ({(time.monotonic() - start) / 60:.0f} min; {results.fresh} configurations "
-        f"measured by this invocation, the others read from `{args.results.name}`, written by an earlier "
-        "invocation of the same command)  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs shared with other jobs (load average "
-        f"{load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end), torch {torch.__version__}, "
-        f"{args.threads} threads; {date}.  ",
+        f"Command: `{command}` (results cached in `{args.results.name}`; measured by invocations of this "
+        f"command: {measured or 'unknown'}; written {date})  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs shared with other jobs, torch {torch.__version__}, "
+        f"{args.threads} threads.  ",
         f"Checkpoints: VAE sha256 {setup['vae']}… (`{provenance(cfg.backbone.vae_ckpt)}`), VAR sha256 "
         f"{setup['var']}… (`{provenance(cfg.backbone.var_ckpt)}`).",
         "",
