@@ -17,9 +17,11 @@ at the sweep defaults plus the overrides given, then reads the trials back from 
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -93,11 +95,14 @@ def spread(values: list[float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="Hydra overrides passed to the sweep (e.g. backbone.var_ckpt=...)")
-    p.add_argument("--root", type=Path, default=None, help="sweep root (default: a fresh temporary folder)")
+    p.add_argument("--root", type=Path, default=None, help="sweep root, kept (default: a temporary folder, removed)")
     p.add_argument("--write", action="store_true", help="write the ## Costs section of docs/BENCHMARKS.md")
     args = p.parse_args(argv)
     command = "python bench/bench_costs.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    root = args.root or Path(tempfile.mkdtemp(prefix="guidetune-costs-"))
+    root = args.root
+    if root is None:
+        root = Path(tempfile.mkdtemp(prefix="guidetune-costs-"))
+        atexit.register(shutil.rmtree, root, True)
     sweep = [sys.executable, "-m", "pipeline.sweep", f"root={root}", f"sweep.name={SWEEP_NAME}", *args.overrides]
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     load_before = os.getloadavg()[0]

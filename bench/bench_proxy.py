@@ -20,11 +20,13 @@ the stage-0 design points of ``guidance=mixed`` (tuners.space.design_points) plu
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -219,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     start, load_before = time.monotonic(), os.getloadavg()[0]
     started_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
-    root = Path(tempfile.mkdtemp(prefix="guidetune-proxy-"))
+    root = Path(tempfile.mkdtemp(prefix="guidetune-proxy-"))  # the sweep root: FID reference cache only
+    atexit.register(shutil.rmtree, root, True)
     base = [f"root={root}", "confirm.metrics=[fid]", f"launcher.cpus_per_worker={args.threads}", *args.overrides]
     cfg = load_config(["guidance=mixed", *base])
     mixed_points = design_points(cfg.guidance, cfg.search, cfg.proxy.calibration)
