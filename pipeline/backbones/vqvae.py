@@ -83,8 +83,8 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x_BChw: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x_BChw)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv1(F.silu(self.norm1(x_BChw), inplace=True))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=True)))
         return self.nin_shortcut(x_BChw) + h
 
 
@@ -175,7 +175,7 @@ class Encoder(nn.Module):
             h = level(h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+        return self.conv_out(F.silu(self.norm_out(self.mid(h)), inplace=True))
 
 
 class Decoder(nn.Module):
@@ -204,7 +204,7 @@ class Decoder(nn.Module):
             h = level(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
 
 class Phi(nn.Conv2d):
