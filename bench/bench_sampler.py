@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from bench_fid import write_section
 
 from pipeline.backbones.var import VARBackbone, VARConfig, random_var
 from pipeline.backbones.vqvae import VQVAEConfig
@@ -45,7 +46,7 @@ from pipeline.sampling import sample
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
-SECTION = "## Sampler"
+SECTION = "Sampler"
 REFERENCE_CH_MULT = (1, 1, 2, 2, 4)      # hard-coded in VAR's VQVAE
 PARITY_PN = (1, 2, 3, 4, 5)
 GUIDANCE = {
@@ -239,20 +240,6 @@ def speed(var_path: Path | None, batch: int, repeats: int) -> tuple[list[str], l
     return speed_rows, overhead_rows
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) the ``## Sampler`` section of docs/BENCHMARKS.md."""
-    old = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    lines = old.splitlines()
-    if SECTION in lines:
-        start = lines.index(SECTION)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = [*text.rstrip("\n").splitlines(), ""]
-    else:
-        lines += ["", *text.rstrip("\n").splitlines()]
-    BENCHMARKS.parent.mkdir(parents=True, exist_ok=True)
-    BENCHMARKS.write_text("\n".join(lines).rstrip("\n") + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference", type=Path, help="checkout of FoundationVision/VAR")
@@ -266,7 +253,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     wait = os.environ.get("OMP_WAIT_POLICY")
     command = (f"OMP_WAIT_POLICY={wait} " if wait else "") + "python bench/bench_sampler.py " + " ".join(sys.argv[1:])
-    parts = [SECTION, "", f"Command: `{command}`  ",
+    parts = [f"Command: `{command}`  ",
              f"Machine: {platform.processor() or platform.machine()}, {args.threads} CPU threads, torch "
              f"{torch.__version__}, float32; {time.strftime('%Y-%m-%d')}.", ""]
     if args.reference or args.igg_reference:
@@ -284,7 +271,7 @@ def main() -> None:
     text = "\n".join(parts)
     print(text)
     if args.write:
-        write_section(text)
+        write_section(BENCHMARKS, SECTION, text)
 
 
 if __name__ == "__main__":
