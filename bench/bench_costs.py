@@ -32,8 +32,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from bench_fid import BENCHMARKS, write_section
 from bench_proxy import provenance
+from benchdoc import BENCHMARKS, write_section
 from mlflow import MlflowClient
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shlex
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchdoc import BENCHMARKS, write_section
 from torch_fidelity import KEY_METRIC_FID, calculate_metrics
 from torchvision.utils import save_image
 
@@ -31,19 +31,7 @@ from pipeline.data.classifier import SHIPPED_CLASSIFIER, ClassifierConfig, Shape
 from pipeline.data.shapes import ShapesConfig, make_batch, random_labels
 from pipeline.fid import TINY_EXTRACTOR, BatchSource, FidEvaluator
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
 SECTION = "FID"
-
-
-def write_section(path: Path, title: str, body: str) -> None:
-    """Replace (or append) the ``## title`` section of a markdown file, leaving the other sections as they are."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"## {title}\n\n{body.strip()}\n\n"
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else f"{text.rstrip()}\n\n{section}"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text.rstrip() + "\n")
-    os.replace(tmp, path)
 
 
 def time_in_memory(evaluator: FidEvaluator, generated: torch.Tensor, reference, batch_size: int) -> tuple[float, float]:

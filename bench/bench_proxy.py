@@ -41,7 +41,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from bench_fid import BENCHMARKS, write_section
+from benchdoc import BENCHMARKS, write_section
 from scipy.stats import spearmanr
 
 from pipeline.config import SweepConfig, load_config

@@ -12,11 +12,16 @@ measured.
 1. Parity: the same random tiny weights (official key layout, loaded with ``strict=True`` into both models),
    the same labels, ``top_k=1``: tokens at every scale, ours vs the reference (CFG) and vs the IGG fork (CFG, IGG,
    mixed); and seeded runs with top-k/top-p filtering (top_k 50, top_p 0.9, the same generator seed).
-2. Speed: d16-sized random weights at 256 px, VAR's evaluation settings (cfg 1.5, top_k 900, top_p 0.96), our
-   sampler and VAR's ``autoregressive_infer_cfg`` interleaved; best CPU seconds per batch (wall times too).
+2. Speed: d16-sized random weights at 256 px (``--resolution 512``: VAR's 512 px schedule, 1024 tokens at the last
+   scale), VAR's evaluation settings (cfg 1.5, top_k 900, top_p 0.96), our sampler and VAR's
+   ``autoregressive_infer_cfg`` interleaved; best seconds per batch: CPU time of the process on a CPU, wall time
+   after ``torch.cuda.synchronize`` on a GPU (both samplers under the same float16 autocast there).
 3. IGG overhead: our sampler with CFG vs IGG (global, window 3) and mixed, same weights, interleaved.
+4. Peak memory (GPU only): the largest allocation above the resident weights and inputs, ``guide()`` alone on a
+   32 x 32 map (1024 tokens, V 4096) with global vs windowed attention, and whole samples at 512 px.
 
-``--write`` replaces the ``## Sampler`` section of docs/BENCHMARKS.md with the tables.
+``--write`` replaces the ``## Sampler`` section of docs/BENCHMARKS.md with the tables (``## Sampler (cuda, 512 px)``
+and so on for other devices and resolutions).
 """
 
 from __future__ import annotations
@@ -37,15 +42,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from bench_fid import write_section
+from benchdoc import BENCHMARKS, write_section
 
 from pipeline.backbones.var import VARBackbone, VARConfig, random_var
 from pipeline.backbones.vqvae import VQVAEConfig
 from pipeline.guidance import guide
 from pipeline.sampling import sample
 
-ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
 SECTION = "Sampler"
 REFERENCE_CH_MULT = (1, 1, 2, 2, 4)      # hard-coded in VAR's VQVAE
 PARITY_PN = (1, 2, 3, 4, 5)
@@ -57,6 +60,8 @@ GUIDANCE = {
 }
 VAR_RUN = "VAR autoregressive_infer_cfg, cfg 1.5"
 GUIDE_REPEATS = 20
+SCHEDULES = {256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)}
+MEMORY_WINDOWS = (None, 3, 5, 7)
 
 
 @dataclass
@@ -172,24 +177,33 @@ class Timing:
         return min(self.cpu)
 
 
-def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, Timing]:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(runs: dict[str, Callable[[], object]], repeats: int,
+                device: torch.device | None = None) -> dict[str, Timing]:
     """Time each run ``repeats`` times; the runs are interleaved and each round starts one run later than the
     previous one, so that a drift of the machine's load spreads over all of them."""
     names = list(runs)
     timings = {name: Timing([], []) for name in names}
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
+            synchronize(device or torch.device("cpu"))
             wall, cpu = time.perf_counter(), time.process_time()
             runs[name]()
+            synchronize(device or torch.device("cpu"))
             timings[name].cpu.append(time.process_time() - cpu)
             timings[name].wall.append(time.perf_counter() - wall)
     return timings
 
 
-def guide_runs(batch: int, vocab: int, patch_nums: tuple[int, ...]) -> dict[str, Callable[[], object]]:
+def guide_runs(batch: int, vocab: int, patch_nums: tuple[int, ...],
+               device: torch.device) -> dict[str, Callable[[], object]]:
     """The guidance combination alone, over all scales of one sample, on random d16-shaped logits."""
-    gen = torch.Generator().manual_seed(0)
-    logits = [(torch.randn(batch, pn * pn, vocab, generator=gen), torch.randn(batch, pn * pn, vocab, generator=gen))
+    gen = torch.Generator(device).manual_seed(0)
+    logits = [tuple(torch.randn(batch, pn * pn, vocab, generator=gen, device=device) for _ in range(2))
               for pn in patch_nums]
     K = len(patch_nums)
 
@@ -200,44 +214,103 @@ def guide_runs(batch: int, vocab: int, patch_nums: tuple[int, ...]) -> dict[str,
     return {name: (lambda kw=kw: combine(kw)) for name, kw in GUIDANCE.items()}
 
 
-def speed(var_path: Path | None, batch: int, repeats: int) -> tuple[list[str], list[str]]:
-    ours = random_var(VQVAEConfig(), VARConfig.official(16), seed=0)
-    labels = torch.arange(batch) * 97 % 1000
+def d16(resolution: int, device: torch.device) -> VARBackbone:
+    """VAR-d16-sized random weights with the patch schedule of ``resolution``."""
+    pn = SCHEDULES[resolution]
+    return random_var(VQVAEConfig(patch_nums=pn), VARConfig.official(16, patch_nums=pn), seed=0).to(device)
+
+
+def speed(var_path: Path | None, batch: int, repeats: int, resolution: int,
+          device: torch.device) -> tuple[list[str], list[str]]:
+    ours = d16(resolution, device)
+    labels = (torch.arange(batch) * 97 % 1000).to(device)
     settings = {"top_k": 900, "top_p": 0.96, "seed": 0}
     runs: dict[str, Callable[[], object]] = {
         f"ours {name}": (lambda kw=kw: sample(ours, labels, **kw, **settings)) for name, kw in GUIDANCE.items()}
     runs["ours CFG 1.5, with_signals=False"] = lambda: sample(ours, labels, **GUIDANCE["CFG 1.5"], **settings,
                                                              with_signals=False)
     ref = None
+    # VAR's own scripts wrap its sampler in float16 autocast on a GPU; ours sets the same autocast itself.
+    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
+
+    def run_var() -> list[torch.Tensor]:
+        with autocast:
+            return run_reference(ref, labels, w_cfg=1.5, w_igg=None, igg=False, **settings)
+
     if var_path is not None:
         ref = load_reference(var_path, ours)
-        runs[VAR_RUN] = lambda: run_reference(ref, labels, w_cfg=1.5, w_igg=None, igg=False, **settings)
-    sample(ours, labels, w_cfg=1.5, w_igg=None, top_k=1, with_signals=False)    # warm-up (allocator, kernels)
-    t = interleaved(runs, repeats)
+        runs[VAR_RUN] = run_var
+    for run in runs.values():   # warm-up (allocator, kernels)
+        run()
+    t = interleaved(runs, repeats, device)
+    cost = "CPU" if device.type == "cpu" else "wall"
 
-    speed_rows = ["| sampler | best CPU s / batch | best wall s / batch | median wall s | speed vs VAR (CPU) | "
-                  "speed vs VAR (wall) |", "|---|---|---|---|---|---|"]
+    def best(name: str) -> float:
+        return t[name].best_cpu if device.type == "cpu" else t[name].best_wall
+
+    speed_rows = [f"| sampler | best CPU s / batch | best wall s / batch | median wall s | speed vs VAR ({cost}) | "
+                  "images / s (best wall) |", "|---|---|---|---|---|---|"]
     for name in ("ours CFG 1.5", "ours CFG 1.5, with_signals=False", VAR_RUN):
         if name in t:
-            cpu_ratio = f"{t[VAR_RUN].best_cpu / t[name].best_cpu:.3f}" if VAR_RUN in t else "n/a"
-            wall_ratio = f"{t[VAR_RUN].best_wall / t[name].best_wall:.3f}" if VAR_RUN in t else "n/a"
-            speed_rows.append(f"| {name} | {t[name].best_cpu:.2f} | {t[name].best_wall:.2f} | "
-                              f"{statistics.median(t[name].wall):.2f} | {cpu_ratio} | {wall_ratio} |")
+            ratio = f"{best(VAR_RUN) / best(name):.3f}" if VAR_RUN in t else "n/a"
+            speed_rows.append(f"| {name} | {t[name].best_cpu:.3f} | {t[name].best_wall:.3f} | "
+                              f"{statistics.median(t[name].wall):.3f} | {ratio} | {batch / t[name].best_wall:.2f} |")
     if ref is not None:
         mine = sample(ours, labels, w_cfg=1.5, w_igg=None, **settings).indices
-        n_eq, n, _ = agreement(mine, run_reference(ref, labels, w_cfg=1.5, w_igg=None, igg=False, **settings))
+        n_eq, n, _ = agreement(mine, run_var())
         speed_rows += ["", f"Same seed, same d16 weights: {n_eq}/{n} scales with every token equal to VAR's."]
 
-    cfg = t["ours CFG 1.5"]
-    g = interleaved(guide_runs(batch, ours.vocab_size, ours.patch_nums), repeats=GUIDE_REPEATS)
-    overhead_rows = ["| ours | best CPU s / batch | end-to-end overhead (CPU) | guide() CPU s / batch | "
-                     "guide() extra ÷ CFG sample CPU time |", "|---|---|---|---|---|"]
+    cfg = best("ours CFG 1.5")
+    g = interleaved(guide_runs(batch, ours.vocab_size, ours.patch_nums, device), GUIDE_REPEATS, device)
+    g_best = {name: g[name].best_cpu if device.type == "cpu" else g[name].best_wall for name in g}
+    overhead_rows = [f"| ours | best {cost} s / batch | end-to-end overhead | guide() {cost} s / batch | "
+                     f"guide() extra ÷ CFG sample {cost} time |", "|---|---|---|---|---|"]
     for name in GUIDANCE:
-        run = t[f"ours {name}"]
-        extra = g[name].best_cpu - g["CFG 1.5"].best_cpu
-        overhead_rows.append(f"| {name} | {run.best_cpu:.2f} | {100 * (run.best_cpu / cfg.best_cpu - 1):+.1f} % | "
-                             f"{g[name].best_cpu:.4f} | {100 * extra / cfg.best_cpu:+.2f} % |")
+        extra = g_best[name] - g_best["CFG 1.5"]
+        overhead_rows.append(f"| {name} | {best(f'ours {name}'):.3f} | {100 * (best(f'ours {name}') / cfg - 1):+.1f} % "
+                             f"| {g_best[name]:.4f} | {100 * extra / cfg:+.2f} % |")
     return speed_rows, overhead_rows
+
+
+def peak_bytes(run: Callable[[], object], device: torch.device) -> int:
+    """Peak allocated GPU memory while ``run`` executes, above what was allocated before it."""
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    run()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def guide_memory(batch: int, device: torch.device) -> list[str]:
+    """Peak memory of guide() alone, global vs windowed IGG, on the last scale of the 512 px schedule."""
+    side, vocab = SCHEDULES[512][-1], VQVAEConfig().vocab_size
+    gen = torch.Generator(device).manual_seed(0)
+    cond, uncond = (torch.randn(batch, side * side, vocab, generator=gen, device=device) for _ in range(2))
+    inputs_mib = 2 * cond.numel() * cond.element_size() / 2**20
+    rows = [f"guide() alone on a {side} x {side} map ({side * side} tokens, V {vocab}, batch {batch}, float32; the "
+            f"two logit tensors, {inputs_mib:.0f} MiB, are not counted):", "",
+            "| IGG w_igg 1.5 | peak extra MiB | vs global |", "|---|---:|---:|"]
+    peaks = {w: peak_bytes(lambda w=w: guide(cond, uncond, w_cfg=None, w_igg=1.5, window=w, hw=(side, side),
+                                             ratio=1.0), device) for w in MEMORY_WINDOWS}
+    rows += [f"| {'global' if w is None else f'window {w}'} | {peaks[w] / 2**20:.1f} | {peaks[w] / peaks[None]:.2f} |"
+             for w in MEMORY_WINDOWS]
+    return rows
+
+
+def sample_memory(batch: int, device: torch.device) -> list[str]:
+    """Peak memory of whole 512 px samples: CFG vs IGG global and windowed."""
+    ours = d16(512, device)
+    labels = (torch.arange(batch) * 97 % 1000).to(device)
+    runs = {"CFG 1.5": {"w_cfg": 1.5, "w_igg": None}, **{
+        f"IGG 1.5 ({'global' if w is None else f'window {w}'})": {"w_cfg": None, "w_igg": 1.5, "window": w}
+        for w in MEMORY_WINDOWS}}
+    sample_peaks = {name: peak_bytes(lambda kw=kw: sample(ours, labels, **kw, top_k=900, top_p=0.96, seed=0), device)
+                    for name, kw in runs.items()}
+    rows = [f"Whole samples, d16-sized random weights, 512 px schedule, batch {batch} (weights not counted):", "",
+             "| sampler | peak extra MiB | vs CFG |", "|---|---:|---:|"]
+    rows += [f"| {name} | {b / 2**20:.1f} | {b / sample_peaks['CFG 1.5']:.2f} |" for name, b in sample_peaks.items()]
+    return rows
 
 
 def main() -> None:
@@ -248,30 +321,42 @@ def main() -> None:
     parser.add_argument("--parity-batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds, runs interleaved")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--resolution", type=int, choices=sorted(SCHEDULES), default=256)
+    parser.add_argument("--no-parity", action="store_true", help="skip the token-parity table")
     parser.add_argument("--write", action="store_true", help="write the tables into docs/BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     wait = os.environ.get("OMP_WAIT_POLICY")
     command = (f"OMP_WAIT_POLICY={wait} " if wait else "") + "python bench/bench_sampler.py " + " ".join(sys.argv[1:])
-    parts = [f"Command: `{command}`  ",
-             f"Machine: {platform.processor() or platform.machine()}, {args.threads} CPU threads, torch "
-             f"{torch.__version__}, float32; {time.strftime('%Y-%m-%d')}.", ""]
-    if args.reference or args.igg_reference:
+    machine = (f"{platform.processor() or platform.machine()}, {args.threads} CPU threads, float32"
+               if device.type == "cpu" else f"{torch.cuda.get_device_name(device)}, float16 autocast")
+    parts = [f"Command: `{command}`  ", f"Machine: {machine}, torch {torch.__version__}; {time.strftime('%Y-%m-%d')}.",
+             ""]
+    if (args.reference or args.igg_reference) and not args.no_parity:
         parts += ["References: " + "; ".join(describe(p) for p in (args.reference, args.igg_reference) if p) + ".",
                   "","Token parity, same random tiny weights (V 512, depth 3, patch_nums "
                   f"{PARITY_PN}, {args.parity_batch} images, seed 0):", "",
                   *parity(args.reference, args.igg_reference, args.parity_batch), ""]
-    speed_rows, overhead_rows = speed(args.reference, args.batch, args.repeats)
-    parts += [f"Speed, d16-sized random weights at 256 px (VAE decode included), batch {args.batch}, top_k 900, "
-              f"top_p 0.96, {args.repeats} interleaved rounds. The machine is shared with other jobs: the best "
-              "CPU time (this process, all threads) is the cost; wall times show the noise.", "", *speed_rows, "",
+    speed_rows, overhead_rows = speed(args.reference, args.batch, args.repeats, args.resolution, device)
+    cost = ("the best CPU time (this process, all threads) is the cost; wall times show the noise" if
+            device.type == "cpu" else "the best wall time after synchronising the GPU is the cost")
+    parts += [f"Speed, d16-sized random weights at {args.resolution} px (VAE decode included), batch {args.batch}, "
+              f"top_k 900, top_p 0.96, {args.repeats} interleaved rounds; {cost}.", "", *speed_rows, "",
               "IGG overhead over CFG (ours, same rounds). The guide() columns time the combination alone on "
               f"random d16-shaped logits (best of {GUIDE_REPEATS}) and give its extra cost over CFG's as a share "
-              "of the CFG sample's CPU time:", "", *overhead_rows, ""]
+              "of the CFG sample's time:", "", *overhead_rows, ""]
+    if device.type == "cuda":
+        parts += ["Peak memory:", "", *guide_memory(args.batch, device), "", *sample_memory(args.batch, device), ""]
     text = "\n".join(parts)
     print(text)
     if args.write:
-        write_section(BENCHMARKS, SECTION, text)
+        title = SECTION if (device.type, args.resolution) == ("cpu", 256) else \
+            f"{SECTION} ({device.type}, {args.resolution} px)"
+        write_section(BENCHMARKS, title, text)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import optuna
-from bench_fid import BENCHMARKS, write_section
 from bench_proxy import DEFAULT_RESULTS
+from benchdoc import BENCHMARKS, write_section
 
 from pipeline.config import load_config
 from tuners.confirm import baselines, select_candidates

@@ -11,7 +11,6 @@ of the procedural generator. Real held-out images give the ceiling (accuracy) an
 from __future__ import annotations
 
 import argparse
-import re
 import shlex
 import sys
 import time
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from benchdoc import BENCHMARKS, write_section
 from torchvision.utils import make_grid, save_image
 
 from pipeline.backbones.tiny import EVAL_SEED_OFFSET, TINY_VAE, TINY_VAR, load_vqvae, psnr
@@ -29,7 +29,7 @@ from pipeline.fid import TINY_EXTRACTOR, FidEvaluator, shapes_source
 from pipeline.sampling import sample
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTION = "## Embedded backbone"
+SECTION = "Embedded backbone"
 BENCH_SEED = 2 * EVAL_SEED_OFFSET   # far from the training batches and from the recipe's own evaluation
 
 
@@ -54,17 +54,6 @@ def generate(backbone: VARBackbone, labels_N: torch.Tensor, s: Setting, seed: in
     chunks = [sample(backbone, labels_N[i:i + batch], w_cfg=s.w_cfg, w_igg=s.w_igg, schedule=s.schedule,
                      seed=seed + i).images for i in range(0, len(labels_N), batch)]
     return torch.cat(chunks)
-
-
-def write_section(path: Path, body: str) -> None:
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    block = f"{SECTION}\n\n{body.rstrip()}\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block + "\n", text, count=1).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + block
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     body = "\n".join(lines)
     print(body)
     if args.write:
-        write_section(ROOT / "docs" / "BENCHMARKS.md", body + "\n\n![samples per class](tiny_samples.png)\n\n"
+        write_section(BENCHMARKS, SECTION, body + "\n\n![samples per class](tiny_samples.png)\n\n"
                       "`docs/tiny_samples.png`: one row per class ("
                       + ", ".join(CLASS_NAMES) + f"); left 8 columns w_cfg=0, right 8 columns {best[0]}.")
         per_class = 8

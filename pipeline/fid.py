@@ -64,6 +64,7 @@ from tqdm import tqdm
 from pipeline.config import EMBEDDED_REFERENCE
 from pipeline.data.classifier import SHIPPED_CLASSIFIER, load_classifier
 from pipeline.data.shapes import SHAPES_VERSION, ShapesConfig, iter_batches
+from pipeline.files import atomic_write
 
 METRICS = ("fid", "isc", "kid", "prc")
 REFERENCE_METRICS = ("fid", "kid", "prc")  # metrics that compare with a reference set
@@ -118,16 +119,6 @@ def _temp_beside(path: Path) -> Path:
     """A unique temporary name in ``path``'s folder (same file system, so ``os.replace`` is atomic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    tmp = _temp_beside(path)
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class NpzWriter:
@@ -544,7 +535,7 @@ class FidEvaluator:
             blob = {"mu": torch.from_numpy(ref.mu), "sigma": torch.from_numpy(ref.sigma),
                     "features": ref.features, "num_images": ref.num_images,
                     "extractor": self.extractor, "source_key": source_key}
-            _atomic_write(path, lambda f: torch.save(blob, f))
+            atomic_write(path, lambda f: torch.save(blob, f))
         return ref
 
     # ------------------------------------------------------------------------------------ scoring

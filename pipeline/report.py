@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,26 +18,10 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
+from pipeline.files import atomic_write
 from tuners.confirm import Confirmed
 
 BEST_KEYS = ("backbone", "guidance", "w_cfg", "w_igg", "window", "fid", "gap", "spearman_rho")
-
-
-def atomic_write(path: str | Path, data: bytes) -> Path:
-    """Write bytes to `path` via a temp file in the same folder and os.replace (readers see old or new, never half)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _png(image_HW3: Tensor) -> bytes:

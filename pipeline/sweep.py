@@ -35,9 +35,9 @@ from pipeline.config import (
 )
 from pipeline.distributed import RayPool, check_capacity, connect
 from pipeline.fid import FidEvaluator, Reference, reference_source
+from pipeline.files import atomic_write
 from pipeline.report import (
     Best,
-    atomic_write,
     gap_vs_fid_png,
     report_markdown,
     signals_vs_weight_png,

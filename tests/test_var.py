@@ -1,6 +1,7 @@
 """The VAR transformer: official layout, config inference, load/save, training forward, KV-cached sampling."""
 
 import argparse
+import contextlib
 import pickle
 import re
 
@@ -132,19 +133,31 @@ def test_load_refuses_bad_checkpoints(tmp_path):
         load_var(vae_p, tmp_path / "shape.pth")
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+PRECISIONS = [  # (device, autocast dtype of the sampler, tolerance of cached vs teacher-forced logits)
+    ("cpu", None, 1e-5),
+    pytest.param("cuda", torch.float16, 2e-2, marks=CUDA),
+    pytest.param("cuda", torch.bfloat16, 1e-1, marks=CUDA),
+]
+
+
+@pytest.mark.parametrize(("device", "amp_dtype", "tol"), PRECISIONS)
 @pytest.mark.parametrize("shared_aln", [False, True])
-def test_kv_cached_logits_equal_teacher_forced_logits(shared_aln):
-    bb = backbone(shared_aln)
-    labels = torch.tensor([0, 4, 9])
+def test_kv_cached_logits_equal_teacher_forced_logits(shared_aln, device, amp_dtype, tol):
+    bb = backbone(shared_aln).to(device)
+    labels = torch.tensor([0, 4, 9], device=device)
     steps = []
-    result = sample(bb, labels, w_cfg=3.0, w_igg=1.0, top_k=0, seed=1, callback=steps.append)
-    x_BLC = bb.vae.idxBl_to_var_input(result.indices)
-    with torch.no_grad():
-        cond_BLV = bb.var(labels, x_BLC)
-        uncond_BLV = bb.var(torch.full_like(labels, bb.num_classes), x_BLC)
+    kw = {} if amp_dtype is None else {"amp_dtype": amp_dtype}
+    result = sample(bb, labels, w_cfg=3.0, w_igg=1.0, top_k=0, seed=1, callback=steps.append, **kw)
+    assert result.images.device.type == "cpu" and torch.isfinite(result.images).all()
+    autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    with torch.no_grad(), autocast:
+        x_BLC = bb.vae.idxBl_to_var_input([i.to(device) for i in result.indices])
+        cond_BLV = bb.var(labels, x_BLC).float()
+        uncond_BLV = bb.var(torch.full_like(labels, bb.num_classes), x_BLC).float()
     for step, (begin, end) in zip(steps, bb.var.begin_ends, strict=True):
-        torch.testing.assert_close(step.cond, cond_BLV[:, begin:end], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(step.uncond, uncond_BLV[:, begin:end], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(step.cond.float(), cond_BLV[:, begin:end], rtol=tol, atol=tol)
+        torch.testing.assert_close(step.uncond.float(), uncond_BLV[:, begin:end], rtol=tol, atol=tol)
 
 
 def test_training_forward_label_dropout_and_block_causality():

@@ -3,7 +3,8 @@
 A VAR (same code as the full-size models) on the procedural shapes of :mod:`pipeline.data.shapes`: 32x32
 images, patch_nums (1, 2, 3, 4, 5, 6, 8), a small multi-scale VQVAE tokenizer, a 4-block transformer trained with
 10 % label dropout to the null class, plus the two shape classifiers that judge its samples. Reproduce the
-shipped files (pipeline/backbones/weights/) on a CPU with::
+shipped files (pipeline/backbones/weights/) on a CPU (about 85 minutes on 2 idle cores; ``--device cuda`` runs the
+same recipe in minutes, not bit-identically) with::
 
     python -m pipeline.backbones.tiny train all                 # every stage, in order
     python -m pipeline.backbones.tiny train var --minutes 60    # one stage, with a wall-clock cap
@@ -41,6 +42,7 @@ from pipeline.data.classifier import (
     save_classifier,
 )
 from pipeline.data.shapes import NUM_CLASSES, ShapesConfig, make_batch, random_labels
+from pipeline.files import atomic_write
 
 TINY_VAE = WEIGHTS_DIR / "tiny_vae.pt"
 TINY_VAR = WEIGHTS_DIR / "tiny_var.pt"
@@ -49,15 +51,15 @@ EVAL_SEED_OFFSET = 10**9  # evaluation images are drawn from seeds far away from
 
 
 def tiny_vqvae_config(*, test_mode: bool = True) -> VQVAEConfig:
-    """The tokenizer: V=512, Cvae=16, ch=32, ch_mult (1, 1, 2) -> 8x8 latents for 32x32 images."""
-    return VQVAEConfig(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1,
+    """The tokenizer: V=512, Cvae=16, ch=32, ch_mult (1, 2, 2) -> 8x8 latents for 32x32 images."""
+    return VQVAEConfig(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
                        patch_nums=(1, 2, 3, 4, 5, 6, 8), test_mode=test_mode)
 
 
 def tiny_var_config() -> VARConfig:
-    """The transformer: 4 AdaLN blocks of width 128 (2 heads of 64), 8 classes + the null class."""
+    """The transformer: 4 AdaLN blocks of width 192 (3 heads of 64), 8 classes + the null class."""
     vae = tiny_vqvae_config()
-    return VARConfig(vocab_size=vae.vocab_size, z_channels=vae.z_channels, depth=4, embed_dim=128, num_heads=2,
+    return VARConfig(vocab_size=vae.vocab_size, z_channels=vae.z_channels, depth=4, embed_dim=192, num_heads=3,
                      num_classes=NUM_CLASSES, patch_nums=vae.patch_nums, cond_drop_rate=0.1, drop_path_rate=0.0)
 
 
@@ -99,14 +101,16 @@ class VARStage(StageConfig):
 class TinyConfig:
     seed: int = 0
     threads: int = 2
+    device: str = "cpu"             # "cuda" trains the same recipe faster (not bit-identical to the CPU run)
     checkpoint_every_s: float = 180.0
     data: ShapesConfig = field(default_factory=ShapesConfig)
+    # Step counts and wall-clock caps fit 90 minutes on 2 idle CPU cores (docs/BENCHMARKS.md, Embedded backbone).
     classifier: ClassifierStage = field(default_factory=lambda: ClassifierStage(
-        steps=1500, batch_size=64, lr=2e-3, minutes=12.0, weight_decay=5e-4))
+        steps=1000, batch_size=64, lr=2e-3, minutes=4.5, weight_decay=5e-4))
     vqvae: VQVAEStage = field(default_factory=lambda: VQVAEStage(
-        steps=1500, batch_size=32, lr=2e-3, minutes=20.0))
+        steps=1500, batch_size=32, lr=2e-3, minutes=23.0))
     var: VARStage = field(default_factory=lambda: VARStage(
-        steps=2500, batch_size=32, lr=1.5e-3, minutes=80.0, weight_decay=0.05, warmup_steps=100))
+        steps=1650, batch_size=64, lr=1.5e-3, minutes=57.0, weight_decay=0.05, warmup_steps=100))
 
 
 @dataclass
@@ -133,6 +137,12 @@ def lr_at(step: int, progress: float, stage: StageConfig) -> float:
 def batch_seed(seed: int, stage: str, step: int) -> int:
     """Seed of the training batch of ``step`` in ``stage`` (distinct per stage, far from the eval seeds)."""
     return (seed * len(STAGES) + STAGES.index(stage)) * 10_000_019 + step
+
+
+def save_state(state: dict[str, Tensor], path: Path) -> None:
+    """Write a state dict (tensors moved to the CPU) atomically: a run killed mid-write keeps the previous file."""
+    cpu = {k: v.cpu() for k, v in state.items()}
+    atomic_write(path, lambda f: torch.save(cpu, f))
 
 
 def fit(name: str, model: nn.Module, stage: StageConfig, loss_at: Callable[[int], Tensor],
@@ -182,13 +192,13 @@ def train_classifier(cfg: TinyConfig, out: Path, *, hue_random: bool, progress: 
     """Train a ShapeClassifier on fresh batches (hue-randomised ones for the shape-only classifier)."""
     stage = cfg.classifier
     torch.manual_seed(cfg.seed)
-    model = ShapeClassifier(stage.model)
+    model = ShapeClassifier(stage.model).to(cfg.device)
 
     def loss_at(step: int) -> Tensor:
         seed = batch_seed(cfg.seed, "classifier", step) + (stage.steps if hue_random else 0)
         labels_B = random_labels(stage.batch_size, seed)
         images_B3HW = make_batch(labels_B, seed, hue_random=hue_random, config=cfg.data)
-        return F.cross_entropy(model(images_B3HW), labels_B)
+        return F.cross_entropy(model(images_B3HW.to(cfg.device)), labels_B.to(cfg.device))
 
     name = "classifier (hue-randomised)" if hue_random else "classifier"
     log = fit(name, model, stage, loss_at, lambda: save_classifier(model, out),
@@ -226,7 +236,7 @@ def restart_dead_codes(vae: VQVAE, images_B3HW: Tensor, dead_hits: float, genera
     if n_dead:
         cand_NC = residual_candidates(vae, images_B3HW)
         pick = torch.randint(len(cand_NC), (n_dead,), generator=generator)
-        q.embedding.weight[dead_V] = cand_NC[pick]
+        q.embedding.weight[dead_V] = cand_NC[pick.to(cand_NC.device)]
         q.ema_vocab_hit_SV[:, dead_V] = dead_hits  # give the moved codes time to be hit before judging again
     return n_dead
 
@@ -237,7 +247,7 @@ def psnr(vae: VQVAE, images_B3HW: Tensor, batch_size: int = 250) -> float:
     vae.eval()
     values = []
     for i in range(0, len(images_B3HW), batch_size):
-        x_B3HW = images_B3HW[i:i + batch_size]
+        x_B3HW = images_B3HW[i:i + batch_size].to(vae.quantize.embedding.weight.device)
         recon_B3HW = (vae.idxBl_to_img(vae.img_to_idxBl(to_signed(x_B3HW))) + 1) / 2
         mse_B = (recon_B3HW - x_B3HW).square().flatten(1).mean(1).clamp(min=1e-10)
         values.append(-10 * torch.log10(mse_B))
@@ -248,17 +258,17 @@ def train_vqvae(cfg: TinyConfig, out: Path, *, progress: bool = True) -> tuple[V
     """Train the tokenizer: MSE reconstruction + VQ loss, codebook seeded from residuals, dead codes restarted."""
     stage = cfg.vqvae
     torch.manual_seed(cfg.seed)
-    vae = VQVAE(stage.model)
+    vae = VQVAE(stage.model).to(cfg.device)
     g = torch.Generator().manual_seed(cfg.seed)
 
     def batch(step: int) -> Tensor:
         seed = batch_seed(cfg.seed, "vqvae", step)
-        return make_batch(random_labels(stage.batch_size, seed), seed, config=cfg.data)
+        return make_batch(random_labels(stage.batch_size, seed), seed, config=cfg.data).to(cfg.device)
 
     with torch.no_grad():   # seed the whole codebook from the untrained encoder's residuals
         cand_NC = residual_candidates(vae, batch(-1))
         pick = torch.randint(len(cand_NC), (vae.vocab_size,), generator=g)
-        vae.quantize.embedding.weight.copy_(cand_NC[pick])
+        vae.quantize.embedding.weight.copy_(cand_NC[pick.to(cand_NC.device)])
 
     def loss_at(step: int) -> Tensor:
         x_B3HW = to_signed(batch(step))
@@ -269,13 +279,13 @@ def train_vqvae(cfg: TinyConfig, out: Path, *, progress: bool = True) -> tuple[V
         if (step + 1) % stage.restart_every == 0 and step < stage.restart_until * stage.steps:
             restart_dead_codes(vae, batch(step), stage.dead_hits, g)
 
-    log = fit("vqvae", vae, stage, loss_at, lambda: torch.save(vae.state_dict(), out),
+    log = fit("vqvae", vae, stage, loss_at, lambda: save_state(vae.state_dict(), out),
               checkpoint_every_s=cfg.checkpoint_every_s, progress=progress, after_step=after_step)
     held_out = make_batch(random_labels(stage.eval_images, EVAL_SEED_OFFSET + cfg.seed),
                           EVAL_SEED_OFFSET + cfg.seed, config=cfg.data)
     log.metrics["psnr_db"] = psnr(vae, held_out)
     B = stage.eval_images
-    idx = torch.cat([i.flatten() for i in vae.img_to_idxBl(to_signed(held_out))])
+    idx = torch.cat([i.flatten() for i in vae.img_to_idxBl(to_signed(held_out.to(cfg.device)))])
     log.metrics["codes_used_pct"] = 100 * idx.unique().numel() / vae.vocab_size
     log.metrics["eval_images"] = float(B)
     return vae, log
@@ -296,18 +306,19 @@ def train_var(cfg: TinyConfig, vae: VQVAE, out: Path, *, progress: bool = True) 
                                                       stage.model.patch_nums):
         raise ValueError("the tokenizer does not fit the VAR config (vocab_size, z_channels, patch_nums)")
     torch.manual_seed(cfg.seed)
-    var = VAR(stage.model)
+    var = VAR(stage.model).to(cfg.device)
 
     def loss_at(step: int) -> Tensor:
         seed = batch_seed(cfg.seed, "var", step)
-        labels_B = random_labels(stage.batch_size, seed)
+        labels_B = random_labels(stage.batch_size, seed).to(cfg.device)
         with torch.no_grad():
-            idx_per_scale = vae.img_to_idxBl(to_signed(make_batch(labels_B, seed, config=cfg.data)))
+            images_B3HW = make_batch(labels_B.cpu(), seed, config=cfg.data).to(cfg.device)
+            idx_per_scale = vae.img_to_idxBl(to_signed(images_B3HW))
             x_BLCv = vae.idxBl_to_var_input(idx_per_scale)
         logits_BLV = var(labels_B, x_BLCv)
         return F.cross_entropy(logits_BLV.flatten(0, 1), torch.cat(idx_per_scale, dim=1).flatten())
 
-    log = fit("var", var, stage, loss_at, lambda: torch.save(var.state_dict(), out),
+    log = fit("var", var, stage, loss_at, lambda: save_state(var.state_dict(), out),
               checkpoint_every_s=cfg.checkpoint_every_s, progress=progress)
     return var, log
 
@@ -323,13 +334,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     t.add_argument("--steps", type=int, default=None, help="override the stage's step count")
     t.add_argument("--minutes", type=float, default=None, help="override the stage's wall-clock cap")
     t.add_argument("--threads", type=int, default=TinyConfig.threads)
+    t.add_argument("--device", default=TinyConfig.device, help="cpu (the reference recipe) or cuda")
     t.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    cfg = TinyConfig(seed=args.seed, threads=args.threads)
+    cfg = TinyConfig(seed=args.seed, threads=args.threads, device=args.device)
     if (args.steps is not None and args.steps < 1) or (args.minutes is not None and args.minutes <= 0):
         print("error: --steps must be >= 1 and --minutes > 0", file=sys.stderr)
         return 2
@@ -352,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{TINY_VAE.name}: {log.steps_done} steps in {log.seconds:.0f} s, "
                   f"PSNR {log.metrics['psnr_db']:.2f} dB, codes used {log.metrics['codes_used_pct']:.1f} %")
         elif name == "var":
-            vae = load_vqvae(args.out / TINY_VAE.name, cfg.var.model.patch_nums)
+            vae = load_vqvae(args.out / TINY_VAE.name, cfg.var.model.patch_nums).to(cfg.device)
             _, log = train_var(cfg, vae, args.out / TINY_VAR.name, progress=progress)
             print(f"{TINY_VAR.name}: {log.steps_done} steps in {log.seconds:.0f} s, "
                   f"final loss (mean of the last 50 steps) {sum(log.losses[-50:]) / len(log.losses[-50:]):.4f}")

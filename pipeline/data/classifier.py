@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.data.shapes import NUM_CLASSES, ShapesConfig, make_batch
+from pipeline.files import atomic_write
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "backbones" / "weights"
 SHIPPED_CLASSIFIER = WEIGHTS_DIR / "tiny_classifier.pt"
@@ -58,7 +59,8 @@ class ShapeClassifier(nn.Module):
 
 def save_classifier(model: ShapeClassifier, path: str | Path) -> None:
     """Write ``{"config": ..., "state_dict": ...}`` (loadable with ``weights_only=True``)."""
-    torch.save({"config": asdict(model.config), "state_dict": model.state_dict()}, path)
+    blob = {"config": asdict(model.config), "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}
+    atomic_write(path, lambda f: torch.save(blob, f))
 
 
 def load_classifier(path: str | Path | None = None, device: str | torch.device = "cpu") -> ShapeClassifier:
