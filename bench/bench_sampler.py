@@ -17,8 +17,10 @@ measured.
    ``autoregressive_infer_cfg`` interleaved; best seconds per batch: CPU time of the process on a CPU, wall time
    after ``torch.cuda.synchronize`` on a GPU (both samplers under the same float16 autocast there).
 3. IGG overhead: our sampler with CFG vs IGG (global, window 3) and mixed, same weights, interleaved.
-4. Peak memory (GPU only): the largest allocation above the resident weights and inputs, ``guide()`` alone on a
-   32 x 32 map (1024 tokens, V 4096) with global vs windowed attention, and whole samples at 512 px.
+4. Peak memory (``--memory``): the high-water mark of what a run allocates above the resident weights and inputs
+   (``torch.cuda.max_memory_allocated`` on a GPU, live tensor storages on a CPU, see ``livebytes.py``), for
+   ``guide()`` alone on a 32 x 32 map (1024 tokens, V 4096) with global vs windowed attention, and whole samples
+   at 512 px.
 
 ``--write`` replaces the ``## Sampler`` section of docs/BENCHMARKS.md with the tables (``## Sampler (cuda, 512 px)``
 and so on for other devices and resolutions).
@@ -43,6 +45,7 @@ from pathlib import Path
 
 import torch
 from benchdoc import BENCHMARKS, write_section
+from livebytes import LiveTensorBytes
 
 from pipeline.backbones.var import VARBackbone, VARConfig, random_var
 from pipeline.backbones.vqvae import VQVAEConfig
@@ -273,7 +276,11 @@ def speed(var_path: Path | None, batch: int, repeats: int, resolution: int,
 
 
 def peak_bytes(run: Callable[[], object], device: torch.device) -> int:
-    """Peak allocated GPU memory while ``run`` executes, above what was allocated before it."""
+    """Peak memory allocated while ``run`` executes, above what was allocated before it (bytes)."""
+    if device.type == "cpu":
+        with LiveTensorBytes() as live:
+            run()
+        return live.peak
     synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
@@ -324,6 +331,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--resolution", type=int, choices=sorted(SCHEDULES), default=256)
     parser.add_argument("--no-parity", action="store_true", help="skip the token-parity table")
+    parser.add_argument("--memory", action="store_true", help="add the peak-memory tables")
+    parser.add_argument("--memory-batch", type=int, default=1, help="images per batch in the memory runs")
     parser.add_argument("--write", action="store_true", help="write the tables into docs/BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -349,8 +358,9 @@ def main() -> None:
               "IGG overhead over CFG (ours, same rounds). The guide() columns time the combination alone on "
               f"random d16-shaped logits (best of {GUIDE_REPEATS}) and give its extra cost over CFG's as a share "
               "of the CFG sample's time:", "", *overhead_rows, ""]
-    if device.type == "cuda":
-        parts += ["Peak memory:", "", *guide_memory(args.batch, device), "", *sample_memory(args.batch, device), ""]
+    if args.memory:
+        parts += ["Peak memory:", "", *guide_memory(args.memory_batch, device), "",
+                  *sample_memory(args.memory_batch, device), ""]
     text = "\n".join(parts)
     print(text)
     if args.write:

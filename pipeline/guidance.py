@@ -77,14 +77,14 @@ def guide(
 
     uncond_BlV = uncond_BlV.float()
     delta_BlV = cond_BlV.float() - uncond_BlV
-    guided_BlV = uncond_BlV + t_cfg * delta_BlV if t_cfg else uncond_BlV.clone()
+    guided_BlV = torch.add(uncond_BlV, delta_BlV, alpha=t_cfg) if t_cfg else uncond_BlV.clone()
     if t_igg:
         if window is None:
             grounded_BlV = F.scaled_dot_product_attention(delta_BlV, delta_BlV, delta_BlV)
         else:
             assert hw is not None
             grounded_BlV = window_attention(delta_BlV, hw, window)
-        guided_BlV = guided_BlV + t_igg * grounded_BlV
+        guided_BlV.add_(grounded_BlV, alpha=t_igg)  # in place: guided_BlV is always a fresh tensor here
     return guided_BlV
 
 
@@ -92,7 +92,7 @@ def window_attention(x_BlV: Tensor, hw: tuple[int, int], window: int) -> Tensor:
     """Self-attention of each token over its s×s neighbourhood on the h×w map: softmax(x xᵀ/√V) x, windowed.
 
     Tokens outside the map do not exist (they are masked out, not zero-padded into the softmax). The loop runs over
-    the s² offsets; each step holds one shifted view of the map, so memory is O(l·V + l·s²), never O(l²).
+    the s² offsets and works on views of the map (no padded copy), so memory is O(l·V + l·s²), never O(l²).
 
     Args:
         x_BlV: (B, l, V) float32, tokens in row-major order of the h×w map.
@@ -106,23 +106,23 @@ def window_attention(x_BlV: Tensor, hw: tuple[int, int], window: int) -> Tensor:
     h, w = hw
     r = window // 2
     x_BhwV = x_BlV.reshape(B, h, w, V)
-    xpad_BhwV = F.pad(x_BhwV, (0, 0, r, r, r, r))  # zero border of r rows and columns
-    rows_h = torch.arange(h, device=x_BlV.device)
-    cols_w = torch.arange(w, device=x_BlV.device)
     scale = 1.0 / math.sqrt(V)
-    offsets = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
-    scores = []
-    for dy, dx in offsets:
-        nb_BhwV = xpad_BhwV[:, r + dy : r + dy + h, r + dx : r + dx + w]
-        s_Bhw = (x_BhwV * nb_BhwV).sum(-1) * scale
-        inside_hw = ((rows_h + dy >= 0) & (rows_h + dy < h))[:, None] & ((cols_w + dx >= 0) & (cols_w + dx < w))[None]
-        scores.append(s_Bhw.masked_fill(~inside_hw, float("-inf")))
-    attn_Bhwo = torch.softmax(torch.stack(scores, dim=-1), dim=-1)
+    offsets = [(_overlap(h, dy), _overlap(w, dx)) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
+    scores_Bhwo = x_BlV.new_full((B, h, w, len(offsets)), float("-inf"))
+    for o, ((ys, yn), (xs, xn)) in enumerate(offsets):
+        scores_Bhwo[:, ys, xs, o] = (x_BhwV[:, ys, xs] * x_BhwV[:, yn, xn]).sum(-1) * scale
+    attn_Bhwo = torch.softmax(scores_Bhwo, dim=-1)
     out_BhwV = torch.zeros_like(x_BhwV)
-    for o, (dy, dx) in enumerate(offsets):
-        nb_BhwV = xpad_BhwV[:, r + dy : r + dy + h, r + dx : r + dx + w]
-        out_BhwV.add_(attn_Bhwo[..., o : o + 1] * nb_BhwV)
+    for o, ((ys, yn), (xs, xn)) in enumerate(offsets):
+        out_BhwV[:, ys, xs].addcmul_(attn_Bhwo[:, ys, xs, o, None], x_BhwV[:, yn, xn])
     return out_BhwV.reshape(B, h * w, V)
+
+
+def _overlap(n: int, d: int) -> tuple[slice, slice]:
+    """Along one axis of n tokens: the tokens whose neighbour at offset d is on the map, and those neighbours."""
+    lo = max(0, -d)
+    hi = max(lo, min(n, n - d))
+    return slice(lo, hi), slice(lo + d, hi + d)
 
 
 def schedule_ratio(schedule: str, k: int, K: int, *, start: int = 0, end: int | None = None) -> float | None:
