@@ -31,6 +31,7 @@ import os
 import pickle
 import uuid
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ from tqdm import tqdm
 from pipeline.config import EMBEDDED_REFERENCE
 from pipeline.data.classifier import SHIPPED_CLASSIFIER, load_classifier
 from pipeline.data.shapes import SHAPES_VERSION, ShapesConfig, iter_batches
-from pipeline.files import atomic_write
+from pipeline.files import atomic_write, load_weights
 
 METRICS = ("fid", "isc", "kid", "prc")
 REFERENCE_METRICS = ("fid", "kid", "prc")  # metrics that compare with a reference set
@@ -190,9 +191,33 @@ def save_npz(path: str | Path, images_NHW3: np.ndarray | Tensor) -> None:
         npz.add_nhwc(images)
 
 
+NPZ_READ_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error, pickle.UnpicklingError)
+
+
+def _not_an_npz(path: str | Path, e: Exception) -> ValueError:
+    return ValueError(f"{path}: cannot read it as an .npz ({type(e).__name__}: {e}); give an ADM-evaluator .npz "
+                      "written by numpy.savez or save_npz")
+
+
+@contextmanager
+def _read_npz(path: str | Path) -> Iterator[np.lib.npyio.NpzFile]:
+    """``np.load`` of an ``.npz`` archive; a missing, unreadable or corrupt file gives one ValueError naming it."""
+    try:
+        npz = np.load(path)
+    except (*NPZ_READ_ERRORS, ValueError) as e:
+        raise _not_an_npz(path, e) from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} holds one .npy array, not an .npz archive; give an ADM-evaluator .npz")
+    with npz:
+        try:
+            yield npz
+        except NPZ_READ_ERRORS as e:
+            raise ValueError(f"{path} is corrupt ({type(e).__name__}: {e}); re-export or re-download it") from None
+
+
 def load_npz(path: str | Path) -> np.ndarray:
     """Read the ``arr_0`` images (uint8 [N, H, W, 3]) of an ADM-evaluator ``.npz`` into memory."""
-    with np.load(path) as npz:
+    with _read_npz(path) as npz:
         if NPZ_IMAGES not in npz.files:
             raise ValueError(f"{path} has no {NPZ_IMAGES} images (keys: {npz.files}); write it with save_npz")
         images = npz[NPZ_IMAGES]
@@ -209,7 +234,11 @@ def _check_npz_images(path: str | Path, shape: tuple[int, ...], dtype: np.dtype)
 @contextmanager
 def _open_npz_images(path: str | Path) -> Iterator[tuple[IO[bytes], tuple[int, ...]]]:
     """Open the ``arr_0`` member of an ``.npz`` past its header: (stream of raw rows, shape)."""
-    with zipfile.ZipFile(path) as archive:
+    try:
+        archive = zipfile.ZipFile(path)
+    except NPZ_READ_ERRORS as e:
+        raise _not_an_npz(path, e) from None
+    with archive:
         member = f"{NPZ_IMAGES}.npy"
         if member not in archive.namelist():
             raise ValueError(f"{path} has no {NPZ_IMAGES} images; give an ADM-evaluator .npz with images")
@@ -306,11 +335,7 @@ def _short_hash(text: str) -> str:
 
 def _check_plain_state_dict(path: str | Path) -> None:
     """Refuse a weights file that needs arbitrary unpickling (torch-fidelity itself loads without that check)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"weights {path} cannot be loaded with weights_only=True ({type(err).__name__}); "
-                         "save a plain state dict: torch.save(model.state_dict(), PATH)") from None
+    state = load_weights(path, what="weights", fix="save a plain state dict: torch.save(model.state_dict(), PATH)")
     if not isinstance(state, dict):
         raise ValueError(f"weights {path} hold a {type(state).__name__}, not a state dict; "
                          "save one with torch.save(model.state_dict(), PATH)")
@@ -487,7 +512,7 @@ class FidEvaluator:
         return "kid" in self.metrics or "prc" in self.metrics
 
     def _npz_reference(self, path: Path) -> Reference:
-        with np.load(path) as npz:
+        with _read_npz(path) as npz:
             keys = set(npz.files)
             if len({"mu", "sigma"} & keys) == 1:
                 raise ValueError(f"reference {path} has {'mu' if 'mu' in keys else 'sigma'} but not "

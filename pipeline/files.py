@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
+
+import torch
 
 
 def atomic_write(path: str | Path, data: bytes | Callable[[IO[bytes]], None]) -> Path:
@@ -31,3 +35,19 @@ def atomic_write(path: str | Path, data: bytes | Callable[[IO[bytes]], None]) ->
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def load_weights(path: str | Path, *, what: str, fix: str) -> object:
+    """``torch.load(path, weights_only=True)`` onto the CPU, or one ValueError naming the file, the reason and the fix.
+
+    ``what`` names the file's role in the message (e.g. ``"vae_ckpt"``); ``fix`` says what to pass instead.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} {path}: not found; {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n|$)", str(e))
+        reason = found.group(1) if found else type(e).__name__
+        raise ValueError(f"{what} {path}: torch.load(weights_only=True) refused it ({reason}); {fix}") from None

@@ -1,5 +1,7 @@
 """Procedural shapes and the shipped shape classifiers."""
 
+import argparse
+
 import pytest
 import torch
 
@@ -111,6 +113,12 @@ def test_load_classifier_errors(tmp_path):
     torch.save({"weight": torch.zeros(2)}, tmp_path / "sd.pt")
     with pytest.raises(ValueError, match="not a classifier checkpoint"):
         load_classifier(tmp_path / "sd.pt")
+    torch.save(argparse.Namespace(weight=torch.zeros(2)), tmp_path / "obj.pt")    # needs arbitrary unpickling
+    with pytest.raises(ValueError, match=r"obj\.pt: torch\.load\(weights_only=True\) refused it .*train them"):
+        load_classifier(tmp_path / "obj.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"junk\.pt: torch\.load\(weights_only=True\) refused it"):
+        load_classifier(tmp_path / "junk.pt")
 
 
 def test_accuracy_counts_hits():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -294,6 +295,21 @@ def test_reference_file_without_mu_sigma_is_refused(weights, tmp_path):
     np.savez(tmp_path / "stats.npz", mu=np.zeros(FEATURE_DIM), sigma=np.eye(FEATURE_DIM))
     with pytest.raises(ValueError, match="kid/prc need"):
         evaluator(weights, metrics=("fid", "prc")).reference(tmp_path / "stats.npz")
+
+
+def test_unreadable_npz_files_are_named(weights, tmp_path):
+    (tmp_path / "junk.npz").write_bytes(b"not an archive")
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    good = tmp_path / "good.npz"
+    save_npz(good, np.zeros((4, 8, 8, 3), np.uint8))
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(good.read_bytes()[:-200])           # truncated download
+    for read in (load_npz, npz_image_shape, lambda p: next(iter_npz_images(p, 2)), evaluator(weights).reference):
+        for path in (tmp_path / "junk.npz", tmp_path / "missing.npz", cut):
+            with pytest.raises(ValueError, match=re.escape(str(path))):
+                read(path)
+    with pytest.raises(ValueError, match=r"array\.npy holds one \.npy array"):
+        load_npz(tmp_path / "array.npy")
 
 
 def test_mismatched_feature_dimensions_are_refused(weights, tmp_path):

@@ -100,15 +100,15 @@ def test_load_refuses_bad_checkpoints(tmp_path):
     bb.save(vae_p, var_p)
 
     torch.save(argparse.Namespace(weights=torch.zeros(1)), tmp_path / "obj.pth")   # arbitrary pickled object
-    with pytest.raises(ValueError, match=r"var_ckpt .*obj\.pth: not a plain tensor state dict .*argparse\.Namespace"):
+    with pytest.raises(ValueError, match=r"var_ckpt .*obj\.pth: torch\.load\(weights_only=True\) refused .*Namespace"):
         load_var(vae_p, tmp_path / "obj.pth")
     (tmp_path / "raw.pkl").write_bytes(pickle.dumps({"a": 1}))      # plain pickle, not torch.save
-    with pytest.raises(ValueError, match=r"vae_ckpt .*raw\.pkl: not a plain tensor state dict"):
+    with pytest.raises(ValueError, match=r"vae_ckpt .*raw\.pkl: torch\.load\(weights_only=True\) refused it"):
         load_var(tmp_path / "raw.pkl", var_p)
     torch.save({"a": 1}, tmp_path / "ints.pth")
     with pytest.raises(ValueError, match=r"vae_ckpt .*ints\.pth: not a state dict"):
         load_var(tmp_path / "ints.pth", var_p)
-    with pytest.raises(ValueError, match="no such file"):
+    with pytest.raises(ValueError, match="not found"):
         load_var(tmp_path / "missing.pth", var_p)
     with pytest.raises(ValueError, match=r"var_ckpt .*vae\.pth: not a VAR state dict \(missing lvl_1L"):
         load_var(vae_p, vae_p)

@@ -18,8 +18,6 @@ block-causal (a token sees every token of its scale and of the coarser ones); sa
 from __future__ import annotations
 
 import math
-import pickle
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.backbones.vqvae import VQVAE, VQVAEConfig, count_indexed, vqvae_config_from_state_dict
+from pipeline.files import load_weights
 
 MAX_SCALE_MUL = math.log(100.0)   # the learned per-head q scale is clamped to at most 100
 T = TypeVar("T")
@@ -404,16 +403,7 @@ def random_var(vae_cfg: VQVAEConfig, var_cfg: VARConfig, *, seed: int = 0) -> VA
 
 
 def _load_state_dict(path: str | Path, role: str) -> dict[str, Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{role} {path}: no such file; pass the path of the official .pth state dict")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n|$)", str(e))
-        reason = found.group(1) if found else type(e).__name__
-        raise ValueError(f"{role} {path}: not a plain tensor state dict (torch.load(weights_only=True) refused it: "
-                         f"{reason}); pass the official .pth state dict") from None
+    sd = load_weights(path, what=role, fix="pass the official .pth state dict")
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, Tensor) for v in sd.values()):
         raise ValueError(f"{role} {path}: not a state dict (expected a dict of tensors, got {type(sd).__name__})")
     return sd

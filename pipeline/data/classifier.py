@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.data.shapes import NUM_CLASSES, ShapesConfig, make_batch
-from pipeline.files import atomic_write
+from pipeline.files import atomic_write, load_weights
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "backbones" / "weights"
 SHIPPED_CLASSIFIER = WEIGHTS_DIR / "tiny_classifier.pt"
@@ -66,10 +66,8 @@ def save_classifier(model: ShapeClassifier, path: str | Path) -> None:
 def load_classifier(path: str | Path | None = None, device: str | torch.device = "cpu") -> ShapeClassifier:
     """Load a classifier saved by ``save_classifier`` (default: the shipped one), in eval mode."""
     path = Path(path) if path is not None else SHIPPED_CLASSIFIER
-    if not path.is_file():
-        raise ValueError(f"classifier weights {path} not found; train them with "
-                         "`python -m pipeline.backbones.tiny train classifier` or pass an existing path")
-    blob = torch.load(path, map_location=device, weights_only=True)
+    blob = load_weights(path, what="classifier weights", fix="train them with `python -m pipeline.backbones.tiny "
+                        "train classifier` or pass a file written by save_classifier")
     if not isinstance(blob, dict) or set(blob) != {"config", "state_dict"}:
         raise ValueError(f"{path} is not a classifier checkpoint (expected keys config, state_dict); "
                          "save it with pipeline.data.classifier.save_classifier")
