@@ -64,7 +64,8 @@ GUIDANCE = {
 VAR_RUN = "VAR autoregressive_infer_cfg, cfg 1.5"
 GUIDE_REPEATS = 20
 SCHEDULES = {256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)}
-MEMORY_WINDOWS = (None, 3, 5, 7)
+MEMORY_WINDOWS = (None, 3, 5, 7)     # guide() alone
+SAMPLE_MEMORY_WINDOWS = (None, 3)    # whole samples
 
 
 @dataclass
@@ -311,7 +312,7 @@ def sample_memory(batch: int, device: torch.device) -> list[str]:
     labels = (torch.arange(batch) * 97 % 1000).to(device)
     runs = {"CFG 1.5": {"w_cfg": 1.5, "w_igg": None}, **{
         f"IGG 1.5 ({'global' if w is None else f'window {w}'})": {"w_cfg": None, "w_igg": 1.5, "window": w}
-        for w in MEMORY_WINDOWS}}
+        for w in SAMPLE_MEMORY_WINDOWS}}
     sample_peaks = {name: peak_bytes(lambda kw=kw: sample(ours, labels, **kw, top_k=900, top_p=0.96, seed=0), device)
                     for name, kw in runs.items()}
     rows = [f"Whole samples, d16-sized random weights, 512 px schedule, batch {batch} (weights not counted):", "",

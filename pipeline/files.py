@@ -12,17 +12,22 @@ from typing import IO
 
 import torch
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)     # read once at import: os.umask can only be read by setting it
+
 
 def atomic_write(path: str | Path, data: bytes | Callable[[IO[bytes]], None]) -> Path:
     """Write ``data`` (bytes, or a function that writes into the open file) to ``path`` and return the path.
 
     The bytes go to a temporary file in the same folder, are flushed and fsync'ed, then ``os.replace`` puts the file
-    in place, so the rename is atomic on the same file system. The folder is created when missing.
+    in place, so the rename is atomic on the same file system. The folder is created when missing. The file gets
+    the permissions a plain ``open(path, "wb")`` would give it (0666 minus the umask).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             if callable(data):
                 data(f)

@@ -93,6 +93,18 @@ def test_training_is_reproducible_from_the_seed(tmp_path):
     assert a == b and a != c
 
 
+def test_tokenizer_and_transformer_files_are_reproducible_from_the_seed(tmp_path):
+    torch.set_num_threads(1)
+    cfg = micro_config(steps=5)
+    for run in ("a", "b"):
+        train_vqvae(cfg, tmp_path / f"vae_{run}.pt", progress=False)
+        vae = tiny.load_vqvae(tmp_path / f"vae_{run}.pt", MICRO_PATCH_NUMS)
+        train_var(cfg, vae, tmp_path / f"var_{run}.pt", progress=False)
+    for name in ("vae", "var"):
+        sd_a, sd_b = (torch.load(tmp_path / f"{name}_{run}.pt", weights_only=True) for run in ("a", "b"))
+        assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a), name
+
+
 def test_wall_clock_budget_stops_a_stage_and_still_saves(tmp_path):
     cfg = micro_config(steps=10_000)
     cfg.classifier = dataclasses.replace(cfg.classifier, minutes=1e-4)
