@@ -195,8 +195,8 @@ NPZ_READ_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error, pickle.Unp
 
 
 def _not_an_npz(path: str | Path, e: Exception) -> ValueError:
-    return ValueError(f"{path}: cannot read it as an .npz ({type(e).__name__}: {e}); give an ADM-evaluator .npz "
-                      "written by numpy.savez or save_npz")
+    return ValueError(f"{path} cannot be read as an .npz ({type(e).__name__}); give an ADM-evaluator .npz written "
+                      "by numpy.savez or save_npz")
 
 
 @contextmanager

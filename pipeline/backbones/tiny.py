@@ -3,7 +3,7 @@
 A VAR (same code as the full-size models) on the procedural shapes of :mod:`pipeline.data.shapes`: 32x32
 images, patch_nums (1, 2, 3, 4, 5, 6, 8), a small multi-scale VQVAE tokenizer, a 4-block transformer trained with
 10 % label dropout to the null class, plus the two shape classifiers that judge its samples. Reproduce the
-shipped files (pipeline/backbones/weights/) on a CPU (about 85 minutes on 2 idle cores; ``--device cuda`` runs the
+shipped files (pipeline/backbones/weights/) on a CPU (79 minutes on 2 idle cores; ``--device cuda`` runs the
 same recipe in minutes, not bit-identically) with::
 
     python -m pipeline.backbones.tiny train all                 # every stage, in order
