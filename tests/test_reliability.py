@@ -209,8 +209,8 @@ def test_driver_kill_keeps_told_trials_and_reasks_the_interrupted(runs, stage):
     for n in interrupted:  # failed as stale, and asked again under a new number
         assert after[n].state == TrialState.FAIL and after[n].user_attrs["stale"] is True
         again = [t for t in after.values() if t.number > n and t.state == TrialState.COMPLETE]
-        if stage == "proxy":
-            assert before[n].params and before[n].params in [t.params for t in again]
+        if stage == "proxy" and before[n].params:  # a kill between ask and the first suggest leaves no params
+            assert before[n].params in [t.params for t in again]
         elif "job" in before[n].user_attrs:
             assert before[n].user_attrs["job"]["key"] in [t.user_attrs["job"]["key"] for t in again]
 
