@@ -10,7 +10,6 @@ report. The last line printed is ``best: <path to best.yaml>``. Bad input: one l
 from __future__ import annotations
 
 import math
-import pickle
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -104,19 +103,14 @@ def check_backbone(cfg: SweepConfig) -> None:
 
 def fid_reference(cfg: SweepConfig) -> Reference:
     """Reference statistics for the confirm stage, computed in the driver (cached under <root>/fid_cache)."""
-    try:
-        evaluator = FidEvaluator(
-            cfg.backbone.fid_extractor,
-            metrics=cfg.confirm.metrics,
-            weights_path=cfg.confirm.extractor_weights,
-            batch_size=cfg.confirm.batch_size,
-            cache_dir=Path(cfg.root) / "fid_cache",
-        )
-    except pickle.UnpicklingError:  # torch.load(weights_only=True) refused a file that holds more than tensors
-        raise ConfigError(
-            f"confirm.extractor_weights: {cfg.confirm.extractor_weights} is not a plain checkpoint "
-            "(torch.load(weights_only=True) refused it); pass the feature extractor's own weights file"
-        ) from None
+    # A weights file torch.load(weights_only=True) refuses raises one ValueError naming it (pipeline.files).
+    evaluator = FidEvaluator(
+        cfg.backbone.fid_extractor,
+        metrics=cfg.confirm.metrics,
+        weights_path=cfg.confirm.extractor_weights,
+        batch_size=cfg.confirm.batch_size,
+        cache_dir=Path(cfg.root) / "fid_cache",
+    )
     source = reference_source(
         cfg.confirm.reference,
         num_images=cfg.confirm.reference_num_images,

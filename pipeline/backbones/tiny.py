@@ -310,9 +310,10 @@ def train_var(cfg: TinyConfig, vae: VQVAE, out: Path, *, progress: bool = True) 
 
     def loss_at(step: int) -> Tensor:
         seed = batch_seed(cfg.seed, "var", step)
-        labels_B = random_labels(stage.batch_size, seed).to(cfg.device)
+        labels_B = random_labels(stage.batch_size, seed)
+        images_B3HW = make_batch(labels_B, seed, config=cfg.data).to(cfg.device)
+        labels_B = labels_B.to(cfg.device)
         with torch.no_grad():
-            images_B3HW = make_batch(labels_B.cpu(), seed, config=cfg.data).to(cfg.device)
             idx_per_scale = vae.img_to_idxBl(to_signed(images_B3HW))
             x_BLCv = vae.idxBl_to_var_input(idx_per_scale)
         logits_BLV = var(labels_B, x_BLCv)
