@@ -62,13 +62,14 @@ def run_var(args: argparse.Namespace, cfg: tiny.TinyConfig) -> dict:
                                   lr=args.lr)
     var, log = tiny.train_var(cfg, vae, args.out / f"{args.name}.pt", progress=False)
     backbone = VARBackbone(vae, var.eval())
+    classifiers = judges(args.device)
     labels_N = torch.arange(args.n) % NUM_CLASSES
     out = {"stage": "var", "vae": args.vae.name, "width": args.width, "depth": args.depth, "batch": args.batch,
            "lr": args.lr, "params_M": sum(p.numel() for p in var.parameters()) / 1e6, "steps": log.steps_done,
            "seconds": log.seconds, "final_loss": sum(log.losses[-50:]) / len(log.losses[-50:]), "grid": {}}
     for w in args.cfg:
         images_N3HW = sample(backbone, labels_N, w_cfg=w, w_igg=None, seed=EVAL_SEED).images
-        out["grid"][f"{w:g}"] = {k: accuracy(m, images_N3HW, labels_N) for k, m in judges(args.device).items()}
+        out["grid"][f"{w:g}"] = {k: accuracy(m, images_N3HW, labels_N) for k, m in classifiers.items()}
     return out
 
 

@@ -180,6 +180,10 @@ class Timing:
     def best_cpu(self) -> float:
         return min(self.cpu)
 
+    def cost(self, device: torch.device) -> float:
+        """The measure of cost on ``device``: best CPU time on a CPU, best wall time (synchronised) on a GPU."""
+        return self.best_cpu if device.type == "cpu" else self.best_wall
+
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
@@ -250,7 +254,7 @@ def speed(var_path: Path | None, batch: int, repeats: int, resolution: int,
     cost = "CPU" if device.type == "cpu" else "wall"
 
     def best(name: str) -> float:
-        return t[name].best_cpu if device.type == "cpu" else t[name].best_wall
+        return t[name].cost(device)
 
     speed_rows = [f"| sampler | best CPU s / batch | best wall s / batch | median wall s | speed vs VAR ({cost}) | "
                   "images / s (best wall) |", "|---|---|---|---|---|---|"]
@@ -266,7 +270,7 @@ def speed(var_path: Path | None, batch: int, repeats: int, resolution: int,
 
     cfg = best("ours CFG 1.5")
     g = interleaved(guide_runs(batch, ours.vocab_size, ours.patch_nums, device), GUIDE_REPEATS, device)
-    g_best = {name: g[name].best_cpu if device.type == "cpu" else g[name].best_wall for name in g}
+    g_best = {name: g[name].cost(device) for name in g}
     overhead_rows = [f"| ours | best {cost} s / batch | end-to-end overhead | guide() {cost} s / batch | "
                      f"guide() extra ÷ CFG sample {cost} time |", "|---|---|---|---|---|"]
     for name in GUIDANCE:
