@@ -1,7 +1,8 @@
 """Choosing the embedded backbone's recipe: which tokenizer and transformer sizes learn the shapes, per step budget.
 
 Each call trains one variant of one stage of :mod:`pipeline.backbones.tiny` (every other setting as in the recipe)
-and writes ``OUT/<name>.json``; ``table`` gathers them. Variants are independent processes, so several share a GPU:
+and writes ``OUT/<name>.json`` (options default to the recipe's values); ``table`` gathers them. Variants are
+independent processes, so several share a GPU:
 
     python bench/bench_recipe.py vqvae --name vae_112 --ch-mult 1 1 2 --steps 1500 --device cuda --out /tmp/r
     python bench/bench_recipe.py var --name w192_b32 --vae /tmp/r/vae_112.pt --width 192 --batch 32 \
@@ -111,6 +112,7 @@ def table(folder: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    recipe, vae, var = tiny.TinyConfig(), tiny.tiny_vqvae_config(), tiny.tiny_var_config()   # the defaults
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for stage in ("vqvae", "var", "classifier"):
@@ -124,15 +126,15 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--n", type=int, default=800, help="evaluation images (balanced labels)")
         if stage == "vqvae":
-            s.add_argument("--ch-mult", type=int, nargs="+", default=[1, 1, 2])
-            s.add_argument("--ch", type=int, default=32)
-            s.add_argument("--batch", type=int, default=32)
+            s.add_argument("--ch-mult", type=int, nargs="+", default=list(vae.ch_mult))
+            s.add_argument("--ch", type=int, default=vae.ch)
+            s.add_argument("--batch", type=int, default=recipe.vqvae.batch_size)
         if stage == "var":
             s.add_argument("--vae", type=Path, required=True)
-            s.add_argument("--width", type=int, default=128)
-            s.add_argument("--depth", type=int, default=4)
-            s.add_argument("--batch", type=int, default=32)
-            s.add_argument("--lr", type=float, default=1.5e-3)
+            s.add_argument("--width", type=int, default=var.embed_dim)
+            s.add_argument("--depth", type=int, default=var.depth)
+            s.add_argument("--batch", type=int, default=recipe.var.batch_size)
+            s.add_argument("--lr", type=float, default=recipe.var.lr)
             s.add_argument("--cfg", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0, 5.0, 8.0])
     t = sub.add_parser("table")
     t.add_argument("folder", type=Path)
