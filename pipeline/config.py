@@ -8,6 +8,7 @@ with command-line overrides, checks every value, and returns a typed `SweepConfi
 from __future__ import annotations
 
 import fcntl
+import itertools
 import os
 import tempfile
 from collections.abc import Iterator
@@ -28,8 +29,8 @@ from pipeline.guidance import SCHEDULES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "backbones" / "weights"
-GROUPS = ("backbone", "guidance", "search", "proxy", "confirm", "launcher", "tracking")
-GUIDANCE_PARAMS = ("w_cfg", "w_igg", "window")
+GROUPS = ("backbone", "guidance", "search", "proxy", "refine", "confirm", "launcher", "tracking")
+KINDS = ("cfg", "igg", "mixed")  # guidance kinds: CFG alone, IGG alone, both terms
 SAMPLERS = ("tpe", "gp", "random")
 EVENNESS_KINDS = ("vocab", "tokens")
 DIVERGENCE_REFERENCES = ("uncond", "cond")
@@ -58,10 +59,10 @@ class BackboneConfig:
 
 @dataclass
 class GuidanceConfig:
-    """Which guidance terms are searched; a term not searched is off (its weight is None)."""
+    """Which guidance kinds the sweep compares; the answer is the best kind with its weights."""
 
     name: str = MISSING
-    params: list[str] = MISSING  # subset of w_cfg, w_igg, window
+    kinds: list[str] = MISSING  # the kinds compared: cfg (w), igg (w', window), mixed (w, w', window)
     schedule: str = "linear"  # ratio at scale k: linear k/(K-1), constant 1, interval: linear inside [start, end)
     schedule_start: int = 0  # first guided scale index (interval schedule)
     schedule_end: int | None = None  # first unguided scale index after the interval (null: K)
@@ -69,35 +70,54 @@ class GuidanceConfig:
 
 @dataclass
 class SearchConfig:
-    """Stage 1 search space and Optuna sampler."""
+    """The weight ranges (where the search starts, how far it may grow) and the stage 1 proxy search."""
 
-    n_trials: int = 24
+    n_trials: int = 24  # proxy trials after the design points (0: no proxy stage, FID refinement alone)
     sampler: str = "tpe"  # tpe | gp | random
     n_startup_trials: int = 8  # random trials before the model-based sampler takes over
-    w_cfg: list[float] = field(default_factory=lambda: [0.0, 6.0])  # [low, high]
-    w_igg: list[float] = field(default_factory=lambda: [0.0, 6.0])  # [low, high]
+    w_cfg: list[float] = field(default_factory=lambda: [0.0, 6.0])  # starting [low, high]
+    w_igg: list[float] = field(default_factory=lambda: [0.0, 6.0])  # starting [low, high]
     windows: list[int | None] = field(default_factory=lambda: [None, 3, 5])  # odd sizes; null = global
+    max_weight: float = 30.0  # cap: a range grows up to here, never past it
+    edge: float = 0.1  # a best candidate in the top `edge` fraction of a range is at its edge: the range grows
+    grow: float = 2.0  # factor on the range's span when it grows
+    max_grows: int = 3  # proxy rounds that may grow the ranges (each adds n_trials // 2 trials)
 
 
 @dataclass
 class ProxyConfig:
-    """Stage 0 calibration and stage 1 proxy trials (evenness-divergence equilibrium)."""
+    """Stage 1 proxy trials: the evenness-divergence equilibrium gap |E - D| on a small batch."""
 
     num_images: int = 32  # images sampled per proxy trial (same labels and seed for every trial)
     batch_size: int = 32
     evenness: str = "vocab"  # vocab: H(softmax)/ln V of the guided logits; tokens: evenness of the nudge
     reference: str = "uncond"  # divergence of the guided logits from the uncond | cond logits
-    calibration: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # fractions of ranges
+    design: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])  # enqueued first: fractions of ranges
+
+
+@dataclass
+class RefineConfig:
+    """Stage 2: FID refinement, one seeded Optuna search per kind inside a trust region around its best."""
+
+    n_trials: int = 6  # FID trials per kind (in rounds of launcher.workers trials per kind)
+    num_images: int = 512  # images per trial; the same labels and sampler seeds for every candidate
+    warm_start: int = 2  # best distinct proxy candidates of each kind, enqueued first
+    radius: float = 0.5  # starting trust-region half-width, as a fraction of the starting range's span
+    grow: float = 2.0  # the region grows by this when a round's best lies on its edge
+    shrink: float = 0.5  # and shrinks by this when a round does not improve the kind's best
+    sampler: str = "tpe"  # tpe | random (GP needs a fixed search space; the region moves)
+    n_startup_trials: int = 4
 
 
 @dataclass
 class ConfirmConfig:
-    """Stage 2: FID of the top-K distinct proxy candidates plus the published default (multi-fidelity)."""
+    """Stage 3: a race of the finalists at growing N; a finalist worse than the best beyond noise leaves."""
 
-    top_k: int = 4
-    small_num_images: int = 256  # FID sample count for every candidate
-    num_images: int = 1024  # full FID sample count, for the `full_top` best candidates at small N
-    full_top: int = 2
+    finalists: int = 4  # best distinct refined candidates (each kind's best first), plus the published default
+    rungs: list[int] = field(default_factory=lambda: [1024, 2048, 4096])  # image counts; the last decides
+    final_max: int = 2  # at most this many finalists go on to the last rung (the lowest FIDs), as a cost cap
+    bootstrap: int = 200  # paired bootstrap resamples over images per comparison
+    level: float = 0.95  # confidence of every interval and of "worse beyond noise"
     reference: str = MISSING  # FID reference; defaults to backbone.fid_reference
     reference_num_images: int = 2000  # images of the embedded dataset when reference is "shapes"
     extractor_weights: str | None = None  # local weights of the FID feature extractor (offline clusters)
@@ -144,6 +164,7 @@ class SweepConfig:
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
     confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -282,13 +303,13 @@ def store_lock(url: str) -> Iterator[None]:
 
 def validate(cfg: SweepConfig) -> None:
     """Check every value a user may set; raise ConfigError (one line, with the fix) on the first problem."""
-    g, s, p, c, la = cfg.guidance, cfg.search, cfg.proxy, cfg.confirm, cfg.launcher
+    g, s, p, r, c, la = cfg.guidance, cfg.search, cfg.proxy, cfg.refine, cfg.confirm, cfg.launcher
     if not cfg.sweep.name or "/" in cfg.sweep.name:
         raise ConfigError(f"sweep.name={cfg.sweep.name!r} must be a non-empty name without '/'; e.g. sweep.name=run1")
-    for param in g.params:
-        _choice("guidance.params", param, GUIDANCE_PARAMS)
-    if not g.params or ("window" in g.params and "w_igg" not in g.params):
-        raise ConfigError(f"guidance.params={g.params} must search w_cfg and/or w_igg (window needs w_igg)")
+    if not g.kinds or len(set(g.kinds)) != len(g.kinds):
+        raise ConfigError(f"guidance.kinds={g.kinds} must list distinct kinds; e.g. guidance.kinds=[cfg,igg,mixed]")
+    for kind in g.kinds:
+        _choice("guidance.kinds", kind, KINDS)
     _choice("guidance.schedule", g.schedule, SCHEDULES)
     K = len(cfg.backbone.patch_nums)
     end = K if g.schedule_end is None else g.schedule_end
@@ -298,6 +319,7 @@ def validate(cfg: SweepConfig) -> None:
             f"0 <= start < end <= {K} (the backbone's scales); e.g. guidance.schedule_start=0"
         )
     _choice("search.sampler", s.sampler, SAMPLERS)
+    _choice("refine.sampler", r.sampler, ("tpe", "random"))
     _choice("proxy.evenness", p.evenness, EVENNESS_KINDS)
     _choice("proxy.reference", p.reference, DIVERGENCE_REFERENCES)
     for metric in c.metrics:
@@ -305,14 +327,18 @@ def validate(cfg: SweepConfig) -> None:
     if "fid" not in c.metrics:
         raise ConfigError("confirm.metrics must include fid (it ranks the candidates); e.g. confirm.metrics=[fid,isc]")
     for key, value, example in (
-        ("search.n_trials", s.n_trials, "24"),
         ("search.n_startup_trials", s.n_startup_trials, "8"),
+        ("search.max_weight", s.max_weight, "30"),
+        ("refine.n_trials", r.n_trials, "6"),
+        ("refine.num_images", r.num_images, "512"),
+        ("refine.warm_start", r.warm_start, "2"),
+        ("refine.radius", r.radius, "0.5"),
+        ("refine.n_startup_trials", r.n_startup_trials, "4"),
+        ("confirm.finalists", c.finalists, "4"),
+        ("confirm.final_max", c.final_max, "2"),
+        ("confirm.bootstrap", c.bootstrap, "200"),
         ("proxy.num_images", p.num_images, "32"),
         ("proxy.batch_size", p.batch_size, "32"),
-        ("confirm.top_k", c.top_k, "4"),
-        ("confirm.small_num_images", c.small_num_images, "256"),
-        ("confirm.num_images", c.num_images, "1024"),
-        ("confirm.full_top", c.full_top, "2"),
         ("confirm.batch_size", c.batch_size, "64"),
         ("confirm.reference_num_images", c.reference_num_images, "2000"),
         ("sweep.grid_images", cfg.sweep.grid_images, "16"),
@@ -330,12 +356,31 @@ def validate(cfg: SweepConfig) -> None:
             f"launcher.num_cpus={la.num_cpus} is fewer than launcher.workers x cpus_per_worker "
             f"({la.workers} x {la.cpus_per_worker}); raise it or set launcher.num_cpus=null"
         )
+    if s.n_trials < 0 or s.max_grows < 0:
+        raise ConfigError("search.n_trials and search.max_grows must be >= 0 (0: no proxy stage / no growth)")
+    for key, value in (("search.edge", s.edge), ("refine.shrink", r.shrink), ("confirm.level", c.level)):
+        if not 0.0 < value < 1.0:
+            raise ConfigError(f"{key}={value} must lie strictly between 0 and 1; e.g. {key}=0.5")
+    for key, value in (("search.grow", s.grow), ("refine.grow", r.grow)):
+        if value <= 1.0:
+            raise ConfigError(f"{key}={value} must be > 1 (the factor a range grows by); e.g. {key}=2")
+    if c.bootstrap < 2:
+        raise ConfigError(f"confirm.bootstrap={c.bootstrap} must be >= 2 resamples; e.g. confirm.bootstrap=200")
+    n_images = [r.num_images, *c.rungs]
+    if not c.rungs or any(b <= a for a, b in itertools.pairwise(n_images)):
+        raise ConfigError(f"confirm.rungs={c.rungs} must rise above refine.num_images={r.num_images}; "
+                          "e.g. confirm.rungs=[1024,2048,4096]")
+    if any(n % c.batch_size for n in n_images):
+        raise ConfigError(f"refine.num_images and confirm.rungs ({n_images}) must be multiples of confirm.batch_size="
+                          f"{c.batch_size}, so a larger N extends a smaller one; e.g. confirm.batch_size=64")
     if c.decimals < 0 or la.max_retries < 0:
         raise ConfigError("confirm.decimals and launcher.max_retries must be >= 0; e.g. confirm.decimals=2")
     for name in ("w_cfg", "w_igg"):
-        if name in g.params:
-            _range(f"search.{name}", getattr(s, name))
-    if "window" in g.params:
+        _range(f"search.{name}", getattr(s, name))
+        if getattr(s, name)[1] > s.max_weight:
+            raise ConfigError(f"search.{name}={getattr(s, name)} reaches past search.max_weight={s.max_weight}; "
+                              f"raise search.max_weight or lower the range")
+    if {"igg", "mixed"} & set(g.kinds):
         if not s.windows:
             raise ConfigError("search.windows is empty; give odd sizes or null (global), e.g. search.windows=[null,3]")
         for window in s.windows:
@@ -343,22 +388,8 @@ def validate(cfg: SweepConfig) -> None:
                 raise ConfigError(
                     f"search.windows: {window} is not an odd size >= 1; use e.g. search.windows=[null,3,5]"
                 )
-    if not p.calibration or any(not 0.0 <= f <= 1.0 for f in p.calibration) or len(set(p.calibration)) < 2:
-        raise ConfigError(
-            f"proxy.calibration={p.calibration} must hold at least two distinct fractions in [0, 1]; "
-            "e.g. proxy.calibration=[0,0.5,1]"
-        )
-    if c.top_k > s.n_trials:
-        raise ConfigError(
-            f"confirm.top_k={c.top_k} exceeds search.n_trials={s.n_trials}; "
-            "lower confirm.top_k or raise search.n_trials"
-        )
-    if c.full_top > c.top_k + 1:
-        raise ConfigError(f"confirm.full_top={c.full_top} exceeds the {c.top_k + 1} confirmed candidates; lower it")
-    if c.small_num_images > c.num_images:
-        raise ConfigError(
-            f"confirm.small_num_images={c.small_num_images} exceeds confirm.num_images={c.num_images}; lower it"
-        )
+    if not p.design or any(not 0.0 <= f <= 1.0 for f in p.design):
+        raise ConfigError(f"proxy.design={p.design} must hold fractions in [0, 1]; e.g. proxy.design=[0.25,0.5,1]")
     for key in ("vae_ckpt", "var_ckpt"):
         path = getattr(cfg.backbone, key)
         fix = (

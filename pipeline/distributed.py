@@ -9,6 +9,7 @@ replaced and its job re-run on the fresh one, at most ``launcher.max_retries`` t
 
 from __future__ import annotations
 
+import math
 import socket
 import time
 from collections.abc import Iterator
@@ -32,9 +33,15 @@ from tuners.samplers import derive_seed
 
 
 def spread_labels(num_images: int, num_classes: int) -> Tensor:
-    """(N,) labels: every class in turn when N >= classes, else N evenly spaced classes."""
-    i_N = torch.arange(num_images)
-    return i_N % num_classes if num_images >= num_classes else i_N * num_classes // num_images
+    """(N,) labels, label i = i·P mod C with P ≈ 0.618·C coprime to C.
+
+    Every C consecutive images hold each class once, any prefix is spread over the classes (a golden-ratio
+    sequence), and the labels of N images are a prefix of those of more: a larger N extends a smaller one.
+    """
+    step = max(1, round(0.618 * num_classes))
+    while math.gcd(step, num_classes) != 1:
+        step += 1
+    return torch.arange(num_images) * step % num_classes
 
 
 def _reason(err: BaseException) -> str:
@@ -51,7 +58,7 @@ class Worker:
         reference: FID reference statistics (None: the worker cannot run FID jobs).
     """
 
-    def __init__(self, cfg: SweepConfig, reference: Reference | None):
+    def __init__(self, cfg: SweepConfig, reference: Reference | None = None):
         self.cfg = cfg
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
@@ -75,8 +82,9 @@ class Worker:
     def evaluate(self, job: Job) -> Evaluation:
         """Sample, measure and (for FID jobs) score one candidate. Failures come back as `Evaluation.error`.
 
-        Proxy jobs measure the signals on every image; FID jobs only on the first batch (the heat map and a
-        snapshot), so the bulk of their sampling skips the diagnostics.
+        Proxy jobs measure the signals on every image; FID jobs only on their first batch (the heat map and a
+        snapshot), so the bulk of their sampling skips the diagnostics, and return the FID features of their
+        images (`Evaluation.features`); the driver scores them.
         """
         start = time.perf_counter()
         try:
@@ -89,13 +97,16 @@ class Worker:
     def _evaluate(self, job: Job) -> Evaluation:
         cfg, c = self.cfg, job.candidate
         batch_size = cfg.confirm.batch_size if job.fid else cfg.proxy.batch_size
+        if job.start % batch_size:
+            raise ValueError(f"job starts at image {job.start}, not at a batch boundary of {batch_size}")
         labels_N = spread_labels(job.num_images, self.backbone.num_classes)
+        first = job.start // batch_size
         K = len(self.backbone.patch_nums)
         per_scale: dict[str, list[list[Tensor]]] = {name: [[] for _ in range(K)] for name in SIGNALS}
         shown: dict[str, object] = {}
 
         def batches() -> Iterator[Tensor]:
-            for b, labels_B in enumerate(labels_N.split(batch_size)):
+            for b, labels_B in enumerate(labels_N.split(batch_size)[first:], start=first):
                 result = sample(
                     self.backbone,
                     labels_B,
@@ -108,27 +119,28 @@ class Worker:
                     top_k=cfg.backbone.top_k,
                     top_p=cfg.backbone.top_p,
                     seed=derive_seed(job.seed, b),
-                    with_signals=b == 0 or not job.fid,
+                    with_signals=b == first or not job.fid,
                 )
                 for k, signals in enumerate(result.signals):
                     for name in SIGNALS:
                         per_scale[name][k].append(getattr(signals, name))
-                if b == 0:
+                if b == first:
                     shown["images"] = result.images[: cfg.sweep.grid_images]
                     shown["maps"] = [s.magnitude_Bhw[: cfg.sweep.heatmap_images] for s in result.signals]
                 yield result.images
 
+        features: dict[str, np.ndarray] = {}
         if job.fid:
             if self.fid is None:
-                raise ValueError("this worker has no FID reference; start it with one to run FID jobs")
-            fid_metrics = {k: float(v) for k, v in self.fid.score(batches(), self.reference).items()}
+                raise ValueError("this worker has no FID feature extractor; start it with a reference")
+            features = {layer: f.numpy() for layer, f in self.fid.features(batches()).items()}
         else:
-            fid_metrics = {}
             for _ in batches():
                 pass
         per_scale_N = {name: [torch.cat(parts) for parts in scales] for name, scales in per_scale.items()}
         signals = {name: float(trial_mean(values).mean()) for name, values in per_scale_N.items()}
-        bad = [k for k, v in {**signals, **fid_metrics}.items() if not np.isfinite(v)]
+        bad = [k for k, v in signals.items() if not np.isfinite(v)]
+        bad += [f"{layer} features" for layer, f in features.items() if not np.isfinite(f).all()]
         if bad:
             return Evaluation(error=f"non-finite {', '.join(bad)} at {c.label()}", num_images=job.num_images)
         images = shown["images"]
@@ -136,8 +148,8 @@ class Worker:
         return Evaluation(
             signals=signals,
             per_scale={name: [float(v.mean()) for v in values] for name, values in per_scale_N.items()},
-            fid_metrics=fid_metrics,
-            num_images=job.num_images,
+            features=features,
+            num_images=job.sampled,
             images={
                 "samples.png": sample_grid_png(images, nrow=cfg.sweep.grid_nrow),
                 "guidance.png": heatmap_png(shown["maps"], c.label()),  # type: ignore[arg-type]

@@ -565,25 +565,28 @@ class FidEvaluator:
 
     # ------------------------------------------------------------------------------------ scoring
 
-    def metrics_of(self, features: dict[str, Tensor], reference: Reference | None) -> dict[str, float]:
+    def metrics_of(self, features: dict[str, Tensor], reference: Reference | None,
+                   metrics: Sequence[str] | None = None) -> dict[str, float]:
         """torch-fidelity metrics of extracted features against a reference (None allowed for IS alone).
 
         Keys are the short names of torch-fidelity's results (:data:`SHORT_NAMES`): ``fid``, ``isc``,
-        ``isc_std``, ``kid``, ``kid_std``, ``precision``, ``recall``, ``f_score``.
+        ``isc_std``, ``kid``, ``kid_std``, ``precision``, ``recall``, ``f_score``. `metrics` narrows the
+        evaluator's metrics for this call (e.g. ``["fid"]``).
         """
         o, out = self.options, {}
+        chosen = self.metrics if metrics is None else tuple(m for m in metrics if m in self.metrics)
         generated_NF = features[self.feature_layer]
-        if "isc" in self.metrics:
+        if "isc" in chosen:
             out.update(isc_features_to_metric(features[self.isc_layer], o.isc_splits, True, o.rng_seed))
-        if not any(m in self.metrics for m in REFERENCE_METRICS):
+        if not any(m in chosen for m in REFERENCE_METRICS):
             return {SHORT_NAMES[key]: value for key, value in out.items()}
         if reference is None:
-            raise ValueError(f"metrics {', '.join(self.metrics)} need a reference; pass evaluator.reference(...)")
+            raise ValueError(f"metrics {', '.join(chosen)} need a reference; pass evaluator.reference(...)")
         F, F_ref = generated_NF.shape[1], reference.mu.shape[0]
         if F_ref != F:
             raise ValueError(f"feature dimensions differ: {self.extractor} gives {F}, the reference {reference.key} "
                              f"has {F_ref}; score against a reference made with the same extractor")
-        if "fid" in self.metrics:
+        if "fid" in chosen:
             for what, n in (("generated", len(generated_NF)), ("reference", reference.num_images)):
                 if n is not None and n <= F:
                     raise ValueError(f"FID needs more {what} images than the feature dimension ({n} <= {F} for "
@@ -592,16 +595,16 @@ class FidEvaluator:
             mu, sigma = _as_float64(stats["mu"], stats["sigma"], "generated")
             out.update(fid_statistics_to_metric({"mu": mu, "sigma": sigma},
                                                 {"mu": reference.mu, "sigma": reference.sigma}, verbose=False))
-        if self._needs_reference_features:
+        if "kid" in chosen or "prc" in chosen:
             reference_NF = reference.features
             if reference_NF is None:
                 raise ValueError(f"kid/prc need reference images, but {reference.key} holds only mu/sigma; "
                                  "drop kid and prc or use a reference with images")
-            if "kid" in self.metrics:
+            if "kid" in chosen:
                 subset = min(o.kid_subset_size, len(generated_NF), len(reference_NF))
                 out.update(kid_features_to_metric(generated_NF, reference_NF, kid_subsets=o.kid_subsets,
                                                   kid_subset_size=subset, rng_seed=o.rng_seed, verbose=False))
-            if "prc" in self.metrics:
+            if "prc" in chosen:
                 out.update(prc_features_to_metric(generated_NF, reference_NF, prc_neighborhood=o.prc_neighborhood,
                                                   prc_batch_size=o.prc_batch_size, save_cpu_ram=True,
                                                   verbose=False))

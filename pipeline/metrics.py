@@ -14,10 +14,11 @@ this project's reading of them, kept in this one module:
 - :func:`divergence` — JSD (log base 2, in [0, 1] bits) between two logit sets, mean over tokens; the proxy uses
   guided vs unconditional logits by default (prototype: 0.042 → 0.470 bits over w = 0…8).
 
-The default proxy pairs ``vocab_evenness(guided)`` with ``divergence(guided, uncond)``: their scaled crossing sat
-near the FID optimum in the prototype (w ≈ 4 vs 3 for CFG, w′ ≈ 3 vs 3 for IGG). Both evenness kinds are logged.
+The default proxy pairs ``vocab_evenness(guided)`` with ``divergence(guided, uncond)`` and looks for their
+crossing, :func:`equilibrium_gap`, in natural units (no scaling, so the pick does not depend on the search range).
+Both evenness kinds are logged. The second half of the module is FID from statistics and its bootstrap noise.
 
-All functions are pure: tensors in, tensors out, float32 results of shape (B,).
+All functions are pure: tensors in, tensors out; the diagnostics give float32 results of shape (B,).
 """
 
 from __future__ import annotations
@@ -117,30 +118,104 @@ def trial_mean(per_scale: Sequence[Tensor]) -> Tensor:
     return torch.stack([v.float() for v in used]).mean(0)
 
 
-def min_max_scale(x: Tensor, value_range: tuple[float, float]) -> Tensor:
-    """(x − lo) / (hi − lo) with (lo, hi) from the calibration set; values outside it fall outside [0, 1]."""
-    lo, hi = value_range
-    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
-        raise ValueError(
-            f"calibration range ({lo}, {hi}) must be finite with max > min; calibrate on design points that differ"
-        )
-    return (x.float() - lo) / (hi - lo)
+def equilibrium_gap(e: Tensor, d: Tensor) -> Tensor:
+    """|E − D|: the distance between evenness and divergence, both in their natural units.
 
-
-def equilibrium_gap(
-    e: Tensor, d: Tensor, e_range: tuple[float, float], d_range: tuple[float, float]
-) -> Tensor:
-    """|Ê − D̂|: distance between min-max scaled evenness and divergence (each by its calibration range).
+    Evenness (:func:`vocab_evenness`, a normalised entropy) and divergence (:func:`divergence`, a JSD in bits) both
+    live on [0, 1] with fixed meanings of 0 and 1 (one code / uniform; identical / disjoint predictions), so the gap
+    needs no scaling: it depends on the backbone and the guidance only, never on the search range or on which
+    design points were sampled. (An earlier min-max scaling over the design points moved the crossing with the
+    range: the same backbone gave w′ ≈ 2.5 on [0, 6] and ≈ 4.8 on [0, 12].)
 
     Args:
         e: evenness, any shape (trial level: (B,) or a scalar).
         d: divergence, same shape as ``e``.
-        e_range: (min, max) of evenness over the calibration set.
-        d_range: (min, max) of divergence over the calibration set.
 
     Returns:
-        Tensor of the shape of ``e``, float32, ≥ 0.
+        Tensor of the shape of ``e``, float32, in [0, 1].
     """
     if e.shape != d.shape:
         raise ValueError(f"e {tuple(e.shape)} and d {tuple(d.shape)} must have the same shape")
-    return (min_max_scale(e, e_range) - min_max_scale(d, d_range)).abs()
+    return (e.float() - d.float()).abs()
+
+
+# ------------------------------------------------------------------------------------- FID and its noise
+#
+# FID of generated features X (N, F) against reference statistics (μ_r, Σ_r):
+#     FID = ‖μ − μ_r‖² + tr Σ + tr Σ_r − 2 tr (Σ_r^½ Σ Σ_r^½)^½,
+# with μ, Σ the mean and unbiased covariance of X (as torch-fidelity's np.cov); tr (Σ_r^½ Σ Σ_r^½)^½ equals
+# torch-fidelity's tr sqrtm(Σ Σ_r) (similar matrices) and is the sum of the square roots of the eigenvalues of a
+# symmetric PSD matrix. Its noise is the bootstrap over the generated images: a resample is a row of counts
+# c (N,) summing to N; two candidates sampled with the same labels and sampler seeds (common random numbers) are
+# resampled with the same counts, so the bootstrap of their FID difference keeps the pairing.
+
+
+def psd_sqrt(sigma_FF: Tensor) -> Tensor:
+    """Symmetric square root of a PSD matrix (negative eigenvalues from rounding clipped to 0); float64 (F, F)."""
+    eigval_F, eigvec_FF = torch.linalg.eigh(sigma_FF.double())
+    return (eigvec_FF * eigval_F.clamp_min(0).sqrt()) @ eigvec_FF.T
+
+
+def frechet_distance(mu_F: Tensor, sigma_FF: Tensor, mu_ref_F: Tensor, sigma_ref_FF: Tensor) -> Tensor:
+    """The Fréchet distance of two Gaussians (FID of statistics); float64 scalar."""
+    return bootstrap_fid_from_stats(mu_F[None], sigma_FF[None], mu_ref_F, sigma_ref_FF)[0]
+
+
+def bootstrap_fid_from_stats(mu_RF: Tensor, sigma_RFF: Tensor, mu_ref_F: Tensor, sigma_ref_FF: Tensor) -> Tensor:
+    """Fréchet distance of R sets of statistics (μ_r, Σ_r) to one reference; float64 (R,)."""
+    root_FF = psd_sqrt(sigma_ref_FF)
+    mu_ref_F = mu_ref_F.double().to(mu_RF.device)
+    root_FF = root_FF.to(mu_RF.device)
+    inner_RFF = root_FF @ sigma_RFF.double() @ root_FF
+    eig_RF = torch.linalg.eigvalsh(0.5 * (inner_RFF + inner_RFF.transpose(1, 2))).clamp_min(0)
+    diff_RF = mu_RF.double() - mu_ref_F
+    trace_ref = torch.diagonal(sigma_ref_FF.double()).sum().to(mu_RF.device)
+    trace_RF = torch.diagonal(sigma_RFF.double(), dim1=1, dim2=2).sum(-1)
+    return (diff_RF * diff_RF).sum(-1) + trace_RF + trace_ref - 2 * eig_RF.sqrt().sum(-1)
+
+
+def resample_counts(num_images: int, replicates: int, seed: int) -> Tensor:
+    """Bootstrap resamples of N images as counts: (R, N) int64, each row a multinomial draw summing to N."""
+    if num_images < 2 or replicates < 1:
+        raise ValueError(f"a bootstrap needs >= 2 images and >= 1 replicate, got {num_images} and {replicates}")
+    generator = torch.Generator().manual_seed(seed)
+    picks_RN = torch.randint(num_images, (replicates, num_images), generator=generator)
+    counts_RN = torch.zeros(replicates, num_images, dtype=torch.int64)
+    return counts_RN.scatter_add_(1, picks_RN, torch.ones_like(picks_RN))
+
+
+def bootstrap_fid(features_NF: Tensor, mu_ref_F: Tensor, sigma_ref_FF: Tensor, counts_RN: Tensor) -> Tensor:
+    """FID of each bootstrap resample of the generated features; float64 (R,).
+
+    Args:
+        features_NF: (N, F) generated features.
+        mu_ref_F, sigma_ref_FF: reference statistics.
+        counts_RN: (R, N) resample counts (:func:`resample_counts`); the same counts for two candidates with common
+            random numbers give the paired bootstrap of their difference.
+    """
+    N = features_NF.shape[0]
+    if counts_RN.shape[1] != N:
+        raise ValueError(f"counts_RN has {counts_RN.shape[1]} columns for {N} images; draw them for N images")
+    centre_F = features_NF.double().mean(0)
+    x_NF = (features_NF.double() - centre_F).float()  # centred: float32 accumulation loses nothing that matters
+    w_RN = counts_RN.to(x_NF.device, torch.float32)
+    m_RF = (w_RN @ x_NF) / N
+    second_RFF = torch.einsum("rn,nf,ng->rfg", w_RN, x_NF, x_NF).double()
+    sigma_RFF = (second_RFF - N * m_RF.double()[:, :, None] * m_RF.double()[:, None, :]) / (N - 1)
+    return bootstrap_fid_from_stats(m_RF.double() + centre_F, sigma_RFF, mu_ref_F, sigma_ref_FF)
+
+
+def normal_interval(estimate: float, replicates_R: Tensor, level: float) -> tuple[float, float]:
+    """estimate ± z·se at `level` (e.g. 0.95, z = 1.96), se the standard deviation of the bootstrap replicates.
+
+    The interval is centred on the estimate on purpose: a resampled FID is biased upwards (duplicated images shrink
+    the covariance) by more than its spread, so percentile intervals would miss the estimate; the spread alone is
+    what moves FID between sampler seeds (docs/BENCHMARKS.md compares the two).
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level={level} must lie in (0, 1), e.g. 0.95")
+    if replicates_R.numel() < 2:
+        raise ValueError("an interval needs at least 2 bootstrap replicates")
+    z = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + level / 2, dtype=torch.float64)))
+    se = float(replicates_R.double().std())
+    return estimate - z * se, estimate + z * se

@@ -19,7 +19,7 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from pipeline.files import atomic_write
-from tuners.confirm import Confirmed
+from tuners.confirm import Margin, Racer
 
 BEST_KEYS = ("backbone", "guidance", "w_cfg", "w_igg", "window", "fid", "gap", "spearman_rho")
 
@@ -65,65 +65,58 @@ def heatmap_png(magnitude_per_scale: list[Tensor], title: str) -> bytes:
     return _figure_png(fig)
 
 
-def gap_vs_fid_png(entries: list[Confirmed], rho: float) -> bytes:
-    """Scatter of proxy gap vs small-N FID over the confirmed candidates."""
-    fig = Figure(figsize=(4.5, 3.5))
-    ax = fig.subplots()
-    for entry in entries:
-        if entry.small and math.isfinite(entry.gap):
-            ax.scatter(entry.gap, entry.small["fid"], c={"proxy": "C0", "default": "C1"}.get(entry.role, "C2"))
-            ax.annotate(entry.candidate.label(), (entry.gap, entry.small["fid"]), fontsize=6)
-    ax.set_xlabel("equilibrium gap (proxy)")
-    ax.set_ylabel("FID (small N)")
-    ax.set_title(f"Spearman rho = {rho:.3f}" if math.isfinite(rho) else "Spearman rho: n/a", fontsize=9)
-    return _figure_png(fig)
-
-
 def signals_vs_weight_png(weight_name: str, rows: list[tuple[float, float, float]]) -> bytes:
-    """Scaled evenness and divergence of the proxy trials against one guidance weight.
+    """Evenness and divergence of the proxy trials against one guidance weight (natural units).
 
     Args:
         weight_name: the x axis (w_cfg or w_igg).
-        rows: (weight, scaled E, scaled D) per proxy trial.
+        rows: (weight, E, D) per proxy trial.
     """
     rows = sorted(rows)
     fig = Figure(figsize=(4.5, 3.5))
     ax = fig.subplots()
-    ax.plot([r[0] for r in rows], [r[1] for r in rows], "o-", label="scaled evenness E")
-    ax.plot([r[0] for r in rows], [r[2] for r in rows], "s-", label="scaled divergence D")
+    ax.plot([r[0] for r in rows], [r[1] for r in rows], "o", label="evenness E")
+    ax.plot([r[0] for r in rows], [r[2] for r in rows], "s", label="divergence D (bits)")
     ax.set_xlabel(weight_name)
-    ax.set_ylabel("min-max scaled over calibration")
+    ax.set_ylabel("E and D")
     ax.legend(fontsize=8)
     return _figure_png(fig)
 
 
 @dataclass
 class Best:
-    """The content of best.yaml."""
+    """The content of best.yaml: the answer, how sure it is, what it cost, and how to sample it again."""
 
     backbone: str
-    guidance: str
+    guidance: str  # the guidance config compared (auto: every kind)
+    kind: str  # the winner's kind: cfg | igg | mixed
     w_cfg: float | None
     w_igg: float | None
     window: int | None
     fid: float
-    gap: float
-    spearman_rho: float
+    fid_low: float  # the interval at confirm.level (paired bootstrap over images)
+    fid_high: float
+    num_images: int  # N of that FID
+    at_bound: dict  # weight -> inside | low | cap (cap: the range could not grow further)
+    runner_up: dict | None  # candidate, FID and interval at the N it shares with the winner
+    margin: dict | None  # FID(runner-up) - FID(winner): diff, low, high, num_images, separated
+    default: dict | None  # the published default CFG: w_cfg, FID and interval, N, and the gain of the winner
+    cost: dict  # stage -> images sampled, worker seconds, trials; and the total
+    sampling: dict  # schedule, interval, top_k, top_p, seed, labels: what reproduces the winner's images
+    checkpoints: dict  # file -> sha256
 
     def as_dict(self) -> dict:
-        def num(x: float | None) -> float | None:
-            return None if x is None or not math.isfinite(x) else float(x)
+        def clean(x):
+            if isinstance(x, float):
+                return x if math.isfinite(x) else None
+            if isinstance(x, dict):
+                return {k: clean(v) for k, v in x.items()}
+            return x
 
-        return {
-            "backbone": self.backbone,
-            "guidance": self.guidance,
-            "w_cfg": num(self.w_cfg),
-            "w_igg": num(self.w_igg),
-            "window": self.window,
-            "fid": num(self.fid),
-            "gap": num(self.gap),
-            "spearman_rho": num(self.spearman_rho),
-        }
+        return {k: clean(getattr(self, k)) for k in BEST_KEYS}
+
+
+BEST_KEYS = tuple(Best.__dataclass_fields__)
 
 
 def write_best(path: str | Path, best: Best) -> Path:
@@ -137,7 +130,7 @@ def read_best(path: str | Path) -> Best:
     if not isinstance(data, dict) or set(data) != set(BEST_KEYS):
         keys = sorted(data) if isinstance(data, dict) else data
         raise ValueError(f"{path} is not a guidetune best.yaml (keys {keys}); rerun the sweep to write it")
-    return Best(**{k: (math.nan if data[k] is None and k in ("fid", "gap", "spearman_rho") else data[k])
+    return Best(**{k: (math.nan if data[k] is None and k in ("fid", "fid_low", "fid_high") else data[k])
                    for k in BEST_KEYS})
 
 
@@ -145,26 +138,37 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
 
 
-def report_markdown(title: str, entries: list[Confirmed], best: Confirmed, rho: float,
-                    small_n: int, full_n: int) -> str:
-    """report.md: one row per confirmed candidate, best first by FID."""
-    lines = [
-        f"# {title}",
-        "",
-        f"Best: **{best.candidate.label()}** ({best.role}), FID {_fmt(best.fid)}. "
-        f"Spearman rho (gap vs FID@{small_n}): {_fmt(rho)}.",
-        "",
-        f"| candidate | role | w_cfg | w_igg | window | gap | FID@{small_n} | FID@{full_n} | IS | KID | precision "
-        "| recall |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for e in sorted(entries, key=lambda e: (e.fid if math.isfinite(e.fid) else math.inf)):
-        m = e.full or e.small or {}
-        c = e.candidate
-        window = "-" if c.w_igg is None else ("global" if c.window is None else str(c.window))
-        lines.append(
-            f"| {c.label()} | {e.role} | {_fmt(c.w_cfg, 2)} | {_fmt(c.w_igg, 2)} | {window} | {_fmt(e.gap)} "
-            f"| {_fmt(e.small['fid'] if e.small else None)} | {_fmt(e.full['fid'] if e.full else None)} "
-            f"| {_fmt(m.get('isc'))} | {_fmt(m.get('kid'), 4)} | {_fmt(m.get('precision'))} | {_fmt(m.get('recall'))} |"
-        )
+def report_markdown(title: str, racers: list[Racer], winner: Racer, margin: Margin | None, best: Best) -> str:
+    """report.md: the answer in words, then one row per finalist (winner first), then the cost."""
+    n = best.num_images
+    lines = [f"# {title}", "",
+             f"Best: **{winner.candidate.label()}** ({best.kind}), FID {_fmt(best.fid)} "
+             f"[{_fmt(best.fid_low)}, {_fmt(best.fid_high)}] at N={n} ({best.sampling['level']:.0%} interval).", ""]
+    if margin is None:
+        lines.append("No runner-up was scored: the winner is not compared with anything.")
+    elif margin.separated:
+        lines.append(f"Separated from the runner-up {margin.runner_up.candidate.label()}: FID +{_fmt(margin.diff)} "
+                     f"[{_fmt(margin.low)}, {_fmt(margin.high)}] at N={margin.num_images}.")
+    else:
+        lines.append(f"**Not statistically separated** from the runner-up {margin.runner_up.candidate.label()}: "
+                     f"FID difference {_fmt(margin.diff)} [{_fmt(margin.low)}, {_fmt(margin.high)}] at "
+                     f"N={margin.num_images} includes 0; either is as good as this sweep can tell.")
+    capped = [w for w, where in best.at_bound.items() if where == "cap"]
+    if capped:
+        lines.append(f"**Warning:** {', '.join(capped)} sits at search.max_weight: the optimum may lie beyond it.")
+    rungs = sorted({m for r in racers for m in r.scores})
+    lines += ["", "| candidate | kind | role | FID (refine) | " + " | ".join(f"FID@{m}" for m in rungs)
+              + " | IS | KID | precision | recall | left |",
+              "|---|---|---|---|" + "---|" * len(rungs) + "---|---|---|---|---|"]
+    for r in sorted(racers, key=lambda r: (r is not winner, -r.reached, r.fid)):
+        final = r.scores.get(r.reached, {})
+        left = "winner" if r is winner else r.left or "-"
+        cells = [f"{_fmt(r.scores[m]['fid'])} [{_fmt(r.scores[m]['fid_low'])}, {_fmt(r.scores[m]['fid_high'])}]"
+                 if m in r.scores else "-" for m in rungs]
+        lines.append(f"| {r.candidate.label()} | {r.candidate.kind} | {r.role} | {_fmt(r.refine_fid)} | "
+                     + " | ".join(cells) + f" | {_fmt(final.get('isc'))} | {_fmt(final.get('kid'), 4)} | "
+                     f"{_fmt(final.get('precision'))} | {_fmt(final.get('recall'))} | {left} |")
+    lines += ["", "| stage | trials | images sampled | worker s |", "|---|---:|---:|---:|"]
+    for stage, c in best.cost.items():
+        lines.append(f"| {stage} | {c['trials']} | {c['images']} | {c['worker_s']:.1f} |")
     return "\n".join(lines) + "\n"

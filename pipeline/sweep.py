@@ -3,13 +3,13 @@
 Order of work, so that bad input touches nothing: compose and validate the config, load the checkpoints once to check
 them, check a resumed sweep has the same settings, reach the Ray cluster if one is named (bounded wait), compute the
 FID reference statistics (cached), start a local Ray if none is named; only then create the MLflow and Optuna stores
-and start the actors. Stages: calibration -> proxy -> confirm ->
-report. The last line printed is ``best: <path to best.yaml>``. Bad input: one line on stderr, exit code 2.
+and start the actors. Stages: proxy (gap, every kind, ranges that grow) -> refine (low-N FID, a trust region per
+kind) -> confirm (a race at growing N with paired-bootstrap intervals) -> report. The last line printed is
+``best: <path to best.yaml>``. Bad input: one line on stderr, exit code 2.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -33,31 +33,33 @@ from pipeline.config import (
     store_lock,
 )
 from pipeline.distributed import RayPool, check_capacity, connect
-from pipeline.fid import FidEvaluator, Reference, reference_source
+from pipeline.fid import FidEvaluator, Reference, file_digest, reference_source
 from pipeline.files import atomic_write
-from pipeline.report import (
-    Best,
-    gap_vs_fid_png,
-    report_markdown,
-    signals_vs_weight_png,
-    write_best,
-)
+from pipeline.report import Best, report_markdown, signals_vs_weight_png, write_best
 from pipeline.tracking import Tracker
-from tuners.confirm import PROXY, Confirmed, baselines, best_of, run_confirm, select_candidates, spearman
-from tuners.jobs import DIVERGENCE_SIGNAL, EVENNESS_SIGNAL, Job
-from tuners.proxy import Calibration, calibrate, gap_name, job_key, run_proxy
-from tuners.space import design_points
-from tuners.studies import counts_toward_budget, open_study, study_name
+from tuners.confirm import DEFAULT, REFINED, Margin, Racer, RaceStage, default_candidate
+from tuners.jobs import DIVERGENCE_SIGNAL, EVENNESS_SIGNAL, TrialRecord
+from tuners.proxy import ProxyStage
+from tuners.refine import RefineStage
+from tuners.scoring import FeatureBank, Scorer
+from tuners.space import Candidate, Ranges, design_points
+from tuners.studies import counts_toward_budget, open_study, record_of, study_name
 
 SETTINGS_ATTR = "settings"  # proxy-study user attr: the settings a resumed sweep must keep
-STAGES = ("calibration", "proxy", "confirm")  # one Optuna study each (run_proxy seeds a sampler for each ask)
+STAGES = ("proxy", "confirm")  # plus one refine/<kind> study per guidance kind (stages_of)
+
+
+def stages_of(cfg: SweepConfig) -> list[str]:
+    """The Optuna studies of a sweep: proxy, refine/<kind> for each kind, confirm."""
+    return ["proxy", *(f"refine/{k}" for k in cfg.guidance.kinds), "confirm"]
 
 
 def resume_settings(cfg: SweepConfig) -> dict[str, Any]:
     """The settings that define a sweep's trials; rerunning a sweep name with other values is refused."""
     search = {k: v for k, v in asdict(cfg.search).items() if k != "n_trials"}
     return {"seed": cfg.seed, "backbone": asdict(cfg.backbone), "guidance": asdict(cfg.guidance), "search": search,
-            "proxy": asdict(cfg.proxy)}
+            "proxy": asdict(cfg.proxy), "refine": asdict(cfg.refine), "confirm": asdict(cfg.confirm),
+            "workers": cfg.launcher.workers}
 
 
 def check_resume(cfg: SweepConfig) -> None:
@@ -101,8 +103,8 @@ def check_backbone(cfg: SweepConfig) -> None:
         )
 
 
-def fid_reference(cfg: SweepConfig) -> Reference:
-    """Reference statistics for the confirm stage, computed in the driver (cached under <root>/fid_cache)."""
+def fid_reference(cfg: SweepConfig) -> tuple[FidEvaluator, Reference]:
+    """The driver's FID evaluator and the reference statistics (computed here, cached under <root>/fid_cache)."""
     # A weights file torch.load(weights_only=True) refuses raises one ValueError naming it (pipeline.files).
     evaluator = FidEvaluator(
         cfg.backbone.fid_extractor,
@@ -118,7 +120,7 @@ def fid_reference(cfg: SweepConfig) -> Reference:
         batch_size=cfg.confirm.batch_size,
     )
     try:
-        return evaluator.reference(source)
+        return evaluator, evaluator.reference(source)
     except ValueError as err:
         if cfg.confirm.reference in str(err):  # already names the file and the fix
             raise
@@ -129,46 +131,78 @@ def fid_reference(cfg: SweepConfig) -> Reference:
         ) from None
 
 
-def write_outputs(
-    cfg: SweepConfig,
-    entries: list[Confirmed],
-    best: Confirmed,
-    rho: float,
-    proxy_trials: list[optuna.trial.FrozenTrial],
-    calibration: Calibration,
-) -> tuple[Path, list[Path]]:
-    """best.yaml, report.md and the two plots in sweep.output_dir; returns (best.yaml, all files)."""
+def costs(records: dict[str, list[TrialRecord]]) -> dict[str, dict[str, float]]:
+    """Per stage: trials, images sampled and worker seconds of its finished trials; and the total."""
+    out = {stage: {"trials": len(recs), "images": sum(r.images for r in recs),
+                   "worker_s": round(sum(r.worker_s for r in recs), 2)} for stage, recs in records.items()}
+    out["total"] = {k: sum(c[k] for c in out.values()) for k in ("trials", "images", "worker_s")}
+    return out
+
+
+def answer(cfg: SweepConfig, winner: Racer, margin: Margin | None, racers: list[Racer], ranges: Ranges,
+           cost: dict) -> Best:
+    """best.yaml of a finished race."""
+    n = winner.reached
+    scores = winner.scores[n]
+    c = winner.candidate
+
+    def scored(r: Racer, m: int) -> dict:
+        return {**r.candidate.as_dict(), "kind": r.candidate.kind, "num_images": m,
+                **{k: r.scores[m][k] for k in ("fid", "fid_low", "fid_high")}}
+
+    default = next((r for r in racers if r.role == DEFAULT), None)
+    default_out = None
+    if default is not None and default.scores:
+        m = default.reached
+        default_out = {**scored(default, m), "gain": default.scores[m]["fid"] - winner.scores[m]["fid"]
+                       if m in winner.scores else None}
+    return Best(
+        backbone=cfg.backbone.name, guidance=cfg.guidance.name, kind=c.kind, w_cfg=c.w_cfg, w_igg=c.w_igg,
+        window=c.window, fid=scores["fid"], fid_low=scores["fid_low"], fid_high=scores["fid_high"], num_images=n,
+        at_bound=ranges.bounds(c),
+        runner_up=scored(margin.runner_up, margin.num_images) if margin else None,
+        margin=None if margin is None else {"diff": margin.diff, "low": margin.low, "high": margin.high,
+                                            "num_images": margin.num_images, "separated": margin.separated},
+        default=default_out, cost=cost,
+        sampling={"schedule": cfg.guidance.schedule, "schedule_start": cfg.guidance.schedule_start,
+                  "schedule_end": cfg.guidance.schedule_end, "top_k": cfg.backbone.top_k, "top_p": cfg.backbone.top_p,
+                  "seed": cfg.seed, "batch_size": cfg.confirm.batch_size, "level": cfg.confirm.level,
+                  "labels": "image i: class i*P mod C (pipeline.distributed.spread_labels)",
+                  "batch_seeds": "derive_seed(seed, batch index) (tuners.samplers)"},
+        checkpoints={key: {"path": getattr(cfg.backbone, key), "sha256": file_digest(getattr(cfg.backbone, key))}
+                     for key in ("vae_ckpt", "var_ckpt")},
+    )
+
+
+def write_outputs(cfg: SweepConfig, best: Best, racers: list[Racer], winner: Racer, margin: Margin | None,
+                  proxy: ProxyStage | None) -> tuple[Path, list[Path]]:
+    """best.yaml, report.md and the plots in sweep.output_dir; returns (best.yaml, all files)."""
     out = Path(cfg.sweep.output_dir)
-    c = best.candidate
-    best_path = write_best(
-        out / "best.yaml",
-        Best(cfg.backbone.name, cfg.guidance.name, c.w_cfg, c.w_igg, c.window, best.fid, best.gap, rho),
-    )
-    markdown = report_markdown(
-        f"guidetune sweep {cfg.sweep.name}", entries, best, rho, cfg.confirm.small_num_images, cfg.confirm.num_images
-    )
+    best_path = write_best(out / "best.yaml", best)
+    markdown = report_markdown(f"guidetune sweep {cfg.sweep.name}", racers, winner, margin, best)
     files = [best_path, atomic_write(out / "report.md", markdown.encode())]
-    files.append(atomic_write(out / "gap_vs_fid.png", gap_vs_fid_png(entries, rho)))
-    weight = "w_cfg" if "w_cfg" in cfg.guidance.params else "w_igg"
-    e_name, d_name = EVENNESS_SIGNAL[cfg.proxy.evenness], DIVERGENCE_SIGNAL[cfg.proxy.reference]
-    (e_lo, e_hi), (d_lo, d_hi) = calibration.ranges[e_name], calibration.ranges[d_name]
-    signals = [(t.params[weight], t.user_attrs["result"]["signals"]) for t in proxy_trials]
-    rows = [(w, (s[e_name] - e_lo) / (e_hi - e_lo), (s[d_name] - d_lo) / (d_hi - d_lo)) for w, s in signals]
-    files.append(atomic_write(out / "proxy_signals.png", signals_vs_weight_png(weight, rows)))
+    if proxy is not None:
+        e_name, d_name = EVENNESS_SIGNAL[cfg.proxy.evenness], DIVERGENCE_SIGNAL[cfg.proxy.reference]
+        for kind in cfg.guidance.kinds:
+            weight = "w_cfg" if kind == "cfg" else "w_igg"
+            rows = [(getattr(c, weight), r.signals[e_name], r.signals[d_name]) for c, r in proxy.records()
+                    if c.kind == kind]
+            if rows:
+                files.append(atomic_write(out / f"proxy_signals_{kind}.png", signals_vs_weight_png(weight, rows)))
     return best_path, files
 
 
-def run(cfg: SweepConfig, reference: Reference) -> Path:
+def run(cfg: SweepConfig, evaluator: FidEvaluator, reference: Reference) -> Path:
     """Run (or resume) the sweep of a validated config on a connected Ray; returns the path of best.yaml."""
     e_name, d_name = EVENNESS_SIGNAL[cfg.proxy.evenness], DIVERGENCE_SIGNAL[cfg.proxy.reference]
-    studies = {stage: open_study(cfg.storage, study_name(cfg.sweep.name, stage)) for stage in STAGES}
+    studies = {stage: open_study(cfg.storage, study_name(cfg.sweep.name, stage)) for stage in stages_of(cfg)}
     kept = {(stage, t.number) for stage, s in studies.items() for t in s.get_trials(deepcopy=False)
             if counts_toward_budget(t)}
     tracker = Tracker(cfg.tracking.uri, cfg.sweep.name, (e_name, d_name))
     tracker.open_parent(as_dict(cfg), kept)  # runs of trials a dead driver left unfinished become KILLED
     status = "FAILED"
     try:
-        best_path = _stages(cfg, reference, tracker, studies)
+        best_path = Sweep(cfg, evaluator, reference, tracker, studies).run()
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -178,36 +212,77 @@ def run(cfg: SweepConfig, reference: Reference) -> Path:
     return best_path
 
 
-def _stages(cfg: SweepConfig, reference: Reference, tracker: Tracker, studies: dict[str, optuna.Study]) -> Path:
-    calibration_study, proxy_study, confirm_study = (studies[stage] for stage in STAGES)
-    proxy_study.set_user_attr(SETTINGS_ATTR, resume_settings(cfg))
-    pool = RayPool(cfg, reference)
-    try:
-        base = baselines(cfg.backbone)
-        points = design_points(cfg.guidance, cfg.search, cfg.proxy.calibration) + [c for c, _ in base]
-        calibration = calibrate(calibration_study, proxy_study, pool, points, cfg.proxy, cfg.seed, tracker)
-        trials = run_proxy(proxy_study, pool, cfg.guidance, cfg.search, cfg.proxy, calibration, cfg.seed, tracker)
-        if not trials:
-            raise RuntimeError("no proxy trial finished; see the failed runs in MLflow (`make ui`), then rerun")
-        objective = gap_name(cfg.proxy.evenness, cfg.proxy.reference)
-        entries = [Confirmed(c, PROXY, gap) for c, gap in select_candidates(trials, cfg.confirm.top_k,
-                                                                            cfg.confirm.decimals)]
-        taken = {e.candidate.key(cfg.confirm.decimals) for e in entries}
-        for candidate, role in base:
-            if candidate.key(cfg.confirm.decimals) not in taken:
-                signals = calibration.points[job_key(Job(candidate, cfg.proxy.num_images, cfg.seed))]
-                entries.append(Confirmed(candidate, role, calibration.gaps(signals)[objective]))
-        run_confirm(confirm_study, pool, entries, cfg.confirm, cfg.seed, tracker)
-    finally:
-        pool.close()
-    rho = spearman([e.gap for e in entries], [e.small["fid"] if e.small else math.nan for e in entries])
-    best = best_of(entries)
-    best_path, files = write_outputs(cfg, entries, best, rho, trials, calibration)
-    c = best.candidate
-    metrics = {"best_fid": best.fid, "best_gap": best.gap, "spearman_rho": rho}
-    metrics.update({f"best_{k}": float(v) for k, v in c.as_dict().items() if v is not None})
-    tracker.log_summary(metrics, {"guidetune.best": c.label(), "guidetune.best_role": best.role}, files)
-    return best_path
+class Sweep:
+    """The stages of one sweep over one pool of actors: proxy -> refine -> confirm -> outputs."""
+
+    def __init__(self, cfg: SweepConfig, evaluator: FidEvaluator, reference: Reference, tracker: Tracker,
+                 studies: dict):
+        self.cfg, self.tracker, self.studies = cfg, tracker, studies
+        bank_dir = Path(cfg.sweep.output_dir) / "features"
+        self.bank = FeatureBank(bank_dir, [0, cfg.refine.num_images, *cfg.confirm.rungs], cfg.seed)
+        self.scorer = Scorer(evaluator, reference, cfg.confirm.bootstrap, cfg.confirm.level, cfg.seed)
+        self.reference = reference
+
+    def run(self) -> Path:
+        cfg = self.cfg
+        studies = self.studies
+        studies["proxy"].set_user_attr(SETTINGS_ATTR, resume_settings(cfg))
+        kinds = list(cfg.guidance.kinds)
+        pool = RayPool(cfg, self.reference)
+        try:
+            proxy, ranges = None, Ranges.start(kinds, cfg.search)
+            if cfg.search.n_trials > 0:
+                proxy = ProxyStage(studies["proxy"], kinds, cfg.search, cfg.proxy, cfg.seed, self.tracker)
+                proxy.run(pool)
+                ranges = proxy.ranges
+            warm = {k: self._warm(k, proxy, ranges) for k in kinds}
+            refine = RefineStage({k: studies[f"refine/{k}"] for k in kinds}, warm, ranges, cfg.refine, cfg.search,
+                                 cfg.seed, self.tracker, self.bank, self.scorer)
+            refine.run(pool)
+            racers = [Racer(c, REFINED, refine_fid=rec.value)
+                      for c, rec in refine.finalists(cfg.confirm.finalists, cfg.confirm.decimals)]
+            default = default_candidate(cfg.backbone)
+            if all(r.candidate.key(cfg.confirm.decimals) != default.key(cfg.confirm.decimals) for r in racers):
+                racers.append(Racer(default, DEFAULT))
+            race = RaceStage(studies["confirm"], racers, cfg.confirm, cfg.seed, self.tracker, self.bank, self.scorer)
+            winner, margin = race.run(pool)
+        finally:
+            pool.close()
+        records = {stage: [record_of(t) for t in s.get_trials(deepcopy=False) if counts_toward_budget(t)]
+                   for stage, s in studies.items()}
+        cost = costs({"proxy": records["proxy"], "refine": [r for k in kinds for r in records[f"refine/{k}"]],
+                      "confirm": records["confirm"]})
+        best = answer(cfg, winner, margin, racers, ranges_after(ranges, refine), cost)
+        best_path, files = write_outputs(cfg, best, racers, winner, margin, proxy)
+        capped = [w for w, where in best.at_bound.items() if where == "cap"]
+        if capped:
+            print(f"warning: the answer's {', '.join(capped)} sits at search.max_weight={cfg.search.max_weight}; "
+                  "raise it to look further", file=sys.stderr)
+        c = winner.candidate
+        metrics = {"best_fid": best.fid, "best_fid_low": best.fid_low, "best_fid_high": best.fid_high,
+                   **{f"cost_{stage}_{k}": float(v) for stage, cs in cost.items() for k, v in cs.items()}}
+        metrics.update({f"best_{k}": float(v) for k, v in c.as_dict().items() if v is not None})
+        if margin is not None:
+            metrics.update({"margin": margin.diff, "margin_low": margin.low, "margin_high": margin.high})
+        tags = {"guidetune.best": c.label(), "guidetune.best_kind": c.kind,
+                "guidetune.separated": str(margin.separated if margin else None)}
+        self.tracker.log_summary(metrics, tags, files)
+        return best_path
+
+    def _warm(self, kind: str, proxy: ProxyStage | None, ranges: Ranges) -> list[Candidate]:
+        """The refinement's start for a kind: the proxy's best candidates, or its design points without a proxy."""
+        if proxy is not None and (best := proxy.best(kind, self.cfg.refine.warm_start, self.cfg.confirm.decimals)):
+            return [c for c, _ in best]
+        return design_points([kind], ranges, self.cfg.proxy.design)
+
+
+def ranges_after(ranges: Ranges, refine: RefineStage) -> Ranges:
+    """The ranges the answer is judged against: the proxy's, widened to every trust region the refinement used."""
+    for kind, search in refine.kinds.items():
+        for w, (low, high) in search.region.box().items():
+            span = ranges.spans[kind][w]
+            span[0], span[1] = min(span[0], low), max(span[1], high)
+    return ranges
 
 
 USAGE = """usage: python -m pipeline.sweep [group=option ...] [key=value ...] [--cfg] [--help]
@@ -235,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         check_resume(cfg)
         if cfg.launcher.address is not None:  # a cluster that does not answer fails fast, before the reference
             connect(cfg.launcher)
-        reference = fid_reference(cfg)
+        evaluator, reference = fid_reference(cfg)
         started_ray = connect(cfg.launcher)  # a local Ray starts only once everything else checked out
     except (ValueError, ConnectionError) as err:  # bad config, checkpoint, reference or Ray address: one line
         print(f"error: {err}", file=sys.stderr)
@@ -247,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        best_path = run(cfg, reference)
+        best_path = run(cfg, evaluator, reference)
     finally:
         if started_ray:
             ray.shutdown()

@@ -141,12 +141,13 @@ class Tracker:
     def started(self, stage: str, number: int, job: Job) -> None:
         run = self.client.create_run(
             self.experiment_id,
-            run_name=f"{stage}-{number}",
+            run_name=f"{stage} {number} · {job.candidate.label()}",
             tags={PARENT_TAG: self.parent_id, SWEEP_TAG: self.experiment, STAGE_TAG: stage, TRIAL_TAG: str(number),
                   ROLE_TAG: "trial"},
         )
         self.runs[(stage, number)] = run.info.run_id
-        params = {**job.candidate.as_dict(), "num_images": job.num_images, "seed": job.seed, "fid": job.fid}
+        params = {**job.candidate.as_dict(), "kind": job.candidate.kind, "num_images": job.num_images,
+                  "start": job.start, "seed": job.seed, "fid": job.fid}
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
     def finished(self, stage: str, number: int, job: Job, done: Done, metrics: dict[str, float]) -> None:
@@ -156,7 +157,6 @@ class Tracker:
         now = _now_ms()
         values = {
             **evaluation.signals,
-            **evaluation.fid_metrics,
             **metrics,
             "wall_s": evaluation.wall_s,
             "images_per_s": evaluation.images_per_s,

@@ -1,117 +1,154 @@
-"""Stage 2: confirm the proxy's best candidates with FID (multi-fidelity) and measure how well the proxy ranks.
+"""Stage 3 (confirm): race the finalists at growing N; FID decides, and says how sure it is.
 
-The top-K *distinct* proxy candidates (equal after rounding the weights) and the baselines (the backbone's published
-CFG weight and unguided sampling, w = 0) get a small-N FID; the `full_top` best of the guided ones and the unguided
-baseline then get the full-N FID, so the best candidate and the unguided reference are compared at the same N.
-Every FID evaluation is one trial of the ``confirm`` ledger study, so a resumed sweep redoes none of them.
+The finalists (each kind's best refined candidate, then the next best, plus the backbone's published default CFG)
+are scored at every rung N of ``confirm.rungs``. A rung extends each finalist's images (same labels and sampler
+seeds: the first N images at a larger N are the same images), so a rung costs only the images it adds. After each
+rung the finalist with the lowest FID is the current best; every other finalist whose FID exceeds it beyond noise
+(the lower end of the paired-bootstrap interval of the difference is above 0) leaves. At most ``confirm.final_max``
+go on to the last rung, which decides. Every FID carries its interval; the result names the runner-up and the margin,
+and whether the winner is separated from it. Each (finalist, rung) is one trial of the ``confirm`` ledger study.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import optuna
-from optuna.trial import FrozenTrial
-from scipy.stats import spearmanr
 
 from pipeline.config import BackboneConfig, ConfirmConfig
-from tuners.jobs import Job, Observer, Pool
-from tuners.proxy import job_key
-from tuners.space import Candidate, from_params
+from tuners.jobs import Done, Job, Observer, Pool, TrialRecord
+from tuners.scoring import FeatureBank, Scorer
+from tuners.space import Candidate
 from tuners.studies import run_ledger
 
-PROXY, DEFAULT, UNGUIDED = "proxy", "default", "unguided"
+REFINED, DEFAULT = "refined", "default"
+
+
+def job_key(job: Job) -> str:
+    """Ledger identity of a job: its candidate, image range and seed."""
+    c = job.candidate
+    return json.dumps([c.w_cfg, c.w_igg, c.window, job.start, job.num_images, job.seed, job.fid])
+
+
+def default_candidate(backbone: BackboneConfig) -> Candidate:
+    """The backbone's published guidance: CFG at `backbone.default_cfg`."""
+    return Candidate(w_cfg=backbone.default_cfg, w_igg=None, window=None)
 
 
 @dataclass
-class Confirmed:
-    """A confirmed candidate: where it came from, its proxy gap and its FID metrics at each fidelity."""
+class Racer:
+    """One finalist: where it came from, its metrics at each rung it reached, and why it left (if it did)."""
 
     candidate: Candidate
-    role: str  # proxy | default | unguided
-    gap: float
-    small: dict[str, float] | None = None  # metrics at confirm.small_num_images
-    full: dict[str, float] | None = None  # metrics at confirm.num_images
+    role: str  # refined | default
+    refine_fid: float | None = None  # its FID in the refinement stage (refine.num_images)
+    scores: dict[int, dict[str, float]] = field(default_factory=dict)  # N -> fid, fid_low, fid_high, ...
+    left: str | None = None  # "worse at N=…", "cut at N=…" (cost cap) or a failure
+
+    @property
+    def reached(self) -> int:
+        return max(self.scores, default=0)
 
     @property
     def fid(self) -> float:
-        """FID at the highest fidelity this candidate reached (NaN if none)."""
-        metrics = self.full or self.small
-        return metrics["fid"] if metrics else math.nan
+        """FID at the highest N reached (NaN if none)."""
+        return self.scores[self.reached]["fid"] if self.scores else math.nan
 
 
-def select_candidates(trials: list[FrozenTrial], top_k: int, decimals: int) -> list[tuple[Candidate, float]]:
-    """The `top_k` lowest-gap COMPLETE proxy trials with distinct candidates (weights rounded to `decimals`)."""
-    chosen: dict[tuple, tuple[Candidate, float]] = {}
-    for trial in sorted(trials, key=lambda t: t.value if t.value is not None else math.inf):
-        candidate = from_params(trial.params)
-        key = candidate.key(decimals)
-        if trial.value is not None and key not in chosen:
-            chosen[key] = (candidate, trial.value)
-        if len(chosen) == top_k:
-            break
-    return list(chosen.values())
+@dataclass
+class Margin:
+    """FID(runner-up) − FID(winner) at N on the same images, with its interval; separated when low > 0."""
+
+    runner_up: Racer
+    num_images: int
+    diff: float
+    low: float
+    high: float
+
+    @property
+    def separated(self) -> bool:
+        return self.low > 0
 
 
-def baselines(backbone: BackboneConfig) -> list[tuple[Candidate, str]]:
-    """The published default (CFG at `backbone.default_cfg`) and unguided conditional sampling (w = 0)."""
-    return [
-        (Candidate(w_cfg=backbone.default_cfg, w_igg=None, window=None), DEFAULT),
-        (Candidate(w_cfg=0.0, w_igg=None, window=None), UNGUIDED),
-    ]
+@dataclass
+class RaceStage:
+    """The race of one sweep. Call :meth:`run`; it returns the winner and its margin over the runner-up."""
 
+    study: optuna.Study
+    racers: list[Racer]
+    confirm: ConfirmConfig
+    seed: int
+    observer: Observer
+    bank: FeatureBank
+    scorer: Scorer
+    eliminations: list[tuple[Racer, int, dict[str, float]]] = field(default_factory=list)
 
-def spearman(gaps: list[float], fids: list[float]) -> float:
-    """Spearman rank correlation of proxy gap vs FID; NaN with fewer than 3 finite pairs or a constant side."""
-    pairs = [(g, f) for g, f in zip(gaps, fids, strict=True) if math.isfinite(g) and math.isfinite(f)]
-    if len(pairs) < 3 or len({g for g, _ in pairs}) < 2 or len({f for _, f in pairs}) < 2:
-        return math.nan
-    rho = spearmanr([g for g, _ in pairs], [f for _, f in pairs]).statistic
-    return float(rho)
+    def _job(self, racer: Racer, num_images: int) -> Job:
+        start = self.bank.start_for(racer.candidate, num_images, self.scorer.layers)
+        return Job(racer.candidate, num_images, self.seed, fid=True, start=start)
 
+    def _finish(self, last: bool):
+        def finish(job: Job, done: Done) -> TrialRecord:
+            assert done.evaluation is not None
+            features = self.bank.put(job, done.evaluation.features)
+            metrics = self.scorer.fid(self.bank.get(job.candidate, job.num_images, self.scorer.layers),
+                                      all_metrics=last)
+            return TrialRecord.of("confirm", job, done, value=metrics["fid"], metrics=metrics, features=features)
 
-def run_confirm(
-    study: optuna.Study,
-    pool: Pool,
-    entries: list[Confirmed],
-    confirm: ConfirmConfig,
-    seed: int,
-    observer: Observer,
-) -> list[Confirmed]:
-    """Small-N FID for every entry, full-N FID for the `full_top` best guided ones and the unguided baseline.
+        return finish
 
-    Fills `small` and `full` of the entries in place (left None where an evaluation failed) and returns them.
-    """
+    def run(self, pool: Pool) -> tuple[Racer, Margin | None]:
+        alive = list(self.racers)
+        rungs = self.confirm.rungs
+        for r, n in enumerate(rungs):
+            last = r == len(rungs) - 1
+            jobs = {job_key(j): (j, racer) for racer in alive for j in [self._job(racer, n)]}
+            done = run_ledger(self.study, pool, "confirm", {k: j for k, (j, _) in jobs.items()}, self._finish(last),
+                              self.observer)
+            for key, (_, racer) in jobs.items():
+                if key in done:
+                    racer.scores[n] = dict(done[key].metrics)
+                else:
+                    racer.left = f"failed at N={n}"
+            alive = [racer for racer in alive if n in racer.scores]
+            if not alive:
+                raise RuntimeError("no finalist was scored; see the failed confirm runs in MLflow, then rerun")
+            if last:
+                break
+            alive = self._eliminate(alive, n)
+            if r == len(rungs) - 2 and len(alive) > self.confirm.final_max:
+                alive.sort(key=lambda x: x.scores[n]["fid"])
+                for racer in alive[self.confirm.final_max:]:
+                    racer.left = f"cut at N={n} (confirm.final_max={self.confirm.final_max}; not separated)"
+                alive = alive[: self.confirm.final_max]
+        winner = min(alive, key=lambda x: x.scores[rungs[-1]]["fid"])
+        return winner, self._margin(winner)
 
-    def fid_jobs(chosen: list[Confirmed], n: int) -> dict[str, Job]:
-        return {job_key(job): job for job in (Job(e.candidate, n, seed, fid=True) for e in chosen)}
+    def _eliminate(self, alive: list[Racer], n: int) -> list[Racer]:
+        best = min(alive, key=lambda x: x.scores[n]["fid"])
+        best_features = self.bank.get(best.candidate, n, self.scorer.layers)
+        kept = []
+        for racer in alive:
+            if racer is best:
+                kept.append(racer)
+                continue
+            diff = self.scorer.difference(self.bank.get(racer.candidate, n, self.scorer.layers), best_features)
+            if diff["low"] > 0:
+                racer.left = f"worse at N={n}: +{diff['diff']:.3g} FID [{diff['low']:.3g}, {diff['high']:.3g}]"
+                self.eliminations.append((racer, n, diff))
+            else:
+                kept.append(racer)
+        return kept
 
-    def metrics_of(trials: dict[str, FrozenTrial], entry: Confirmed, n: int) -> dict[str, float] | None:
-        trial = trials.get(job_key(Job(entry.candidate, n, seed, fid=True)))
-        return dict(trial.user_attrs["result"]["fid_metrics"]) if trial is not None else None
-
-    def fid_of(ev):
-        return ev.fid_metrics["fid"]
-
-    small = run_ledger(study, pool, "confirm", fid_jobs(entries, confirm.small_num_images), fid_of, observer)
-    for entry in entries:
-        entry.small = metrics_of(small, entry, confirm.small_num_images)
-    guided = sorted((e for e in entries if e.role != UNGUIDED and e.small), key=lambda e: e.fid)
-    chosen = guided[: confirm.full_top] + [e for e in entries if e.role == UNGUIDED and e.small]
-    if confirm.num_images == confirm.small_num_images:
-        full = small
-    else:
-        full = run_ledger(study, pool, "confirm", fid_jobs(chosen, confirm.num_images), fid_of, observer)
-    for entry in chosen:
-        entry.full = metrics_of(full, entry, confirm.num_images)
-    return entries
-
-
-def best_of(entries: list[Confirmed]) -> Confirmed:
-    """The lowest full-N FID (the lowest small-N FID if no entry reached full N)."""
-    for fidelity in ("full", "small"):
-        scored = [e for e in entries if getattr(e, fidelity)]
-        if scored:
-            return min(scored, key=lambda e: getattr(e, fidelity)["fid"])
-    raise RuntimeError("no confirm evaluation finished; see the failed runs in MLflow, then rerun to resume")
+    def _margin(self, winner: Racer) -> Margin | None:
+        """The runner-up: the next lowest FID at the highest N it shares with the winner."""
+        others = [x for x in self.racers if x is not winner and x.scores]
+        if not others:
+            return None
+        runner = min(others, key=lambda x: (-x.reached, x.fid))
+        n = runner.reached
+        diff = self.scorer.difference(self.bank.get(runner.candidate, n, self.scorer.layers),
+                                      self.bank.get(winner.candidate, n, self.scorer.layers))
+        return Margin(runner, n, diff["diff"], diff["low"], diff["high"])

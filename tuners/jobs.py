@@ -7,8 +7,10 @@ trial to an `Observer` (MLflow in production); neither knows about Ray or MLflow
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
 
 from tuners.space import Candidate
 
@@ -19,15 +21,23 @@ DIVERGENCE_SIGNAL = {"uncond": "div_uncond", "cond": "div_cond"}
 
 @dataclass(frozen=True)
 class Job:
-    """Sample `num_images` images (labels cycle over the classes) with one guidance setting and a fixed seed.
+    """Sample images `start`..`num_images`-1 (labels cycle over the classes) with one guidance setting and a seed.
 
-    With `fid` the worker also scores the images against the FID reference.
+    Image i depends only on the candidate, the seed, i and the batch size, so the images of a job that starts at N
+    extend those of the same candidate up to N (a race rung adds images, it does not redraw them). With `fid` the
+    worker returns the images' FID features instead of measuring the proxy signals on all of them.
     """
 
     candidate: Candidate
     num_images: int
     seed: int
     fid: bool = False
+    start: int = 0
+
+    @property
+    def sampled(self) -> int:
+        """Images this job samples."""
+        return self.num_images - self.start
 
 
 @dataclass
@@ -37,17 +47,19 @@ class Evaluation:
     signals: trial-level value of each of `SIGNALS` (mean over images of the mean over scales 1..K-1); FID jobs
         measure them on their first batch only.
     per_scale: each of `SIGNALS` per scale index (mean over the same images), K values.
-    fid_metrics: fid, isc, kid, precision, recall... (empty without `Job.fid`).
+    features: FID jobs: feature layer -> (sampled, F) float32 features of the job's images, in image order.
     images: artifact file name -> PNG bytes (sample grid, guidance heat map).
+    node: where it ran: Ray node id and host name (empty outside Ray).
     error: why the evaluation is unusable (e.g. non-finite logits); the trial fails with this reason.
     """
 
     signals: dict[str, float] = field(default_factory=dict)
     per_scale: dict[str, list[float]] = field(default_factory=dict)
-    fid_metrics: dict[str, float] = field(default_factory=dict)
+    features: dict[str, np.ndarray] = field(default_factory=dict)
     num_images: int = 0
     wall_s: float = 0.0
     images: dict[str, bytes] = field(default_factory=dict)
+    node: dict[str, str] = field(default_factory=dict)
     error: str | None = None
 
     @property
@@ -85,3 +97,44 @@ class Observer(Protocol):
     def finished(self, stage: str, number: int, job: Job, done: Done, metrics: dict[str, float]) -> None: ...
 
     def failed(self, stage: str, number: int, job: Job, reason: str, retries: int) -> None: ...
+
+
+@dataclass
+class TrialRecord:
+    """What one finished trial of any stage holds (the Optuna user attr ``record``): enough to rebuild its result
+    on resume without running anything again.
+
+    stage: proxy | refine | confirm. value: what Optuna was told (gap or FID). signals and gaps: the proxy's numbers
+    (signals are also measured on the first batch of FID jobs). metrics: FID-side numbers (fid, fid_low, fid_high,
+    isc, ...). images: images sampled; worker_s: worker seconds. features: the file of the FID features (in the
+    sweep's output folder), for FID jobs. error: why the trial failed (then it is FAIL, not COMPLETE).
+    """
+
+    stage: str
+    kind: str
+    candidate: dict[str, Any]
+    num_images: int
+    start: int
+    seed: int
+    value: float | None = None
+    signals: dict[str, float] = field(default_factory=dict)
+    gaps: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    images: int = 0
+    worker_s: float = 0.0
+    retries: int = 0
+    features: str | None = None
+    error: str | None = None
+
+    @classmethod
+    def of(cls, stage: str, job: Job, done: Done | None = None, **fields: Any) -> TrialRecord:
+        evaluation = done.evaluation if done is not None else None
+        return cls(stage=stage, kind=job.candidate.kind, candidate=job.candidate.as_dict(), num_images=job.num_images,
+                   start=job.start, seed=job.seed,
+                   signals=dict(evaluation.signals) if evaluation is not None else {},
+                   images=job.sampled if evaluation is not None else 0,
+                   worker_s=evaluation.wall_s if evaluation is not None else 0.0,
+                   retries=done.retries if done is not None else 0, **fields)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,29 +1,31 @@
-"""Stage 0 (calibration) and stage 1 (proxy search): minimise the evenness-divergence equilibrium gap.
+"""Stage 1 (proxy search): minimise the evenness-divergence equilibrium gap over every kind and its weights.
 
-Calibration evaluates fixed design points (the diagonal of the search space plus the baselines) and keeps, for each
-signal, its (min, max) over them: the min-max ranges of the equilibrium gap (pipeline.metrics.equilibrium_gap). The
-ranges are stored in the proxy study's user attr ``ranges``; a resumed sweep reuses them. The proxy stage then asks
-Optuna for candidates, one per idle worker, and tells each trial the gap of the configured signal pair. Every trial
-also records the gap of every other pair (user attr ``gaps``), so the pairs can be compared afterwards.
+One Optuna study asks the kind (categorical) and its weights inside the current ranges; each trial samples a small
+batch and is told the gap |E − D| of the configured signal pair (pipeline.metrics.equilibrium_gap, natural units:
+no calibration, so the pick does not move with the range). The design points of every kind are enqueued first.
+When the budget is spent and a kind's lowest-gap candidate lies at the upper edge of its range, that range grows
+(tuners.space.Ranges) and ``search.n_trials // 2`` more trials run, at most ``search.max_grows`` times. The ranges
+and the budget are the stage's state, stored on the study (user attr ``state``), so a resumed sweep continues.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import optuna
 import torch
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
-from pipeline.config import GuidanceConfig, ProxyConfig, SearchConfig
+from pipeline.config import ProxyConfig, SearchConfig
 from pipeline.metrics import equilibrium_gap
 from tuners.driver import drive
-from tuners.jobs import DIVERGENCE_SIGNAL, EVENNESS_SIGNAL, SIGNALS, Done, Job, Observer, Pool
+from tuners.jobs import DIVERGENCE_SIGNAL, EVENNESS_SIGNAL, Done, Job, Observer, Pool, TrialRecord
 from tuners.samplers import derive_seed, make_sampler
-from tuners.space import Candidate, suggest
-from tuners.studies import counts_toward_budget, fail, reason_of, record, run_ledger
+from tuners.space import Candidate, Ranges, design_points, from_params, suggest
+from tuners.studies import counts_toward_budget, fail_stale, reason_of, record_of, tell
+
+STATE = "state"  # proxy-study user attr: ProxyState
 
 
 def gap_name(evenness: str, reference: str) -> str:
@@ -31,162 +33,143 @@ def gap_name(evenness: str, reference: str) -> str:
     return f"gap_{evenness}_{reference}"
 
 
+def gaps_of(signals: dict[str, float]) -> dict[str, float]:
+    """Equilibrium gap |E − D| of every (evenness, divergence reference) pair of a trial's signals."""
+    return {gap_name(e, d): float(equilibrium_gap(torch.tensor(signals[e_name]), torch.tensor(signals[d_name])))
+            for e, e_name in EVENNESS_SIGNAL.items() for d, d_name in DIVERGENCE_SIGNAL.items()}
+
+
 @dataclass
-class Calibration:
-    """(min, max) of each signal over the calibration design points, and each point's signals."""
+class ProxyState:
+    """What the stage has decided so far: the budget (trials to tell) and the ranges, kind -> weight -> [lo, hi]."""
 
-    ranges: dict[str, tuple[float, float]]
-    points: dict[str, dict[str, float]]  # ledger key -> signals
-
-    def gaps(self, signals: dict[str, float]) -> dict[str, float]:
-        """Equilibrium gap of every (evenness, reference) pair; NaN where a calibration range is degenerate."""
-        out = {}
-        for evenness, e_name in EVENNESS_SIGNAL.items():
-            for reference, d_name in DIVERGENCE_SIGNAL.items():
-                e_range, d_range = self.ranges[e_name], self.ranges[d_name]
-                if e_range[1] > e_range[0] and d_range[1] > d_range[0]:
-                    gap = equilibrium_gap(
-                        torch.tensor(signals[e_name]), torch.tensor(signals[d_name]), e_range, d_range
-                    )
-                    out[gap_name(evenness, reference)] = float(gap)
-                else:
-                    out[gap_name(evenness, reference)] = math.nan
-        return out
+    budget: int
+    grows: int
+    spans: dict[str, dict[str, list[float]]]
 
 
-def job_key(job: Job) -> str:
-    """Ledger identity of a job: its candidate, image count and seed."""
-    c = job.candidate
-    return json.dumps([c.w_cfg, c.w_igg, c.window, job.num_images, job.seed, job.fid])
+@dataclass
+class ProxyStage:
+    """The proxy search of one sweep. Call :meth:`run`; then :meth:`best` per kind for the FID stage."""
 
+    study: optuna.Study
+    kinds: list[str]
+    search: SearchConfig
+    proxy: ProxyConfig
+    seed: int
+    observer: Observer
 
-def calibrate(
-    study: optuna.Study,
-    proxy_study: optuna.Study,
-    pool: Pool,
-    points: list[Candidate],
-    proxy: ProxyConfig,
-    seed: int,
-    observer: Observer,
-) -> Calibration:
-    """Evaluate the design points not yet in the calibration ledger; store the signal ranges on the proxy study.
+    def __post_init__(self) -> None:
+        self.ranges = Ranges.start(self.kinds, self.search)
+        self.objective = gap_name(self.proxy.evenness, self.proxy.reference)
+        stored = self.study.user_attrs.get(STATE)
+        if stored is not None:
+            self.state = ProxyState(**stored)
+            self.ranges.spans = self.state.spans
+        else:
+            points = design_points(self.kinds, self.ranges, self.proxy.design)
+            for c in dict.fromkeys(points):
+                self.study.enqueue_trial({"kind": c.kind, **{k: v for k, v in c.as_dict().items()
+                                                             if k in ("w_cfg", "w_igg") and v is not None},
+                                          **({"window": None} if c.w_igg is not None else {})})
+            self.state = ProxyState(len(dict.fromkeys(points)) + self.search.n_trials, 0, self.ranges.spans)
+            self._save()
 
-    Raises:
-        RuntimeError: a design point failed, or the configured evenness/divergence did not vary over the points.
-    """
-    jobs = {job_key(job): job for job in (Job(c, proxy.num_images, seed) for c in points)}
-    d_name = DIVERGENCE_SIGNAL[proxy.reference]
-    finished = run_ledger(study, pool, "calibration", jobs, lambda ev: ev.signals[d_name], observer)
-    missing = [jobs[k].candidate.label() for k in jobs if k not in finished]
-    if missing:
-        raise RuntimeError(f"calibration failed at {', '.join(missing)}; see the failed runs in MLflow, then rerun")
-    points_signals = {key: trial.user_attrs["result"]["signals"] for key, trial in finished.items()}
-    ranges = {
-        name: (min(s[name] for s in points_signals.values()), max(s[name] for s in points_signals.values()))
-        for name in SIGNALS
-    }
-    for name in (EVENNESS_SIGNAL[proxy.evenness], d_name):
-        low, high = ranges[name]
-        if not (math.isfinite(low) and math.isfinite(high) and high > low):
-            raise RuntimeError(
-                f"{name} did not vary over the calibration points ({low}..{high}); "
-                "widen the search ranges or proxy.calibration"
-            )
-    proxy_study.set_user_attr("ranges", {name: list(r) for name, r in ranges.items()})
-    return Calibration(ranges=ranges, points=points_signals)
+    def _save(self) -> None:
+        self.study.set_user_attr(STATE, asdict(self.state))
 
+    def records(self) -> list[tuple[Candidate, TrialRecord]]:
+        """Every COMPLETE proxy trial: its candidate and record, in trial order."""
+        trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        return [(from_params(t.params), record_of(t)) for t in sorted(trials, key=lambda t: t.number)]
 
-def _recover(study: optuna.Study) -> list[dict]:
-    """Fail the trials a dead driver left RUNNING or WAITING (user attr ``stale``); their params, in ask order.
+    def best(self, kind: str, count: int, decimals: int) -> list[tuple[Candidate, float]]:
+        """The `count` lowest-gap distinct candidates of `kind` (weights rounded to `decimals`)."""
+        chosen: dict[tuple, tuple[Candidate, float]] = {}
+        for c, rec in sorted(self.records(), key=lambda cr: cr[1].value if cr[1].value is not None else math.inf):
+            if c.kind == kind and c.key(decimals) not in chosen and len(chosen) < count:
+                chosen[c.key(decimals)] = (c, float(rec.value))  # type: ignore[arg-type]
+        return list(chosen.values())
 
-    Trials are asked in number order, so sorting by number gives the order in which they must be re-asked.
-    """
-    leftovers = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
-    replay = []
-    for trial in sorted(leftovers, key=lambda t: t.number):
-        params = trial.params if trial.state == TrialState.RUNNING else trial.system_attrs.get("fixed_params", {})
-        # Optuna's public tell() refuses WAITING trials; the storage call is the same state change for both.
-        study._storage.set_trial_user_attr(trial._trial_id, "stale", True)
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        if params:
-            replay.append(dict(params))
-    return replay
+    def run(self, pool: Pool) -> None:
+        """Run trials until the budget is told; grow the ranges of kinds whose best sits at an edge, and go on."""
+        while True:
+            self._run_budget(pool)
+            if self.state.grows >= self.search.max_grows or self.search.n_trials == 0:
+                return
+            grown = [kind for kind in self.kinds if (best := self.best(kind, 1, 6)) and self.ranges.widen(best[0][0])]
+            if not grown:
+                return
+            self.state.grows += 1
+            self.state.budget += max(1, self.search.n_trials // 2)
+            self._save()
 
+    def _run_budget(self, pool: Pool) -> None:
+        """Ask and tell until `state.budget` trials are told; reproducible for a seed and a number of workers W.
 
-def run_proxy(
-    study: optuna.Study,
-    pool: Pool,
-    guidance: GuidanceConfig,
-    search: SearchConfig,
-    proxy: ProxyConfig,
-    calibration: Calibration,
-    seed: int,
-    observer: Observer,
-) -> list[FrozenTrial]:
-    """Run proxy trials until `search.n_trials` have finished (resumed trials included); return the COMPLETE ones.
+        Trial i (the i-th to use budget) is asked by a sampler seeded with (seed, i) when exactly trials 0..i-W are
+        told and i-W+1..i-1 run (constant liar sees those); results are told in index order, so the search does not
+        depend on which worker finishes first. Trials a dead driver left running are failed and asked again first.
+        """
+        for params in fail_stale(self.study):
+            self.study.enqueue_trial(params)
+        told = sum(counts_toward_budget(t) for t in self.study.get_trials(deepcopy=False))
+        asked = told
+        budget = self.state.budget
+        lag = pool.idle() + pool.pending()
+        running: dict[int, tuple[int, optuna.Trial, Job]] = {}
+        arrived: dict[int, tuple[optuna.Trial, Job, Done]] = {}
 
-    Reproducible for a given seed and number of workers W, whatever order the workers finish in and however often
-    the driver is killed and rerun: trial i (the i-th to use budget) is asked by a sampler seeded with (seed, i)
-    when exactly trials 0..i-W are told and i-W+1..i-1 run (constant liar sees those), and results are told in
-    index order. A worker waits only when results arrive out of order. Trials a dead driver left unfinished are
-    failed and their parameters re-asked first.
-    """
-    objective = gap_name(proxy.evenness, proxy.reference)
-    e_name, d_name = EVENNESS_SIGNAL[proxy.evenness], DIVERGENCE_SIGNAL[proxy.reference]
-    replay = _recover(study)
-    told = sum(counts_toward_budget(t) for t in study.get_trials(deepcopy=False))
-    asked = told
-    lag = pool.idle() + pool.pending()  # W: trials that may be asked ahead of the told prefix
-    running: dict[int, tuple[int, optuna.Trial, Job]] = {}  # tag (trial number) -> (index, trial, job)
-    arrived: dict[int, tuple[optuna.Trial, Job, Done]] = {}  # index -> finished, waiting for its turn to be told
+        def flush(upto: int) -> None:
+            nonlocal told
+            while told < upto and told in arrived:
+                self._tell(*arrived.pop(told))
+                told += 1
 
-    def tell(trial: optuna.Trial, job: Job, done: Done) -> None:
+        def next_job() -> tuple[int, Job] | None:
+            nonlocal asked
+            if asked >= budget:
+                flush(budget)
+                return None
+            flush(asked - lag + 1)
+            if told < asked - lag + 1:
+                return None  # the result of trial asked-W is not in yet
+            self.study.sampler = make_sampler(self.search.sampler, derive_seed(self.seed, asked),
+                                              self.search.n_startup_trials)
+            trial = self.study.ask()
+            kind = trial.suggest_categorical("kind", list(self.kinds))
+            box = {w: tuple(span) for w, span in self.ranges.spans[kind].items()}
+            job = Job(suggest(trial, kind, box, self.search.windows), self.proxy.num_images, self.seed)
+            running[trial.number] = (asked, trial, job)
+            asked += 1
+            self.observer.started("proxy", trial.number, job)
+            return trial.number, job
+
+        def on_done(done: Done) -> None:
+            index, trial, job = running.pop(done.tag)
+            arrived[index] = (trial, job, done)
+            if asked >= budget:
+                flush(budget)
+
+        drive(pool, next_job, on_done, desc="proxy", total=max(budget - told, 0))
+        flush(budget)
+
+    def _tell(self, trial: optuna.Trial, job: Job, done: Done) -> None:
         reason = reason_of(done)
         signals = done.evaluation.signals if done.evaluation is not None else {}
-        gaps = calibration.gaps(signals) if reason is None else {}
-        if reason is None and not math.isfinite(gaps[objective]):
-            reason = f"{objective} is not finite (signals {signals})"
+        gaps = gaps_of(signals) if reason is None else {}
+        if reason is None and not math.isfinite(gaps[self.objective]):
+            reason = f"{self.objective} is not finite (signals {signals})"
+        record = TrialRecord.of("proxy", job, done, value=gaps.get(self.objective), gaps=gaps, error=reason)
         if reason is not None:  # the observer hears first: a trial Optuna has finished is finished in MLflow
-            observer.failed("proxy", trial.number, job, reason, done.retries)
-            fail(study, trial, reason, done.retries)
-            return
-        selected = {"E": signals[e_name], "D": signals[d_name], "gap": gaps[objective]}
-        observer.finished("proxy", trial.number, job, done, {**selected, **gaps})
-        record(trial, done, gaps=gaps)
-        study.tell(trial, gaps[objective])
-
-    def flush(upto: int) -> None:
-        """Tell the arrived results with index < upto, in index order, up to the first one still running."""
-        nonlocal told
-        while told < upto and told in arrived:
-            tell(*arrived.pop(told))
-            told += 1
-
-    def next_job() -> tuple[int, Job] | None:
-        nonlocal asked
-        if asked >= search.n_trials:
-            flush(search.n_trials)
-            return None
-        flush(asked - lag + 1)
-        if told < asked - lag + 1:
-            return None  # the result of trial asked-W is not in yet
-        if replay:
-            study.enqueue_trial(replay.pop(0))
+            self.observer.failed("proxy", trial.number, job, reason, done.retries)
         else:
-            study.sampler = make_sampler(search.sampler, derive_seed(seed, asked), search.n_startup_trials)
-        trial = study.ask()
-        job = Job(suggest(trial, guidance, search), proxy.num_images, seed)
-        running[trial.number] = (asked, trial, job)
-        asked += 1
-        observer.started("proxy", trial.number, job)
-        return trial.number, job
+            e_name = EVENNESS_SIGNAL[self.proxy.evenness]
+            d_name = DIVERGENCE_SIGNAL[self.proxy.reference]
+            selected = {"E": signals[e_name], "D": signals[d_name], "gap": gaps[self.objective]}
+            self.observer.finished("proxy", trial.number, job, done, {**selected, **gaps})
+        tell(self.study, trial, record)
 
-    def on_done(done: Done) -> None:
-        index, trial, job = running.pop(done.tag)
-        arrived[index] = (trial, job, done)
-        if asked >= search.n_trials:
-            flush(search.n_trials)
-
-    drive(pool, next_job, on_done, desc="proxy", total=max(search.n_trials - told, 0))
-    flush(search.n_trials)
-    return study.get_trials(states=(TrialState.COMPLETE,))
+    def bounds(self) -> Ranges:
+        """The ranges as the stage left them (grown where the proxy's best sat at an edge)."""
+        return self.ranges

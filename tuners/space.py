@@ -1,13 +1,21 @@
-"""The guidance search space: candidates, Optuna suggestions and the fixed calibration design points."""
+"""The guidance search space: candidates, their kinds, ranges that grow, Optuna suggestions and design points.
+
+A candidate's kind follows from which terms it has: ``cfg`` (w only), ``igg`` (w′ and a window), ``mixed`` (both).
+Every kind has its own weights and ranges; a range starts where the configuration says and grows, up to
+``search.max_weight``, while the best candidate found lies at its upper edge (:class:`Ranges`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 
-from pipeline.config import GuidanceConfig, SearchConfig
+from pipeline.config import SearchConfig
+
+KIND_PARAMS = {"cfg": ("w_cfg",), "igg": ("w_igg", "window"), "mixed": ("w_cfg", "w_igg", "window")}
+WEIGHTS = ("w_cfg", "w_igg")
 
 
 @dataclass(frozen=True)
@@ -18,6 +26,13 @@ class Candidate:
     w_igg: float | None
     window: int | None
 
+    @property
+    def kind(self) -> str:
+        """cfg, igg or mixed; ``unguided`` when neither term is on."""
+        if self.w_cfg is not None and self.w_igg is not None:
+            return "mixed"
+        return "cfg" if self.w_cfg is not None else "igg" if self.w_igg is not None else "unguided"
+
     def key(self, decimals: int) -> tuple[float | None, float | None, int | None]:
         """Identity after rounding the weights: candidates with equal keys are the same candidate."""
 
@@ -25,6 +40,10 @@ class Candidate:
             return None if w is None else round(w, decimals)
 
         return (r(self.w_cfg), r(self.w_igg), self.window if self.w_igg is not None else None)
+
+    def weights(self) -> dict[str, float]:
+        """The weights this candidate sets (w_cfg and/or w_igg)."""
+        return {name: w for name in WEIGHTS if (w := getattr(self, name)) is not None}
 
     def as_dict(self) -> dict[str, Any]:
         return {"w_cfg": self.w_cfg, "w_igg": self.w_igg, "window": self.window}
@@ -39,30 +58,99 @@ class Candidate:
         return " ".join(parts) if parts else "unguided"
 
 
-def suggest(trial: optuna.Trial, guidance: GuidanceConfig, search: SearchConfig) -> Candidate:
-    """Ask the trial for the searched parameters; parameters not searched are off (None)."""
-    w_cfg = trial.suggest_float("w_cfg", *search.w_cfg) if "w_cfg" in guidance.params else None
-    w_igg = trial.suggest_float("w_igg", *search.w_igg) if "w_igg" in guidance.params else None
-    window = trial.suggest_categorical("window", list(search.windows)) if "window" in guidance.params else None
+@dataclass
+class Ranges:
+    """The current [low, high] of each weight of each kind; they grow at their upper edge up to a cap.
+
+    State is plain data (kind -> weight -> [low, high]) so a stage can store it and a resumed sweep rebuild it.
+    """
+
+    spans: dict[str, dict[str, list[float]]]
+    cap: float
+    edge: float
+    grow: float
+
+    @classmethod
+    def start(cls, kinds: list[str], search: SearchConfig) -> Ranges:
+        spans = {k: {w: list(getattr(search, w)) for w in KIND_PARAMS[k] if w in WEIGHTS} for k in kinds}
+        return cls(spans, search.max_weight, search.edge, search.grow)
+
+    def at_edge(self, candidate: Candidate) -> list[str]:
+        """The weights of `candidate` in the top `edge` fraction of their range (and below the cap)."""
+        spans = self.spans[candidate.kind]
+        return [w for w, v in candidate.weights().items()
+                if spans[w][1] < self.cap and v >= spans[w][1] - self.edge * (spans[w][1] - spans[w][0])]
+
+    def widen(self, candidate: Candidate) -> list[str]:
+        """Grow every range `candidate` sits at the edge of (span × grow, capped); returns the weights grown."""
+        grown = self.at_edge(candidate)
+        for w in grown:
+            low, high = self.spans[candidate.kind][w]
+            self.spans[candidate.kind][w][1] = min(self.cap, low + self.grow * (high - low))
+        return grown
+
+    def bounds(self, candidate: Candidate) -> dict[str, str]:
+        """Per weight of `candidate`: ``cap`` at the cap, ``low`` at 0 / the range's low, else ``inside``."""
+
+        def where(w: str, v: float) -> str:
+            low = self.spans[candidate.kind][w][0]
+            return "cap" if v >= self.cap - 1e-9 else "low" if v <= low + 1e-9 else "inside"
+
+        return {w: where(w, v) for w, v in candidate.weights().items()}
+
+
+@dataclass
+class Region:
+    """A trust region of one kind: a box around a centre, clipped to [0, cap]; windows are not restricted."""
+
+    centre: dict[str, float]
+    radius: dict[str, float]
+    cap: float
+    history: list[str] = field(default_factory=list)  # what each update did (moved, grew, shrank)
+
+    def box(self) -> dict[str, tuple[float, float]]:
+        return {w: (max(0.0, c - self.radius[w]), min(self.cap, c + self.radius[w])) for w, c in self.centre.items()}
+
+    def on_edge(self, candidate: Candidate, edge: float) -> bool:
+        """True when a weight of `candidate` lies in the outer `edge` fraction of the box (and not at 0 or the cap)."""
+        for w, v in candidate.weights().items():
+            low, high = self.box()[w]
+            margin = edge * (high - low)
+            if (v >= high - margin and high < self.cap) or (v <= low + margin and low > 0.0):
+                return True
+        return False
+
+    def update(self, best: Candidate, improved: bool, *, edge: float, grow: float, shrink: float) -> None:
+        """Move to the kind's best; grow when it lies on the edge, shrink when the round found nothing better."""
+        action = "grew" if self.on_edge(best, edge) else "kept" if improved else "shrank"
+        factor = {"grew": grow, "kept": 1.0, "shrank": shrink}[action]
+        self.centre = dict(best.weights())
+        self.radius = {w: r * factor for w, r in self.radius.items()}
+        self.history.append(action)
+
+
+def suggest(trial: optuna.Trial, kind: str, box: dict[str, tuple[float, float]], windows: list[int | None]
+            ) -> Candidate:
+    """Ask the trial for the weights of `kind` inside `box` (weight -> (low, high)) and, with IGG, a window."""
+    w_cfg = trial.suggest_float("w_cfg", *box["w_cfg"]) if "w_cfg" in KIND_PARAMS[kind] else None
+    w_igg = trial.suggest_float("w_igg", *box["w_igg"]) if "w_igg" in KIND_PARAMS[kind] else None
+    window = trial.suggest_categorical("window", list(windows)) if "window" in KIND_PARAMS[kind] else None
     return Candidate(w_cfg=w_cfg, w_igg=w_igg, window=window)
 
 
 def from_params(params: dict[str, Any]) -> Candidate:
-    """The candidate of a finished Optuna trial (its params hold only the searched names)."""
+    """The candidate of a finished Optuna trial (its params hold only the names of its kind)."""
     return Candidate(w_cfg=params.get("w_cfg"), w_igg=params.get("w_igg"), window=params.get("window"))
 
 
-def design_points(guidance: GuidanceConfig, search: SearchConfig, fractions: list[float]) -> list[Candidate]:
-    """Stage 0 design points: every searched weight at the same fraction of its range, global IGG attention.
+def design_points(kinds: list[str], ranges: Ranges, fractions: list[float]) -> list[Candidate]:
+    """Stage 1 design points: for each kind, every weight at the same fraction of its range, global IGG attention."""
 
-    The diagonal walk spans the weakest to the strongest guidance of the space, which is what the min-max ranges of
-    evenness and divergence need.
-    """
-
-    def at(name: str, f: float) -> float | None:
-        if name not in guidance.params:
+    def at(kind: str, name: str, f: float) -> float | None:
+        if name not in ranges.spans[kind]:
             return None
-        low, high = getattr(search, name)
+        low, high = ranges.spans[kind][name]
         return low + f * (high - low)
 
-    return [Candidate(w_cfg=at("w_cfg", f), w_igg=at("w_igg", f), window=None) for f in sorted(set(fractions))]
+    return [Candidate(w_cfg=at(k, "w_cfg", f), w_igg=at(k, "w_igg", f), window=None)
+            for k in kinds for f in sorted(set(fractions))]

@@ -1,11 +1,13 @@
 """Optuna studies of a sweep: open or resume, recover trials left RUNNING by a dead driver, job ledgers.
 
-A sweep named N owns three studies in one storage: ``N/calibration`` and ``N/confirm`` are ledgers (one trial per
-fixed job, identified by its user attr ``job``), ``N/proxy`` is the searched study. Only the driver process talks to
-them. A driver that dies leaves RUNNING trials; the next driver with the same name marks them FAIL (user attr
-``stale``) before it asks anything: a ledger redoes their jobs, the proxy stage re-asks their parameters.
-Every stage reports a finished trial to its Observer (MLflow) before it tells Optuna, so a trial that Optuna holds as
-finished is finished in MLflow too; a resumed sweep marks the MLflow runs of every other trial KILLED.
+A sweep named N owns its studies in one storage: ``N/proxy`` (the proxy search), ``N/refine/<kind>`` (one FID
+search per guidance kind) and ``N/confirm`` (a ledger: one trial per fixed job, identified by its user attr
+``job``). Only the driver process talks to them. Every finished trial holds a :class:`tuners.jobs.TrialRecord`
+(user attr ``record``); a trial that is FAIL without one was interrupted: a driver that dies leaves RUNNING trials,
+and the next driver with the same name fails them (public ``tell``) before it asks anything. A ledger redoes their
+jobs, a search re-asks their parameters (``enqueue_trial``). Every stage reports a finished trial to its Observer
+(MLflow) before it tells Optuna, so a trial that Optuna holds as finished is finished in MLflow too; a resumed sweep
+marks the MLflow runs of every other trial KILLED.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from pipeline.config import store_lock
 from tuners.driver import drive
-from tuners.jobs import Done, Evaluation, Job, Observer, Pool
+from tuners.jobs import Done, Job, Observer, Pool, TrialRecord
+
+RECORD = "record"  # user attr of every finished trial: TrialRecord.as_dict()
 
 
 def study_name(sweep: str, stage: str) -> str:
+    """``<sweep>/<stage>``; stage is ``proxy``, ``refine/<kind>`` or ``confirm``."""
     return f"{sweep}/{stage}"
 
 
@@ -34,37 +39,34 @@ def open_study(storage: str, name: str) -> optuna.Study:
         return optuna.create_study(storage=storage, study_name=name, direction="minimize", load_if_exists=True)
 
 
-def fail_stale(study: optuna.Study) -> list[FrozenTrial]:
-    """Mark every RUNNING trial FAIL (user attr ``stale``); returns them as they were. Call before any ask."""
-    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+def fail_stale(study: optuna.Study) -> list[dict]:
+    """Fail every RUNNING trial (a dead driver's); returns their params in ask order. Call before any ask.
+
+    Trials left WAITING (enqueued, never asked) need nothing: the next ``ask`` takes them first.
+    """
+    stale = sorted(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)), key=lambda t: t.number)
     for trial in stale:
-        study._storage.set_trial_user_attr(trial._trial_id, "stale", True)
         study.tell(trial.number, state=TrialState.FAIL)
-    return stale
+    return [dict(t.params) for t in stale if t.params]
 
 
 def counts_toward_budget(trial: FrozenTrial) -> bool:
-    """Finished trials use budget (COMPLETE, or FAIL for a reason of their own); stale FAILs are re-asked."""
-    return trial.state == TrialState.COMPLETE or (
-        trial.state == TrialState.FAIL and not trial.user_attrs.get("stale", False)
-    )
+    """Finished trials use budget (COMPLETE, or FAIL with a record of why); interrupted ones are re-asked."""
+    return trial.state == TrialState.COMPLETE or (trial.state == TrialState.FAIL and RECORD in trial.user_attrs)
 
 
-def record(trial: optuna.Trial, done: Done, **extra: object) -> None:
-    """Store a finished job's numbers on its trial in one write (user attr ``result``: signals, fid_metrics,
-    retries and `extra`), so a resumed sweep can rebuild its results without re-running anything."""
-    assert done.evaluation is not None
-    trial.set_user_attr(
-        "result",
-        {"signals": done.evaluation.signals, "fid_metrics": done.evaluation.fid_metrics, "retries": done.retries,
-         **extra},
-    )
+def record_of(trial: FrozenTrial) -> TrialRecord:
+    """The typed record of a finished trial."""
+    return TrialRecord(**trial.user_attrs[RECORD])
 
 
-def fail(study: optuna.Study, trial: optuna.Trial, reason: str, retries: int) -> None:
-    """Finish a trial as FAIL with its reason (user attr ``failure``); it uses budget, it is not re-asked."""
-    trial.set_user_attr("failure", {"reason": reason, "retries": retries})
-    study.tell(trial, state=TrialState.FAIL)
+def tell(study: optuna.Study, trial: optuna.Trial, record: TrialRecord) -> None:
+    """Store the record on the trial, then tell Optuna: COMPLETE with its value, or FAIL when it has an error."""
+    trial.set_user_attr(RECORD, record.as_dict())
+    if record.error is None:
+        study.tell(trial, record.value)
+    else:
+        study.tell(trial, state=TrialState.FAIL)
 
 
 def reason_of(done: Done) -> str | None:
@@ -79,20 +81,19 @@ def run_ledger(
     pool: Pool,
     stage: str,
     jobs: dict[str, Job],
-    value_of: Callable[[Evaluation], float],
+    finish: Callable[[Job, Done], TrialRecord],
     observer: Observer,
-) -> dict[str, FrozenTrial]:
-    """Evaluate the jobs not yet COMPLETE in the ledger study; return the COMPLETE trial of every job that has one.
+) -> dict[str, TrialRecord]:
+    """Evaluate the jobs not yet COMPLETE in the ledger study; return the record of every job that has one.
 
     Args:
-        jobs: ledger key -> job; a key identifies the job across runs.
-        value_of: the trial's objective value from its evaluation (for display in Optuna; the numbers live in
-            the user attr ``result``).
+        jobs: ledger key -> job; a key identifies the job across runs (user attr ``job``).
+        finish: turns a finished job into its record (value and metrics, or an error), in the driver.
     """
 
-    def completed() -> dict[str, FrozenTrial]:
+    def completed() -> dict[str, TrialRecord]:
         trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        return {t.user_attrs["job"]["key"]: t for t in trials}
+        return {t.user_attrs["job"]: record_of(t) for t in trials}
 
     fail_stale(study)
     todo = [key for key in jobs if key not in completed()]
@@ -104,9 +105,7 @@ def run_ledger(
         key = todo.pop(0)
         job = jobs[key]
         trial = study.ask()
-        trial.set_user_attr(
-            "job", {"key": key, "candidate": job.candidate.as_dict(), "num_images": job.num_images, "fid": job.fid}
-        )
+        trial.set_user_attr("job", key)
         running[trial.number] = (trial, job)
         observer.started(stage, trial.number, job)
         return trial.number, job
@@ -114,16 +113,14 @@ def run_ledger(
     def on_done(done: Done) -> None:
         trial, job = running.pop(done.tag)
         reason = reason_of(done)
-        value = value_of(done.evaluation) if reason is None and done.evaluation is not None else math.nan
-        if reason is None and not math.isfinite(value):
-            reason = f"objective {value} is not a finite number"
-        if reason is not None:  # the observer hears first: a trial Optuna has finished is finished in MLflow
-            observer.failed(stage, trial.number, job, reason, done.retries)
-            fail(study, trial, reason, done.retries)
-            return
-        observer.finished(stage, trial.number, job, done, {})
-        record(trial, done)
-        study.tell(trial, value)
+        record = finish(job, done) if reason is None else TrialRecord.of(stage, job, done, error=reason)
+        if record.error is None and (record.value is None or not math.isfinite(record.value)):
+            record.error = f"objective {record.value} is not a finite number"
+        if record.error is not None:  # the observer hears first: a trial Optuna has finished is finished in MLflow
+            observer.failed(stage, trial.number, job, record.error, done.retries)
+        else:
+            observer.finished(stage, trial.number, job, done, record.metrics)
+        tell(study, trial, record)
 
     drive(pool, next_job, on_done, desc=stage, total=len(todo))
     finished = completed()

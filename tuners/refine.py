@@ -1,0 +1,186 @@
+"""Stage 2 (FID refinement): per guidance kind, a seeded Optuna search on low-N FID inside a moving trust region.
+
+Each kind has its own study (``<sweep>/refine/<kind>``) and :class:`tuners.space.Region`: a box around the kind's
+best FID so far, which moves with it, grows when the best lies on its edge (so the search can leave the starting
+range, up to ``search.max_weight``) and shrinks when a round finds nothing better. The first round is warm-started
+with the proxy's best candidates of the kind (enqueued). Every trial samples the same labels with the same sampler
+seeds (common random numbers), so FID differences between candidates are not drowned by sampling noise.
+
+Trials run in rounds of ``launcher.workers`` trials per kind (every worker busy, every kind advancing); results are
+told at the end of a round in ask order, so the search is the same for a seed and a number of workers whatever the
+completion order, and a resumed sweep replays the regions from the told trials.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from pipeline.config import RefineConfig, SearchConfig
+from tuners.driver import drive
+from tuners.jobs import Done, Job, Observer, Pool, TrialRecord
+from tuners.samplers import derive_seed, make_sampler
+from tuners.scoring import FeatureBank, Scorer
+from tuners.space import Candidate, Ranges, Region, from_params, suggest
+from tuners.studies import counts_toward_budget, fail_stale, reason_of, record_of, tell
+
+KIND_SEED = {"cfg": 101, "igg": 102, "mixed": 103}  # independent sampler streams per kind
+
+
+@dataclass
+class KindSearch:
+    """The refinement of one kind: its study, its region, and the best candidate so far (lowest FID)."""
+
+    kind: str
+    study: optuna.Study
+    start: Region  # the region before any FID trial
+    warm: list[Candidate]
+    region: Region = field(init=False)
+    best: tuple[Candidate, float] | None = None
+    pending: list[tuple[optuna.Trial, Job, Done]] = field(default_factory=list)
+
+    def counted(self) -> list[FrozenTrial]:
+        """Trials that used budget, in ask order."""
+        return sorted((t for t in self.study.get_trials(deepcopy=False) if counts_toward_budget(t)),
+                      key=lambda t: t.number)
+
+
+@dataclass
+class RefineStage:
+    """FID refinement of every kind. Call :meth:`run`, then :meth:`finalists`."""
+
+    studies: dict[str, optuna.Study]
+    warm: dict[str, list[Candidate]]  # kind -> the proxy's best candidates (lowest gap first)
+    ranges: Ranges
+    refine: RefineConfig
+    search: SearchConfig
+    seed: int
+    observer: Observer
+    bank: FeatureBank
+    scorer: Scorer
+
+    def __post_init__(self) -> None:
+        self.kinds: dict[str, KindSearch] = {}
+        for kind, study in self.studies.items():
+            warm = self.warm[kind]
+            radius = {w: self.refine.radius * (hi - lo) for w, (lo, hi) in self.ranges.spans[kind].items()}
+            start = Region(dict(warm[0].weights()), radius, self.ranges.cap)
+            self.kinds[kind] = KindSearch(kind, study, start, warm)
+
+    def run(self, pool: Pool) -> None:
+        """Rounds until every kind has told refine.n_trials trials (resumed trials included)."""
+        self.per_round = per_round = pool.idle() + pool.pending()
+        for search in self.kinds.values():
+            replay = fail_stale(search.study)
+            if not search.study.get_trials(deepcopy=False):  # a fresh study: the warm start goes first
+                replay = [self._params(c) for c in search.warm[: self.refine.warm_start]]
+            for params in replay:
+                search.study.enqueue_trial(params)
+            self._replay(search)
+        while True:
+            todo = [(s, i) for s in self.kinds.values()
+                    for i in range(len(s.counted()), min(self.refine.n_trials, len(s.counted()) + per_round))]
+            if not todo:
+                return
+            self._round(pool, todo)
+            for search in self.kinds.values():
+                self._close_round(search)
+                self._replay(search)
+
+    @staticmethod
+    def _params(c: Candidate) -> dict:
+        params = {k: v for k, v in c.as_dict().items() if k in ("w_cfg", "w_igg") and v is not None}
+        return {**params, "window": c.window} if c.w_igg is not None else params
+
+    def _replay(self, search: KindSearch) -> None:
+        """The region and the best of a kind as a function of its told trials, round by round (so a resumed
+        sweep rebuilds them exactly)."""
+        search.region = Region(dict(search.start.centre), dict(search.start.radius), search.start.cap)
+        search.best = None
+        trials, size = search.counted(), self.per_round
+        for start in range(0, len(trials) - len(trials) % size, size):
+            self._update(search, trials[start:start + size])
+        self._update_best(search, trials)
+
+    def _update_best(self, search: KindSearch, trials: list[FrozenTrial]) -> bool:
+        before = search.best
+        for t in trials:
+            if t.state == TrialState.COMPLETE and (search.best is None or t.value < search.best[1]):
+                search.best = (from_params(t.params), float(t.value))
+        return search.best is not before
+
+    def _update(self, search: KindSearch, trials: list[FrozenTrial]) -> None:
+        improved = self._update_best(search, trials)
+        if search.best is not None:
+            search.region.update(search.best[0], improved, edge=self.search.edge, grow=self.refine.grow,
+                                 shrink=self.refine.shrink)
+
+    def _round(self, pool: Pool, todo: list[tuple[KindSearch, int]]) -> None:
+        running: dict[int, tuple[KindSearch, optuna.Trial, Job]] = {}
+        queue = list(enumerate(todo))
+
+        def next_job() -> tuple[int, Job] | None:
+            if not queue:
+                return None
+            tag, (search, index) = queue.pop(0)
+            search.study.sampler = make_sampler(self.refine.sampler,
+                                                derive_seed(derive_seed(self.seed, KIND_SEED[search.kind]), index),
+                                                self.refine.n_startup_trials)
+            trial = search.study.ask()
+            box = search.region.box()
+            candidate = suggest(trial, search.kind, box, self.search.windows)
+            job = Job(candidate, self.refine.num_images, self.seed, fid=True)
+            running[tag] = (search, trial, job)
+            self.observer.started(f"refine/{search.kind}", trial.number, job)
+            return tag, job
+
+        def on_done(done: Done) -> None:
+            search, trial, job = running.pop(done.tag)
+            search.pending.append((trial, job, done))
+
+        drive(pool, next_job, on_done, desc="refine", total=len(todo))
+
+    def _close_round(self, search: KindSearch) -> None:
+        """Tell the round's results of one kind in ask order."""
+        for trial, job, done in sorted(search.pending, key=lambda p: p[0].number):
+            self._tell(search, trial, job, done)
+        search.pending = []
+
+    def _tell(self, search: KindSearch, trial: optuna.Trial, job: Job, done: Done) -> None:
+        stage = f"refine/{search.kind}"
+        reason = reason_of(done)
+        metrics: dict[str, float] = {}
+        features = None
+        if reason is None:
+            assert done.evaluation is not None
+            features = self.bank.put(job, done.evaluation.features)
+            metrics = self.scorer.fid(self.bank.get(job.candidate, job.num_images, self.scorer.layers))
+            if not math.isfinite(metrics["fid"]):
+                reason = f"FID {metrics['fid']} is not finite"
+        record = TrialRecord.of("refine", job, done, value=metrics.get("fid"), metrics=metrics, features=features,
+                                error=reason)
+        if reason is not None:
+            self.observer.failed(stage, trial.number, job, reason, done.retries)
+        else:
+            self.observer.finished(stage, trial.number, job, done, metrics)
+        tell(search.study, trial, record)
+
+    def finalists(self, count: int, decimals: int) -> list[tuple[Candidate, TrialRecord]]:
+        """The best candidate of each kind (best kind first), then the next lowest FIDs, up to `count`, distinct."""
+        scored = [(from_params(t.params), record_of(t)) for s in self.kinds.values() for t in s.counted()
+                  if t.state == TrialState.COMPLETE]
+        scored.sort(key=lambda cr: cr[1].value)  # type: ignore[arg-type, return-value]
+        chosen: dict[tuple, tuple[Candidate, TrialRecord]] = {}
+        heads = [next(cr for cr in scored if cr[0].kind == k) for k in self.kinds if any(
+            cr[0].kind == k for cr in scored)]
+        for c, rec in [*heads, *scored]:
+            if len(chosen) < count and c.key(decimals) not in chosen:
+                chosen[c.key(decimals)] = (c, rec)
+        return list(chosen.values())
+
+    def history(self) -> dict[str, list[str]]:
+        """Per kind, what each round did to the region (grew, kept, shrank)."""
+        return {k: list(s.region.history) for k, s in self.kinds.items()}

@@ -1,0 +1,145 @@
+"""FID in the driver: the features of FID jobs kept on disk by block, FID with its interval, paired differences.
+
+Workers return the FID features of the images they sampled; the driver keeps them in ``<output_dir>/features`` (one
+``.npy`` file per job, written atomically before the trial is told) so a race rung adds images to a candidate
+instead of redrawing them, and a resumed sweep re-reads them. Blocks follow fixed boundaries
+``[0, refine.num_images, *confirm.rungs]``: the features of a candidate at N are the concatenation of its blocks
+below N. Every candidate is sampled with the same labels and sampler seeds (common random numbers), so image i of
+two candidates pair up, and the bootstrap of their FID difference resamples the same images of both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pipeline.fid import FidEvaluator, Reference
+from pipeline.files import atomic_write
+from pipeline.metrics import bootstrap_fid, normal_interval, resample_counts
+from tuners.jobs import Job
+from tuners.samplers import derive_seed
+from tuners.space import Candidate
+
+
+def block_key(job: Job) -> str:
+    """File stem of a job's features: a hash of its candidate, seed and image range."""
+    c = job.candidate
+    text = json.dumps([c.w_cfg, c.w_igg, c.window, job.seed, job.start, job.num_images])
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+@dataclass
+class FeatureBank:
+    """FID features of every FID job in `folder` (one .npy per job and layer); a job covers images start..N-1
+    between two boundaries, and the features of a candidate at N chain such jobs from 0."""
+
+    folder: Path
+    boundaries: list[int]  # [0, refine.num_images, *confirm.rungs]
+    seed: int
+
+    def path(self, job: Job, layer: str) -> Path:
+        return self.folder / f"{block_key(job)}.{layer}.npy"
+
+    def has(self, job: Job, layers: list[str]) -> bool:
+        return all(self.path(job, layer).is_file() for layer in layers)
+
+    def put(self, job: Job, features: dict[str, np.ndarray]) -> str:
+        """Write a job's features (layer -> (sampled, F) float32) atomically; returns the file stem."""
+        for layer, array in features.items():
+            if array.shape[0] != job.sampled:
+                raise ValueError(f"{len(array)} feature rows for a job of {job.sampled} images")
+            buffer = io.BytesIO()
+            np.save(buffer, np.ascontiguousarray(array, dtype=np.float32))
+            atomic_write(self.path(job, layer), buffer.getvalue())
+        return block_key(job)
+
+    def chain(self, candidate: Candidate, num_images: int, layers: list[str]) -> list[Job] | None:
+        """Stored jobs that cover images 0..num_images-1 of `candidate` (the longest block first), or None."""
+        stops = [b for b in self.boundaries if b <= num_images]
+        if num_images not in stops:
+            raise ValueError(f"{num_images} images is not a block boundary {self.boundaries[1:]}")
+        pos, jobs = 0, []
+        while pos < num_images:
+            found = next((Job(candidate, end, self.seed, fid=True, start=pos) for end in reversed(stops)
+                          if end > pos and self.has(Job(candidate, end, self.seed, fid=True, start=pos), layers)),
+                         None)
+            if found is None:
+                return None
+            jobs.append(found)
+            pos = found.num_images
+        return jobs
+
+    def start_for(self, candidate: Candidate, num_images: int, layers: list[str]) -> int:
+        """Where a job extending `candidate` to `num_images` must start: the furthest stored boundary below it."""
+        for stop in sorted((b for b in self.boundaries if b < num_images), reverse=True):
+            if stop == 0 or self.chain(candidate, stop, layers) is not None:
+                return stop
+        return 0
+
+    def get(self, candidate: Candidate, num_images: int, layers: list[str]) -> dict[str, Tensor]:
+        """Features of the first `num_images` images of `candidate`: layer -> (num_images, F) float32."""
+        jobs = self.chain(candidate, num_images, layers)
+        if jobs is None:
+            raise ValueError(f"no stored features cover {num_images} images of {candidate.label()}")
+        return {layer: torch.from_numpy(np.concatenate([np.load(self.path(j, layer)) for j in jobs]))
+                for layer in layers}
+
+
+@dataclass
+class Scorer:
+    """FID (torch-fidelity) with a bootstrap interval, and paired bootstrap differences, from features.
+
+    Args:
+        evaluator: the driver's FidEvaluator (its metric options and feature layers; no images pass through it).
+        reference: FID reference statistics.
+        replicates: bootstrap resamples per estimate.
+        level: confidence of the intervals (e.g. 0.95).
+        seed: the sweep seed; resamples at N are the same for every candidate (pairing).
+    """
+
+    evaluator: FidEvaluator
+    reference: Reference
+    replicates: int
+    level: float
+    seed: int
+
+    @property
+    def layers(self) -> list[str]:
+        return list(dict.fromkeys([self.evaluator.feature_layer, *(
+            [self.evaluator.isc_layer] if "isc" in self.evaluator.metrics else [])]))
+
+    def _counts(self, num_images: int) -> Tensor:
+        return resample_counts(num_images, self.replicates, derive_seed(self.seed, num_images))
+
+    def _replicates(self, features_NF: Tensor) -> Tensor:
+        mu, sigma = torch.from_numpy(self.reference.mu), torch.from_numpy(self.reference.sigma)
+        return bootstrap_fid(features_NF, mu, sigma, self._counts(len(features_NF)))
+
+    def fid(self, features: dict[str, Tensor], *, all_metrics: bool = False) -> dict[str, float]:
+        """``fid``, ``fid_low``, ``fid_high`` (the interval at `level`) and ``fid_se``; every metric of the
+        evaluator too with `all_metrics` (IS, KID, precision/recall)."""
+        feats_NF = features[self.evaluator.feature_layer]
+        out = self.evaluator.metrics_of(features, self.reference, None if all_metrics else ["fid"])
+        replicates_R = self._replicates(feats_NF)
+        out["fid_low"], out["fid_high"] = normal_interval(out["fid"], replicates_R, self.level)
+        out["fid_se"] = float(replicates_R.std())
+        return {k: float(v) for k, v in out.items()}
+
+    def difference(self, features_a: dict[str, Tensor], features_b: dict[str, Tensor]) -> dict[str, float]:
+        """FID(a) − FID(b) on paired images, with its interval at `level` (paired bootstrap, same resamples)."""
+        a_NF, b_NF = features_a[self.evaluator.feature_layer], features_b[self.evaluator.feature_layer]
+        if a_NF.shape != b_NF.shape:
+            raise ValueError(f"paired features must have one shape, got {tuple(a_NF.shape)} and {tuple(b_NF.shape)}")
+        point = (self.evaluator.metrics_of(features_a, self.reference, ["fid"])["fid"]
+                 - self.evaluator.metrics_of(features_b, self.reference, ["fid"])["fid"])
+        diff_R = self._replicates(a_NF) - self._replicates(b_NF)
+        low, high = normal_interval(point, diff_R, self.level)
+        return {"diff": point, "low": low, "high": high}
+
