@@ -11,13 +11,13 @@ Stages (all run in order; each resumes from the cache, so a rerun only samples w
 1. broad scan at ``--n-broad`` images, seed 1000: CFG, IGG global, IGG window 3 over weights up to 20, mixed
    (global IGG) on a 2-D grid, the unguided conditional sampler (w_cfg=0) and the backbone default CFG; then
    midpoints around each kind's best where its grid neighbours are far apart (or one step beyond the grid edge);
-2. proxy signals (the sweep's default trial: 32 images, seeds 0..2) of every stage-1 point, Spearman rho of
-   the gap |vocab_evenness - div_uncond| (natural units) and of each signal with the stage-1 FID;
-3. refine: the best ``--refine`` points of stage 1 plus the best 2 of each kind extended to ``--n-full`` images;
-4. the best ``--confirm`` points of stage 3 plus the best of each kind, two more seeds at ``--n-full`` images
+2. refine: the best ``--refine`` points of stage 1 plus the best 2 of each kind extended to ``--n-full`` images;
+3. the best ``--confirm`` points of stage 2 plus the best of each kind, two more seeds at ``--n-full`` images
    (best first): the grid best is the lowest mean FID over the three seeds;
-5. FID noise at each rung N (prefixes of those points' features): std over seeds, std over disjoint blocks of N
-   images, and the std of the FID difference of the two best points on common vs independent random numbers.
+4. FID noise at each rung N (prefixes of those points' features): std over seeds, std over disjoint blocks of N
+   images, and the std of the FID difference of the two best points on common vs independent random numbers;
+5. proxy signals (the sweep's default trial: 32 images, seeds 0..2) of every stage-1 point, Spearman rho of
+   the gap |vocab_evenness - div_uncond| (natural units) and of each signal with the stage-1 FID.
 
     nice -n 19 python bench/bench_grid.py                 # results in /work/gridcache (grid.json, grid.md)
     python bench/bench_grid.py --write                    # also docs/BENCHMARKS.md "## Reference grid"
@@ -58,8 +58,8 @@ SIGNALS = ("token_evenness", "vocab_evenness", "div_uncond", "div_cond")
 KINDS = ("cfg", "igg global", "igg window 3", "mixed global")
 WEIGHTS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 17, 20)
 WINDOW_WEIGHTS = (3, 5, 8, 12, 16, 20)
-MIXED_CFG = (0, 1, 2, 4, 6, 8, 12)
-MIXED_IGG = (2, 4, 6, 8, 12, 16)
+MIXED_CFG = (2, 4, 6, 8, 12)
+MIXED_IGG = (2, 4, 8, 12, 16)
 RUNGS = (256, 512, 1024, 2048, 4096)
 
 
@@ -346,9 +346,11 @@ class Grid:
                 if rows == 0:
                     continue
                 walls = load_walls(self.cache, p, seed)
-                for n in sorted({n for n in walls if n <= rows}):
+                for n in sorted(n for n in {*walls, self.args.n_broad, self.args.n_full} if n <= rows):
+                    # a prefix that was never a stopping point: its share of the next stored count's seconds
+                    m = n if n in walls else min(k for k in walls if k > n)
                     out.append({**asdict(p), "seed": seed, "N": n, "fid": self.fid(p, seed, n),
-                                "wall_s": round(walls[n], 1)})
+                                "wall_s": round(walls[m] * n / m, 1), "wall_prorated": m != n})
         return out
 
     def save(self) -> None:
@@ -523,9 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="results folder (grid.json, features/)")
     p.add_argument("--ref-cache", type=Path, default=None, help="reference statistics folder (<cache>/reference)")
     p.add_argument("--reference", type=int, default=8000, help="real images of the FID reference")
-    p.add_argument("--n-broad", type=int, default=1024, help="images per point in the broad scan")
+    p.add_argument("--n-broad", type=int, default=512, help="images per point in the broad scan")
     p.add_argument("--n-full", type=int, default=4096, help="images per point and seed when refined")
-    p.add_argument("--refine", type=int, default=8, help="best broad-scan points refined (plus 2 per kind)")
+    p.add_argument("--refine", type=int, default=6, help="best broad-scan points refined (plus 2 per kind)")
     p.add_argument("--confirm", type=int, default=2, help="best refined points given 3 seeds (plus each kind's best)")
     p.add_argument("--limit", type=int, default=None, help="only the first LIMIT broad points (smoke tests)")
     p.add_argument("--workers", type=int, default=2)
@@ -547,8 +549,6 @@ def main(argv: list[str] | None = None) -> int:
         grid.set_stage("1b", stage1b)
         grid.sample("1b neighbours", [(q, seed0, args.n_broad) for q in stage1b])
         broad = grid.fids(stage1 + stage1b, seed0, args.n_broad)
-        grid.measure_proxy(list(broad))
-        grid.save()
         refine = list(dict.fromkeys(ranked(broad)[:args.refine] + best_of_kinds(broad, 2)))
         grid.set_stage("2", refine)
         grid.sample("2 refine", [(q, seed0, args.n_full) for q in refine])
@@ -556,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         confirm = sorted(dict.fromkeys(ranked(full)[:args.confirm] + best_of_kinds(full, 1)), key=full.get)
         grid.set_stage("3", confirm)
         grid.sample("3 seeds", [(q, s, args.n_full) for q in confirm for s in GRID_SEEDS[1:]])
+        grid.measure_proxy(list(broad))
         grid.save()
     finally:
         grid.close()
