@@ -27,6 +27,7 @@ from pipeline.config import (
     ConfirmConfig,
     LauncherConfig,
     ProxyConfig,
+    RefineConfig,
     SearchConfig,
     compose_config,
     group_options,
@@ -74,23 +75,24 @@ def test_every_group_option_composes(group, option):
         assert cfg.confirm.reference == node.fid_reference  # interpolated default
     if group == "guidance":
         assert node.name == option
-        assert {"cfg": ["w_cfg"], "igg": ["w_igg", "window"], "mixed": ["w_cfg", "w_igg", "window"]}[option] == \
-            node.params
+        assert {"auto": ["cfg", "igg", "mixed"], "cfg": ["cfg"], "igg": ["igg"], "mixed": ["mixed"]}[option] == \
+            node.kinds
 
 
 def test_group_options_are_the_yaml_files():
     assert group_options("backbone") == ["tiny", "var_d16", "var_d20", "var_d24", "var_d30", "var_d36"]
-    assert group_options("guidance") == ["cfg", "igg", "mixed"]
+    assert group_options("guidance") == ["auto", "cfg", "igg", "mixed"]
     assert all((CONF_DIR / g).is_dir() and group_options(g) for g in GROUPS)
 
 
 def test_defaults_and_derived_paths():
     cfg = to_schema(compose_config([]))
-    assert (cfg.backbone.name, cfg.guidance.name, cfg.launcher.workers) == ("tiny", "mixed", 2)
-    assert cfg.sweep.name == "tiny-mixed"
+    assert (cfg.backbone.name, cfg.guidance.name, cfg.launcher.workers) == ("tiny", "auto", 2)
+    assert cfg.guidance.kinds == ["cfg", "igg", "mixed"]
+    assert cfg.sweep.name == "tiny-auto"
     assert cfg.tracking.uri == "sqlite:///mlruns/mlflow.db"  # the store `make ui` opens
     assert cfg.storage == "sqlite:///mlruns/optuna.db"
-    assert cfg.sweep.output_dir == "mlruns/sweeps/tiny-mixed"
+    assert cfg.sweep.output_dir == "mlruns/sweeps/tiny-auto"
     assert cfg.search.windows == [None, 3, 5] and cfg.search.sampler == "tpe"
     other = to_schema(compose_config(["root=/x", "sweep.name=abc"]))
     assert (other.storage, other.tracking.uri, other.sweep.output_dir) == (
@@ -99,20 +101,23 @@ def test_defaults_and_derived_paths():
 
 def test_command_line_keys(ckpt, tmp_path):
     keys = ["sweep.name=k1", "seed=7", "guidance=cfg", "search.n_trials=9", "search.sampler=gp",
-            "proxy.num_images=5", "confirm.top_k=3", "confirm.num_images=300", "confirm.reference=shapes",
+            "proxy.num_images=5", "confirm.finalists=3", "confirm.rungs=[640,1280]", "confirm.reference=shapes",
             "launcher.workers=1", "launcher.address=auto", f"tracking.uri=sqlite:///{tmp_path}/m.db",
             f"storage=sqlite:///{tmp_path}/o.db"]
     cfg = load_config(valid(ckpt, tmp_path / "r") + keys)
     assert (cfg.sweep.name, cfg.seed, cfg.guidance.name, cfg.search.n_trials, cfg.search.sampler) == (
         "k1", 7, "cfg", 9, "gp")
-    assert (cfg.proxy.num_images, cfg.confirm.top_k, cfg.confirm.num_images, cfg.launcher.workers) == (5, 3, 300, 1)
+    assert (cfg.proxy.num_images, cfg.confirm.finalists, cfg.confirm.rungs, cfg.launcher.workers) == (
+        5, 3, [640, 1280], 1)
     assert cfg.launcher.address == "auto" and cfg.storage.endswith("/o.db") and cfg.tracking.uri.endswith("/m.db")
     assert not (tmp_path / "r").exists()
 
 
 BAD = [
     (["backbone=var_d99"], "backbone=var_d99 is unknown; choose one of tiny, var_d16"),
-    (["guidance=clip"], "guidance=clip is unknown; choose one of cfg, igg, mixed"),
+    (["guidance=clip"], "guidance=clip is unknown; choose one of auto, cfg, igg, mixed"),
+    (["guidance.kinds=[cfg,clip]"], "guidance.kinds=clip is unknown; choose one of cfg, igg, mixed"),
+    (["guidance.kinds=[cfg,cfg]"], "guidance.kinds=['cfg', 'cfg'] must list distinct kinds"),
     (["search.sampler=cmaes"], "search.sampler=cmaes is unknown; choose one of tpe, gp, random"),
     (["proxy.evenness=gini"], "proxy.evenness=gini is unknown"),
     (["proxy.reference=both"], "proxy.reference=both is unknown"),
@@ -123,18 +128,24 @@ BAD = [
     (["search.windows=[0]"], "search.windows: 0 is not an odd size"),
     (["search.windows=[-3]"], "search.windows: -3 is not an odd size"),
     (["search.windows=[]"], "search.windows is empty"),
-    (["search.n_trials=0"], "search.n_trials must be positive (got 0)"),
+    (["search.n_trials=-1"], "search.n_trials and search.max_grows must be >= 0"),
+    (["search.w_igg=[0,40]"], "search.w_igg=[0.0, 40.0] reaches past search.max_weight=30.0"),
+    (["search.edge=1.5"], "search.edge=1.5 must lie strictly between 0 and 1"),
+    (["refine.grow=0.5"], "refine.grow=0.5 must be > 1"),
+    (["refine.sampler=gp"], "refine.sampler=gp is unknown; choose one of tpe, random"),
+    (["refine.n_trials=0"], "refine.n_trials must be positive (got 0)"),
+    (["confirm.level=1"], "confirm.level=1.0 must lie strictly between 0 and 1"),
+    (["confirm.bootstrap=1"], "confirm.bootstrap=1 must be >= 2"),
+    (["confirm.rungs=[1024,512]"], "confirm.rungs=[1024, 512] must rise above refine.num_images=512"),
+    (["confirm.rungs=[1000]"], "must be multiples of confirm.batch_size=64"),
     (["proxy.num_images=-4"], "proxy.num_images must be positive (got -4)"),
-    (["confirm.num_images=0"], "confirm.num_images must be positive"),
+    (["confirm.finalists=0"], "confirm.finalists must be positive"),
     (["launcher.workers=0"], "launcher.workers must be positive"),
-    (["confirm.top_k=30", "search.n_trials=10"], "confirm.top_k=30 exceeds search.n_trials=10"),
-    (["confirm.small_num_images=600", "confirm.num_images=500"], "confirm.small_num_images=600 exceeds"),
     (["search.n_trials=abc"], "search.n_trials=abc: Value 'abc' of type 'str' could not be converted to Integer"),
     (["search.nope=1"], "Key 'nope' not in 'SearchConfig'"),
     (["+extra=1"], "+extra=1: adding or deleting keys is not supported"),
-    (["guidance.params=[window]"], "window needs w_igg"),
     (["confirm.metrics=[isc]"], "confirm.metrics must include fid"),
-    (["proxy.calibration=[0.5]"], "proxy.calibration=[0.5] must hold at least two distinct fractions"),
+    (["proxy.design=[0.5,2]"], "proxy.design=[0.5, 2.0] must hold fractions in [0, 1]"),
     (["guidance.schedule=cosine"], "guidance.schedule=cosine is unknown"),
     (["confirm.reference=/nonexistent/ref.npz"], "confirm.reference: /nonexistent/ref.npz not found"),
     (["backbone.var_ckpt=/nonexistent/var.pth"], "backbone.var_ckpt: /nonexistent/var.pth not found"),
@@ -194,7 +205,7 @@ def test_help_and_cfg(capsys):
     assert "backbone: tiny, var_d16, var_d20, var_d24, var_d30, var_d36" in capsys.readouterr().out
     assert main(["--cfg", "seed=3", "guidance=igg"]) == 0
     out = capsys.readouterr().out
-    assert "seed: 3" in out and "name: tiny-igg" in out
+    assert "seed: 3" in out and "name: tiny-igg" in out and "rungs:" in out
 
 
 def test_cli_subprocess_exit_code_and_no_traceback(tmp_path):
@@ -212,5 +223,6 @@ def test_schema_defaults_equal_the_default_yaml():
     cfg = to_schema(compose_config([]))
     assert cfg.search == SearchConfig()
     assert cfg.proxy == ProxyConfig()
+    assert cfg.refine == RefineConfig()
     assert cfg.launcher == LauncherConfig()
     assert replace(cfg.confirm, reference=MISSING) == ConfirmConfig()

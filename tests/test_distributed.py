@@ -6,6 +6,7 @@ import io
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -39,13 +40,14 @@ def cfg(tmp_path_factory):
     paths = write_micro_backbone(d / "ckpt")
     return load_config([
         *micro_overrides(paths, d / "root"), "proxy.batch_size=4", "confirm.batch_size=16",
-        "confirm.reference_num_images=40", "sweep.grid_images=4", "sweep.grid_nrow=2", "sweep.heatmap_images=2",
+        "confirm.reference_num_images=40", "refine.num_images=16", "confirm.rungs=[32,48]",
+        "sweep.grid_images=4", "sweep.grid_nrow=2", "sweep.heatmap_images=2",
         "launcher.workers=2", "launcher.max_retries=1"])
 
 
 @pytest.fixture(scope="module")
 def reference(cfg):
-    return fid_reference(cfg)
+    return fid_reference(cfg)[1]
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +55,18 @@ def worker(cfg, reference):
     return Worker(cfg, reference)
 
 
-def test_spread_labels():
-    assert spread_labels(4, 10).tolist() == [0, 2, 5, 7]
-    assert spread_labels(6, 4).tolist() == [0, 1, 2, 3, 0, 1]
+def test_spread_labels_are_balanced_spread_and_prefix_consistent():
+    assert spread_labels(8, 8).tolist() == [0, 5, 2, 7, 4, 1, 6, 3]  # step 5 = round(0.618 * 8)
+    assert sorted(spread_labels(1000, 1000).tolist()) == list(range(1000))  # every class once per C images
+    assert torch.equal(spread_labels(300, 1000), spread_labels(600, 1000)[:300])  # a larger N extends a smaller
+    assert len(set(spread_labels(100, 1000).tolist())) == 100  # a short prefix still spreads over classes
+    assert spread_labels(6, 4).tolist() == [0, 3, 2, 1, 0, 3]
 
 
 def test_proxy_job_equals_the_sampler(cfg, worker):
     job = Job(MIXED, num_images=4, seed=5)
     ev = worker.evaluate(job)
-    assert ev.error is None and ev.fid_metrics == {} and ev.num_images == 4 and ev.wall_s > 0
+    assert ev.error is None and ev.features == {} and ev.num_images == 4 and ev.wall_s > 0
     direct = sample(worker.backbone, spread_labels(4, worker.backbone.num_classes), w_cfg=2.0, w_igg=1.0, window=3,
                     seed=derive_seed(5, 0))
     for name in SIGNALS:
@@ -85,19 +90,28 @@ def test_batches_seeds_and_aggregation(worker):
         assert six.signals[name] == pytest.approx(sum(six.per_scale[name][1:]) / (len(PATCH_NUMS) - 1), abs=1e-6)
 
 
-def test_fid_job_equals_scoring_the_same_images(cfg, worker, reference):
-    job = Job(Candidate(1.5, None, None), num_images=20, seed=3, fid=True)
+def test_fid_job_returns_the_features_of_the_same_images(cfg, worker, reference):
+    job = Job(Candidate(1.5, None, None), num_images=48, seed=3, fid=True)
     ev = worker.evaluate(job)
-    assert ev.error is None
-    assert {"fid", "isc", "kid", "precision", "recall"} <= set(ev.fid_metrics)
-    labels = spread_labels(20, worker.backbone.num_classes)
+    assert ev.error is None and ev.num_images == 48
+    labels = spread_labels(48, worker.backbone.num_classes)
     images = [sample(worker.backbone, labels_B, w_cfg=1.5, w_igg=None, seed=derive_seed(3, b)).images
               for b, labels_B in enumerate(labels.split(cfg.confirm.batch_size))]
     evaluator = FidEvaluator(cfg.backbone.fid_extractor, metrics=cfg.confirm.metrics,
                              weights_path=cfg.confirm.extractor_weights, progress=False)
-    expected = evaluator.score(images, reference)
-    assert ev.fid_metrics["fid"] == pytest.approx(expected["fid"], rel=1e-5)
-    assert ev.fid_metrics["fid"] > 0 and math.isfinite(ev.fid_metrics["kid"])
+    expected = evaluator.features(images)
+    assert set(ev.features) == set(expected)
+    for layer, array in ev.features.items():
+        np.testing.assert_allclose(array, expected[layer].numpy(), rtol=1e-5, atol=1e-6)
+    metrics = evaluator.metrics_of({k: torch.from_numpy(v) for k, v in ev.features.items()}, reference)
+    assert metrics["fid"] > 0 and math.isfinite(metrics["kid"])
+    # a job that starts at image 16 samples exactly images 16..47 of the same candidate
+    tail = worker.evaluate(Job(job.candidate, num_images=48, seed=3, fid=True, start=16))
+    assert tail.num_images == 32
+    for layer, array in tail.features.items():
+        np.testing.assert_allclose(array, ev.features[layer][16:], rtol=1e-5, atol=1e-6)
+    bad = worker.evaluate(Job(job.candidate, num_images=48, seed=3, fid=True, start=5))
+    assert "not at a batch boundary" in bad.error
 
 
 def test_numerical_fault_fails_the_job_with_its_reason(worker):
@@ -109,7 +123,7 @@ def test_fid_job_without_reference_is_an_error(cfg, worker):
     bare = Worker.__new__(Worker)
     bare.__dict__.update(worker.__dict__, fid=None, reference=None)
     ev = bare.evaluate(Job(MIXED, 4, 0, fid=True))
-    assert ev.error == "ValueError: this worker has no FID reference; start it with one to run FID jobs"
+    assert ev.error == "ValueError: this worker has no FID feature extractor; start it with a reference"
 
 
 def test_unreachable_address_fails_fast():

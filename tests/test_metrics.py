@@ -9,11 +9,23 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.linalg import sqrtm
 from scipy.spatial.distance import jensenshannon
 from scipy.special import softmax
 from scipy.stats import entropy
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
-from pipeline.metrics import divergence, equilibrium_gap, evenness, min_max_scale, trial_mean, vocab_evenness
+from pipeline.metrics import (
+    bootstrap_fid,
+    divergence,
+    equilibrium_gap,
+    evenness,
+    frechet_distance,
+    normal_interval,
+    resample_counts,
+    trial_mean,
+    vocab_evenness,
+)
 
 shapes = st.tuples(st.integers(1, 3), st.integers(1, 12), st.integers(2, 16))
 seeds = st.integers(0, 2**31 - 1)
@@ -104,13 +116,68 @@ def test_trial_mean_skips_scale_zero():
         trial_mean([])
 
 
-def test_equilibrium_gap_scaling_keeps_direction():
+def test_equilibrium_gap_is_range_free():
     e = torch.tensor([0.54, 0.47, 0.41])  # falling with the weight
-    d = torch.tensor([0.04, 0.25, 0.47])  # rising with the weight
-    gap = equilibrium_gap(e, d, (0.41, 0.54), (0.04, 0.47))
-    se, sd = min_max_scale(e, (0.41, 0.54)), min_max_scale(d, (0.04, 0.47))
-    assert se[0] > se[1] > se[2] and sd[0] < sd[1] < sd[2]
-    torch.testing.assert_close(gap, (se - sd).abs())
-    assert gap.argmin().item() == 1
-    with pytest.raises(ValueError, match="calibration range"):
-        equilibrium_gap(e, d, (0.5, 0.5), (0.0, 1.0))
+    d = torch.tensor([0.04, 0.45, 0.47])  # rising with the weight
+    torch.testing.assert_close(equilibrium_gap(e, d), (e - d).abs())
+    assert equilibrium_gap(e, d).argmin().item() == 1
+    with pytest.raises(ValueError, match="same shape"):
+        equilibrium_gap(e, d[:2])
+
+
+def features(n: int, f: int, seed: int, shift: float = 0.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, f, generator=g) @ torch.randn(f, f, generator=g) * 0.3 + shift
+
+
+def test_frechet_distance_equals_torch_fidelity_and_scipy():
+    gen, ref = features(300, 12, 0, 0.2), features(500, 12, 1)
+    s_gen, s_ref = fid_features_to_statistics(gen), fid_features_to_statistics(ref)
+    expected = fid_statistics_to_metric(s_gen, s_ref, verbose=False)["frechet_inception_distance"]
+    ours = frechet_distance(*(torch.from_numpy(s[k]) for s in (s_gen, s_ref) for k in ("mu", "sigma")))
+    assert float(ours) == pytest.approx(expected, rel=1e-7)
+    mu1, mu2, s1, s2 = s_gen["mu"], s_ref["mu"], s_gen["sigma"], s_ref["sigma"]
+    by_scipy = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * sqrtm(s1 @ s2).real)
+    assert float(ours) == pytest.approx(by_scipy, rel=1e-7)
+
+
+def test_bootstrap_fid_of_unit_counts_is_the_fid_and_resamples_are_draws():
+    gen, ref = features(200, 6, 2, 0.1), features(400, 6, 3)
+    s_ref = fid_features_to_statistics(ref)
+    mu, sigma = torch.from_numpy(s_ref["mu"]), torch.from_numpy(s_ref["sigma"])
+    s_gen = fid_features_to_statistics(gen)
+    point = fid_statistics_to_metric(s_gen, s_ref, verbose=False)["frechet_inception_distance"]
+    ones = torch.ones(1, 200, dtype=torch.int64)
+    assert float(bootstrap_fid(gen, mu, sigma, ones)[0]) == pytest.approx(point, rel=1e-6)
+    counts = resample_counts(200, 5, seed=0)
+    assert counts.shape == (5, 200) and (counts.sum(1) == 200).all() and (counts >= 0).all()
+    assert torch.equal(counts, resample_counts(200, 5, seed=0)) and not torch.equal(counts, resample_counts(200, 5, 1))
+    picked = torch.repeat_interleave(torch.arange(200), counts[0])  # resample 0 as explicit rows
+    s_pick = fid_features_to_statistics(gen[picked])
+    explicit = fid_statistics_to_metric(s_pick, s_ref, verbose=False)["frechet_inception_distance"]
+    assert float(bootstrap_fid(gen, mu, sigma, counts)[0]) == pytest.approx(explicit, rel=1e-5)
+    with pytest.raises(ValueError, match="columns"):
+        bootstrap_fid(gen, mu, sigma, counts[:, :10])
+
+
+def test_bootstrap_spread_matches_the_spread_between_seeds():
+    """The interval's width is what FID moves by between independent draws of the generated set."""
+    mix = torch.randn(6, 6, generator=torch.Generator().manual_seed(99)) * 0.3
+
+    def draw(seed: int) -> torch.Tensor:
+        return torch.randn(400, 6, generator=torch.Generator().manual_seed(seed)) @ mix + 0.2
+
+    s_ref = fid_features_to_statistics(torch.randn(2000, 6, generator=torch.Generator().manual_seed(5)) @ mix)
+    mu, sigma = torch.from_numpy(s_ref["mu"]), torch.from_numpy(s_ref["sigma"])
+    draws = [fid_statistics_to_metric(fid_features_to_statistics(draw(s)), s_ref, verbose=False)[
+        "frechet_inception_distance"] for s in range(40)]
+    se = float(bootstrap_fid(draw(1000), mu, sigma, resample_counts(400, 300, seed=0)).std())
+    assert se == pytest.approx(float(np.std(draws)), rel=0.5)
+
+
+def test_normal_interval():
+    reps = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    low, high = normal_interval(10.0, reps, 0.95)
+    assert (low + high) / 2 == pytest.approx(10.0) and (high - low) / 2 == pytest.approx(1.959964 * float(reps.std()), 1e-5)
+    with pytest.raises(ValueError, match="level"):
+        normal_interval(1.0, reps, 1.0)

@@ -1,5 +1,5 @@
 """End to end: `python -m pipeline.sweep` on a real (micro, random) VAR, real local Ray, temporary MLflow/Optuna
-stores. One sweep; the tests read what it left behind."""
+stores. One sweep over every guidance kind; the tests read what it left behind."""
 
 from __future__ import annotations
 
@@ -17,14 +17,16 @@ from sweep_fixtures import PATCH_NUMS, micro_overrides, write_micro_backbone
 from pipeline.report import BEST_KEYS, read_best
 from pipeline.sweep import main
 from pipeline.tracking import ROLE_TAG, STAGE_TAG
-from tuners.studies import study_name
+from tuners.studies import record_of, study_name
 
-N_TRIALS, TOP_K, CALIBRATION = 6, 2, 3
+N_TRIALS, DESIGN, REFINE, FINALISTS = 6, 2, 2, 3
+KINDS = ("cfg", "igg", "mixed")
 SETTINGS = [
-    "sweep.name=e2e", f"search.n_trials={N_TRIALS}", "search.n_startup_trials=3", "proxy.num_images=4",
-    "proxy.batch_size=4", "proxy.calibration=[0,0.5,1]", f"confirm.top_k={TOP_K}", "confirm.small_num_images=20",
-    "confirm.num_images=24", "confirm.full_top=1", "confirm.reference_num_images=40", "confirm.batch_size=24",
-    "launcher.workers=2", "sweep.grid_images=4", "sweep.grid_nrow=2", "sweep.heatmap_images=2",
+    "sweep.name=e2e", f"search.n_trials={N_TRIALS}", "search.n_startup_trials=3", "search.max_grows=1",
+    "proxy.num_images=4", "proxy.batch_size=4", "proxy.design=[0.5,1]", f"refine.n_trials={REFINE}",
+    "refine.num_images=24", f"confirm.finalists={FINALISTS}", "confirm.rungs=[48,72]", "confirm.bootstrap=20",
+    "confirm.reference_num_images=40", "confirm.batch_size=24", "launcher.workers=2", "sweep.grid_images=4",
+    "sweep.grid_nrow=2", "sweep.heatmap_images=2",
 ]
 
 
@@ -49,26 +51,40 @@ def test_best_yaml_and_report(sweep):
     data = yaml.safe_load((out / "best.yaml").read_text())
     assert list(data) == list(BEST_KEYS)
     best = read_best(out / "best.yaml")
-    assert (best.backbone, best.guidance) == ("tiny", "mixed")
-    assert math.isfinite(best.fid) and best.fid >= 0 and math.isfinite(best.gap)
-    assert best.w_cfg is not None
-    rows = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| w=")]
-    assert len(rows) == TOP_K + 2  # proxy candidates + published default + unguided
-    assert {"default", "unguided"} <= {row.split("|")[2].strip() for row in rows}
-    assert (out / "gap_vs_fid.png").stat().st_size > 0 and (out / "proxy_signals.png").stat().st_size > 0
+    assert (best.backbone, best.guidance) == ("tiny", "auto") and best.kind in KINDS
+    assert best.fid_low <= best.fid <= best.fid_high and best.num_images == 72
+    assert set(best.at_bound) == {w for w in ("w_cfg", "w_igg") if getattr(best, w) is not None}
+    assert set(best.at_bound.values()) <= {"inside", "low", "cap"}
+    assert best.margin is None or best.margin["low"] <= best.margin["diff"] <= best.margin["high"]
+    assert best.default["w_cfg"] == 1.5 and best.default["num_images"] in (48, 72)
+    assert set(best.cost) == {"proxy", "refine", "confirm", "total"}
+    assert best.cost["refine"]["trials"] == REFINE * len(KINDS) and best.cost["refine"]["images"] == 24 * 6
+    assert best.cost["total"]["images"] == sum(best.cost[s]["images"] for s in ("proxy", "refine", "confirm"))
+    assert len(best.checkpoints["var_ckpt"]["sha256"]) == 64
+    report = (out / "report.md").read_text()
+    assert "separated" in report and "| stage | trials | images sampled | worker s |" in report
+    rows = [line for line in report.splitlines() if line.startswith("| w") and "|" in line[2:]]
+    assert len(rows) >= 2  # finalists (and the default)
+    assert all((out / f"proxy_signals_{k}.png").stat().st_size > 0 for k in KINDS)
 
 
 def test_optuna_studies(sweep):
     storage = f"sqlite:///{sweep['root']}/optuna.db"
     proxy = optuna.load_study(study_name=study_name("e2e", "proxy"), storage=storage)
-    assert len(proxy.get_trials(states=(TrialState.COMPLETE,))) == N_TRIALS
-    ranges = proxy.user_attrs["ranges"]
-    assert ranges["div_uncond"][0] < ranges["div_uncond"][1]
-    calibration = optuna.load_study(study_name=study_name("e2e", "calibration"), storage=storage)
-    assert len(calibration.trials) == CALIBRATION + 2  # design points + the two baselines
+    budget = proxy.user_attrs["state"]["budget"]
+    assert len(proxy.get_trials(states=(TrialState.COMPLETE,))) == budget >= N_TRIALS + DESIGN * len(KINDS)
+    assert {t.params["kind"] for t in proxy.trials} == set(KINDS)
+    for kind in KINDS:
+        refine = optuna.load_study(study_name=study_name("e2e", f"refine/{kind}"), storage=storage)
+        trials = refine.get_trials(states=(TrialState.COMPLETE,))
+        assert len(trials) == REFINE and all(record_of(t).kind == kind for t in trials)
+        assert all(record_of(t).num_images == 24 and record_of(t).features for t in trials)
     confirm = optuna.load_study(study_name=study_name("e2e", "confirm"), storage=storage)
-    sizes = sorted(t.user_attrs["job"]["num_images"] for t in confirm.get_trials(states=(TrialState.COMPLETE,)))
-    assert sizes == [20] * (TOP_K + 2) + [24] * 2  # small N for all, full N for the best and unguided
+    records = [record_of(t) for t in confirm.get_trials(states=(TrialState.COMPLETE,))]
+    firsts = [r for r in records if r.num_images == 48]
+    assert len(firsts) >= FINALISTS  # every finalist (and the default) at the first rung
+    assert all(r.start == 24 for r in firsts if r.candidate["w_cfg"] != 1.5 or r.kind != "cfg")  # refined: extended
+    assert all(r.start == 48 for r in records if r.num_images == 72)
 
 
 def test_mlflow_parent_and_one_child_per_trial(sweep, tmp_path):
@@ -77,21 +93,24 @@ def test_mlflow_parent_and_one_child_per_trial(sweep, tmp_path):
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     [parent] = [r for r in runs if r.data.tags.get(ROLE_TAG) == "parent"]
     assert parent.info.status == "FINISHED"
-    assert {"best_fid", "best_w_cfg", "best_gap"} <= set(parent.data.metrics)
-    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {
-        "best.yaml", "report.md", "gap_vs_fid.png", "proxy_signals.png"}
+    assert {"best_fid", "best_fid_low", "best_fid_high", "cost_total_images", "cost_refine_worker_s"} <= set(
+        parent.data.metrics)
+    assert parent.data.tags["guidetune.best_kind"] in KINDS
+    assert {"best.yaml", "report.md"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     stages = [r.data.tags[STAGE_TAG] for r in children]
-    assert (stages.count("calibration"), stages.count("proxy"), stages.count("confirm")) == (
-        CALIBRATION + 2, N_TRIALS, TOP_K + 2 + 2)
+    assert all(stages.count(f"refine/{k}") == REFINE for k in KINDS)
+    assert stages.count("proxy") >= N_TRIALS
     for run in children:
         assert run.info.status == "FINISHED"
         assert {"vocab_evenness", "div_uncond", "wall_s", "images_per_s"} <= set(run.data.metrics)
         assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"samples.png", "guidance.png"}
+        assert run.info.run_name.startswith(f"{run.data.tags[STAGE_TAG]} ")  # e.g. "proxy 3 · w=2.00"
         stage = run.data.tags[STAGE_TAG]
         if stage == "proxy":
             assert {"E", "D", "gap", "gap_tokens_cond"} <= set(run.data.metrics)
             steps = [m.step for m in client.get_metric_history(run.info.run_id, "scale.E")]
             assert sorted(steps) == list(range(len(PATCH_NUMS)))
-        if stage == "confirm":
-            assert {"fid", "isc", "kid", "precision", "recall"} <= set(run.data.metrics)
+        else:
+            assert {"fid", "fid_low", "fid_high"} <= set(run.data.metrics)
+            assert math.isfinite(run.data.metrics["fid"])

@@ -28,12 +28,15 @@ PER_SCALE = {"vocab_evenness": [1.0, 0.8, 0.6], "div_uncond": [0.0, 0.1, 0.3], "
              "div_cond": [0.0, 0.05, 0.1]}
 
 
-def evaluation(fid: bool = False) -> Evaluation:
+FID_METRICS = {"fid": 12.5, "fid_low": 11.0, "fid_high": 14.0, "isc": 1.5, "kid": 0.01, "precision": 0.5,
+               "recall": 0.25}
+
+
+def evaluation() -> Evaluation:
     grid = sample_grid_png(torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)), nrow=2)
     return Evaluation(
         signals={k: sum(v[1:]) / 2 for k, v in PER_SCALE.items()},
         per_scale=PER_SCALE,
-        fid_metrics={"fid": 12.5, "isc": 1.5, "kid": 0.01, "precision": 0.5, "recall": 0.25} if fid else {},
         num_images=8,
         wall_s=2.0,
         images={"samples.png": grid, "guidance.png": grid[::-1]},
@@ -76,8 +79,8 @@ def test_parent_child_metrics_steps_and_images(store, tmp_path):
     run = tracker.client.get_run(child.info.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags[PARENT_TAG] == parent and run.data.tags[STAGE_TAG] == "proxy"
-    assert run.data.params == {"w_cfg": "2.0", "w_igg": "1.0", "window": "3", "num_images": "8", "seed": "0",
-                               "fid": "False"}
+    assert run.data.params == {"w_cfg": "2.0", "w_igg": "1.0", "window": "3", "kind": "mixed", "num_images": "8",
+                               "start": "0", "seed": "0", "fid": "False"}
     m = run.data.metrics
     assert (m["E"], m["D"], m["gap"], m["retries"]) == (0.7, 0.2, 0.5, 1.0)
     assert m["images_per_s"] == pytest.approx(4.0) and m["wall_s"] == 2.0
@@ -98,11 +101,12 @@ def test_fid_metrics_and_failed_runs(store):
     tracker.open_parent({})
     fid_job = Job(Candidate(1.5, None, None), 64, 0, fid=True)
     tracker.started("confirm", 0, fid_job)
-    tracker.finished("confirm", 0, fid_job, Done(0, evaluation(fid=True), None, 0), {})
+    tracker.finished("confirm", 0, fid_job, Done(0, evaluation(), None, 0), FID_METRICS)
     tracker.started("proxy", 1, JOB)
     tracker.failed("proxy", 1, JOB, "non-finite vocab_evenness at w=1e9", retries=2)
     runs = {r.data.tags[STAGE_TAG]: r for r in tracker.children()}
     assert runs["confirm"].data.metrics["fid"] == 12.5 and runs["confirm"].data.metrics["recall"] == 0.25
+    assert runs["confirm"].info.run_name == "confirm 0 · w=1.50" and runs["confirm"].data.params["kind"] == "cfg"
     assert runs["proxy"].info.status == "FAILED"
     assert runs["proxy"].data.tags["guidetune.fail_reason"] == "non-finite vocab_evenness at w=1e9"
     assert runs["proxy"].data.tags["guidetune.retries"] == "2"

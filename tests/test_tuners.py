@@ -1,55 +1,62 @@
-"""Tuner logic on a synthetic objective: calibration, proxy search, confirm, resume, stale RUNNING trials.
+"""Tuner logic on a synthetic backbone: the proxy, the FID refinement, the race, resume and stale trials.
 
-The workers are an in-process stub (no backbone): the signals are closed-form functions of the guidance weights whose
-scaled evenness and divergence cross at a known weight. Optuna storage is a real SQLite file in tmp_path.
+The workers are an in-process stub (no model): the proxy signals are closed-form functions of the guidance strength
+whose evenness and divergence cross at a known strength, and an FID job returns per-image features z_i + shift(c),
+z_i drawn from (seed, i) alone (common random numbers), so the FID against a standard-normal reference is about
+|shift(c)|², lowest at a known strength. FID itself is the real code: torch-fidelity through FidEvaluator, the
+bootstrap of pipeline.metrics. Optuna storage is a real SQLite file in tmp_path.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections import deque
 
+import numpy as np
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
-from pipeline.config import BackboneConfig, ConfirmConfig, GuidanceConfig, ProxyConfig, SearchConfig
-from tuners.confirm import DEFAULT, PROXY, UNGUIDED, Confirmed, baselines, best_of, run_confirm, select_candidates
-from tuners.confirm import spearman as spearman_rho
+from pipeline.config import BackboneConfig, ConfirmConfig, ProxyConfig, RefineConfig, SearchConfig
+from pipeline.fid import FidEvaluator, Reference
+from tuners.confirm import DEFAULT, REFINED, Racer, RaceStage, default_candidate, job_key
 from tuners.jobs import Done, Evaluation, Job
-from tuners.proxy import Calibration, calibrate, gap_name, job_key, run_proxy
+from tuners.proxy import ProxyStage, gap_name, gaps_of
+from tuners.refine import RefineStage
 from tuners.samplers import derive_seed, make_sampler
-from tuners.space import Candidate, design_points, suggest
-from tuners.studies import fail_stale, open_study, study_name
+from tuners.scoring import FeatureBank, Scorer
+from tuners.space import Candidate, Ranges, Region, design_points, suggest
+from tuners.studies import RECORD, fail_stale, open_study, record_of, study_name
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-W_STAR = 2.0  # the synthetic FID optimum
-W_HIGH = 6.0
+CROSSING = 4.5  # strength where |E - D| = 0
+W_STAR = 9.0  # strength of the synthetic FID optimum: outside the starting range [0, 6] for CFG
+F = 4  # feature dimension of the stub
 
 
 def strength(c: Candidate) -> float:
     return (c.w_cfg or 0.0) + 0.5 * (c.w_igg or 0.0)
 
 
+def features(job: Job) -> np.ndarray:
+    """(sampled, F) features: z_i (from seed and image index only) shifted by the candidate's distance to W_STAR."""
+    rows = []
+    for i in range(job.start, job.num_images):
+        z = torch.randn(F, generator=torch.Generator().manual_seed(derive_seed(job.seed, 10_000 + i)))
+        rows.append(z.numpy())
+    shift = np.zeros(F, dtype=np.float32)
+    shift[0] = strength(job.candidate) - W_STAR
+    return (np.stack(rows) + shift).astype(np.float32)
+
+
 def synthetic(job: Job) -> Evaluation:
-    """Evenness falls and divergence rises with the guidance strength s; the calibrated crossing is at s = 3."""
     s = strength(job.candidate)
-    signals = {
-        "vocab_evenness": 0.6 - 0.05 * s,
-        "token_evenness": 0.9 - 0.001 * s,
-        "div_uncond": 0.05 + 0.05 * s,
-        "div_cond": 0.02 + 0.01 * s,
-    }
-    fid = {"fid": 10.0 + (s - W_STAR) ** 2} if job.fid else {}
-    return Evaluation(
-        signals=signals,
-        per_scale={k: [v, v] for k, v in signals.items()},
-        fid_metrics=fid,
-        num_images=job.num_images,
-        wall_s=0.1,
-    )
+    signals = {"vocab_evenness": 0.5 - 0.05 * s, "token_evenness": 0.9 - 0.001 * s,
+               "div_uncond": 0.05 + 0.05 * s, "div_cond": 0.02 + 0.01 * s}
+    return Evaluation(signals=signals, per_scale={k: [v, v] for k, v in signals.items()},
+                      features={"features": features(job)} if job.fid else {}, num_images=job.sampled, wall_s=0.1)
 
 
 class StubPool:
@@ -100,261 +107,280 @@ class Recorder:
         self.events.append(("failed", stage, number))
 
 
-GUIDANCE = GuidanceConfig(name="cfg", params=["w_cfg"])
-MIXED = GuidanceConfig(name="mixed", params=["w_cfg", "w_igg", "window"])
-PROXY_CFG = ProxyConfig(num_images=4, calibration=[0.0, 0.5, 1.0])
+SEARCH = SearchConfig(n_trials=12, n_startup_trials=4, w_cfg=[0.0, 6.0], w_igg=[0.0, 6.0], windows=[None, 3])
+PROXY = ProxyConfig(num_images=4, design=[0.5, 1.0])
+REFINE = RefineConfig(n_trials=8, num_images=16, warm_start=1, radius=0.5)
+CONFIRM = ConfirmConfig(finalists=3, rungs=[32, 64], final_max=2, bootstrap=100, batch_size=16)
 
 
-def search_cfg(n_trials: int, sampler: str = "tpe") -> SearchConfig:
-    return SearchConfig(n_trials=n_trials, sampler=sampler, n_startup_trials=4, w_cfg=[0.0, W_HIGH])
+def storage(tmp_path) -> str:
+    return f"sqlite:///{tmp_path}/optuna.db"
 
 
-def studies(tmp_path, name: str = "s"):
-    storage = f"sqlite:///{tmp_path}/optuna.db"
-    return tuple(open_study(storage, study_name(name, stage)) for stage in ("calibration", "proxy", "confirm"))
+def proxy_stage(tmp_path, kinds=("cfg",), search=SEARCH, name="s") -> ProxyStage:
+    study = open_study(storage(tmp_path), study_name(name, "proxy"))
+    return ProxyStage(study, list(kinds), search, PROXY, 0, Recorder())
 
 
-def calibrated(cal_study, proxy_study, pool, guidance=GUIDANCE, search=None):
-    points = design_points(guidance, search or search_cfg(8), PROXY_CFG.calibration)
-    return calibrate(cal_study, proxy_study, pool, points, PROXY_CFG, 0, Recorder())
+@pytest.fixture(scope="module")
+def scorer():
+    evaluator = FidEvaluator("guidetune-tiny", metrics=["fid"], progress=False)
+    ref = torch.randn(512, F, generator=torch.Generator().manual_seed(1))
+    reference = Reference(np.zeros(F), np.eye(F), ref, 512, "stub")
+    return Scorer(evaluator, reference, replicates=100, level=0.95, seed=0)
 
 
-def test_design_points_walk_the_diagonal():
-    search = SearchConfig(w_cfg=[1.0, 5.0], w_igg=[0.0, 2.0], windows=[3])
-    points = design_points(MIXED, search, [1.0, 0.0, 0.5, 0.5])
-    assert points == [Candidate(1.0, 0.0, None), Candidate(3.0, 1.0, None), Candidate(5.0, 2.0, None)]
-    assert design_points(GUIDANCE, search, [0.0, 1.0]) == [Candidate(1.0, None, None), Candidate(5.0, None, None)]
+def bank(tmp_path) -> FeatureBank:
+    return FeatureBank(tmp_path / "features", [0, REFINE.num_images, *CONFIRM.rungs], 0)
 
 
-def test_suggest_only_searched_parameters(tmp_path):
+# ------------------------------------------------------------------------------------------------- space
+
+
+def test_candidate_kind_key_and_weights():
+    assert [Candidate(1.0, None, None).kind, Candidate(None, 1.0, 3).kind, Candidate(1.0, 2.0, None).kind,
+            Candidate(None, None, None).kind] == ["cfg", "igg", "mixed", "unguided"]
+    assert Candidate(1.234, None, None).key(2) == Candidate(1.2349, None, None).key(2)
+    assert Candidate(1.234, 2.0, 3).key(2) != Candidate(1.234, 2.0, 5).key(2)
+    assert Candidate(1.0, None, 3).key(1) == Candidate(1.0, None, None).key(1)
+    assert Candidate(1.0, 2.0, 3).weights() == {"w_cfg": 1.0, "w_igg": 2.0}
+
+
+def test_design_points_per_kind():
+    ranges = Ranges.start(["cfg", "mixed"], SearchConfig(w_cfg=[1.0, 5.0], w_igg=[0.0, 2.0]))
+    assert design_points(["cfg", "mixed"], ranges, [1.0, 0.5, 0.5]) == [
+        Candidate(3.0, None, None), Candidate(5.0, None, None), Candidate(3.0, 1.0, None), Candidate(5.0, 2.0, None)]
+
+
+def test_suggest_only_the_kind_parameters_inside_the_box():
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
-    search = SearchConfig(w_cfg=[1.0, 2.0], w_igg=[3.0, 4.0], windows=[None, 5])
-    for guidance in (GUIDANCE, GuidanceConfig(name="igg", params=["w_igg", "window"]), MIXED):
+    box = {"w_cfg": (1.0, 2.0), "w_igg": (3.0, 4.0)}
+    for kind, names in (("cfg", {"w_cfg"}), ("igg", {"w_igg", "window"}), ("mixed", {"w_cfg", "w_igg", "window"})):
         trial = study.ask()
-        c = suggest(trial, guidance, search)
-        assert set(trial.params) == set(guidance.params)
-        assert (c.w_cfg is None) == ("w_cfg" not in guidance.params)
+        c = suggest(trial, kind, box, [None, 5])
+        assert set(trial.params) == names and c.kind == kind
         assert c.w_cfg is None or 1.0 <= c.w_cfg <= 2.0
         assert c.w_igg is None or 3.0 <= c.w_igg <= 4.0
         assert c.window in (None, 5)
 
 
-def test_candidate_key_rounds_weights_and_ignores_window_without_igg():
-    assert Candidate(1.234, None, None).key(2) == Candidate(1.2349, None, None).key(2)
-    assert Candidate(1.234, 2.0, 3).key(2) != Candidate(1.234, 2.0, 5).key(2)
-    assert Candidate(1.0, None, 3).key(1) == Candidate(1.0, None, None).key(1)
+def test_ranges_grow_at_the_edge_up_to_the_cap():
+    ranges = Ranges.start(["mixed"], SearchConfig(w_cfg=[0.0, 6.0], w_igg=[0.0, 6.0], max_weight=20.0))
+    assert ranges.widen(Candidate(3.0, 5.9, None)) == ["w_igg"]
+    assert ranges.spans["mixed"] == {"w_cfg": [0.0, 6.0], "w_igg": [0.0, 12.0]}
+    assert ranges.widen(Candidate(3.0, 5.9, None)) == []  # no longer at the edge
+    ranges.widen(Candidate(3.0, 12.0, None))
+    assert ranges.spans["mixed"]["w_igg"] == [0.0, 20.0]  # capped
+    assert ranges.widen(Candidate(3.0, 20.0, None)) == []
+    assert ranges.bounds(Candidate(0.0, 20.0, None)) == {"w_cfg": "low", "w_igg": "cap"}
 
 
-def test_calibration_ranges_and_gap(tmp_path):
-    cal, prox, _ = studies(tmp_path)
-    calibration = calibrated(cal, prox, StubPool())
-    assert calibration.ranges["vocab_evenness"] == pytest.approx((0.3, 0.6))
-    assert calibration.ranges["div_uncond"] == pytest.approx((0.05, 0.35))
-    assert prox.user_attrs["ranges"]["div_uncond"] == pytest.approx([0.05, 0.35])
-    # scaled E = 1 - s/6, scaled D = s/6: the gap is |1 - s/3|, zero at s = 3
-    gaps = calibration.gaps(synthetic(Job(Candidate(1.5, None, None), 4, 0)).signals)
-    assert gaps[gap_name("vocab", "uncond")] == pytest.approx(0.5)
+def test_region_moves_grows_and_shrinks():
+    region = Region({"w_cfg": 3.0}, {"w_cfg": 1.0}, cap=10.0)
+    assert region.box() == {"w_cfg": (2.0, 4.0)}
+    region.update(Candidate(3.95, None, None), True, edge=0.1, grow=2.0, shrink=0.5)
+    assert region.box() == {"w_cfg": (pytest.approx(1.95), pytest.approx(5.95))}
+    region.update(Candidate(3.95, None, None), False, edge=0.1, grow=2.0, shrink=0.5)
+    assert region.radius == {"w_cfg": 1.0} and region.history == ["grew", "shrank"]
+    region.update(Candidate(9.5, None, None), True, edge=0.1, grow=2.0, shrink=0.5)  # beyond the old box
+    assert region.history[-1] == "grew" and region.box()["w_cfg"] == (7.5, 10.0)  # clipped at the cap
+    region.update(Candidate(9.9, None, None), True, edge=0.1, grow=2.0, shrink=0.5)
+    assert region.history[-1] == "kept"  # the cap is no edge to grow at
+
+
+# ------------------------------------------------------------------------------------------------- proxy
+
+
+def test_gap_is_in_natural_units():
+    gaps = gaps_of(synthetic(Job(Candidate(1.5, None, None), 4, 0)).signals)
+    assert gaps[gap_name("vocab", "uncond")] == pytest.approx(abs(0.5 - 0.075 - 0.125))
     assert set(gaps) == {gap_name(e, r) for e in ("vocab", "tokens") for r in ("uncond", "cond")}
 
 
-def test_degenerate_range_gives_nan_for_that_pair_only():
-    calibration = Calibration(
-        ranges={"vocab_evenness": (0.0, 1.0), "token_evenness": (0.5, 0.5), "div_uncond": (0.0, 1.0),
-                "div_cond": (0.0, 1.0)},
-        points={},
-    )
-    gaps = calibration.gaps({"vocab_evenness": 0.2, "token_evenness": 0.5, "div_uncond": 0.5, "div_cond": 0.1})
-    assert gaps[gap_name("vocab", "uncond")] == pytest.approx(0.3)
-    assert math.isnan(gaps[gap_name("tokens", "uncond")])
-
-
-def test_calibration_refuses_a_constant_signal(tmp_path):
-    cal, prox, _ = studies(tmp_path)
-    points = [Candidate(1.0, None, None), Candidate(1.0, None, None)]
-    with pytest.raises(RuntimeError, match="did not vary"):
-        calibrate(cal, prox, StubPool(), points, PROXY_CFG, 0, Recorder())
-
-
-@pytest.mark.parametrize("sampler,n", [("tpe", 16), ("gp", 10), ("random", 10)])
-def test_proxy_stage_converges_to_the_crossing(tmp_path, sampler, n):
-    cal, prox, _ = studies(tmp_path)
-    pool = StubPool(workers=2)
-    calibration = calibrated(cal, prox, pool)
-    trials = run_proxy(prox, pool, GUIDANCE, search_cfg(n, sampler), PROXY_CFG, calibration, 0, Recorder())
-    assert len(trials) == n
-    assert pool.max_pending == 2  # both workers kept busy
-    best = min(trials, key=lambda t: t.value)
-    assert best.params["w_cfg"] == pytest.approx(3.0, abs=0.6)
-    assert best.value == pytest.approx(abs(1 - best.params["w_cfg"] / 3), abs=1e-6)
-    assert set(best.user_attrs["result"]["gaps"]) >= {"gap_vocab_uncond", "gap_tokens_cond"}
-    if sampler != "random":  # the model-based phase itself finds the crossing, past the random start-up
-        modelled = [t for t in trials if t.number >= 6]
-        assert min(modelled, key=lambda t: t.value).params["w_cfg"] == pytest.approx(3.0, abs=0.25)
-
-
-def test_resume_does_not_redo_finished_trials(tmp_path):
-    cal, prox, _ = studies(tmp_path)
-    calibration = calibrated(cal, prox, StubPool())
-    first = StubPool()
-    run_proxy(prox, first, GUIDANCE, search_cfg(6), PROXY_CFG, calibration, 0, Recorder())
-    assert len(first.seen) == 6
-    cal2, prox2, _ = studies(tmp_path)  # a new driver, same sweep name
-    again = StubPool()
-    calibration2 = calibrated(cal2, prox2, again)
-    assert again.seen == []  # calibration resumed from its ledger
-    assert calibration2.ranges == calibration.ranges
-    trials = run_proxy(prox2, again, GUIDANCE, search_cfg(9), PROXY_CFG, calibration2, 0, Recorder())
-    assert len(again.seen) == 3
-    assert len(trials) == 9
-    assert len({t.number for t in trials}) == 9
-
-
-def test_stale_running_trials_fail_and_are_reasked(tmp_path):
-    cal, prox, _ = studies(tmp_path)
-    calibration = calibrated(cal, prox, StubPool())
-    run_proxy(prox, StubPool(), GUIDANCE, search_cfg(3), PROXY_CFG, calibration, 0, Recorder())
-    dead = prox.ask()  # a driver asked, then died before telling
-    lost = suggest(dead, GUIDANCE, search_cfg(5)).w_cfg
-    _, prox2, _ = studies(tmp_path)
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_proxy_finds_the_crossing_of_every_kind_and_grows_a_range(tmp_path, sampler):
+    search = SearchConfig(**{**SEARCH.__dict__, "sampler": sampler, "n_trials": 30})
+    stage = proxy_stage(tmp_path, ("cfg", "igg"), search)
     pool = StubPool()
-    run_proxy(prox2, pool, GUIDANCE, search_cfg(5), PROXY_CFG, calibration, 0, Recorder())
-    stale = prox2.trials[dead.number]
-    assert stale.state == TrialState.FAIL and stale.user_attrs["stale"] is True
-    assert pool.seen[0].candidate.w_cfg == lost  # re-asked first
-    assert len(pool.seen) == 2
-    assert len(prox2.get_trials(states=(TrialState.COMPLETE,))) == 5
-    assert fail_stale(prox2) == []
+    stage.run(pool)
+    assert pool.max_pending == 2
+    ((cfg_best, _),) = stage.best("cfg", 1, 2)
+    ((igg_best, _),) = stage.best("igg", 1, 2)
+    assert cfg_best.w_cfg == pytest.approx(CROSSING, abs=0.6)
+    assert igg_best.w_igg == pytest.approx(2 * CROSSING, abs=1.2)  # beyond the starting range: it grew
+    assert stage.ranges.spans["igg"]["w_igg"][1] > 6.0 and stage.state.grows >= 1
+    assert stage.ranges.spans["cfg"]["w_cfg"] == [0.0, 6.0]
+    rec = record_of(stage.study.trials[0])
+    assert rec.stage == "proxy" and rec.value == pytest.approx(rec.gaps["gap_vocab_uncond"])
+
+
+def test_proxy_pick_does_not_move_with_the_range(tmp_path):
+    picks = []
+    for name, high in (("narrow", 6.0), ("wide", 12.0)):
+        search = SearchConfig(**{**SEARCH.__dict__, "w_cfg": [0.0, high], "n_trials": 16, "max_grows": 0})
+        stage = proxy_stage(tmp_path, ("cfg",), search, name=name)
+        stage.run(StubPool())
+        picks.append(stage.best("cfg", 1, 2)[0][0].w_cfg)
+    assert picks[0] == pytest.approx(CROSSING, abs=0.5) and picks[1] == pytest.approx(CROSSING, abs=0.5)
+
+
+def proxy_history(study) -> list[tuple]:
+    """(params, gap) of the budget-using trials in ask order (re-asked duplicates of interrupted trials excluded)."""
+    kept = [t for t in sorted(study.trials, key=lambda t: t.number) if RECORD in t.user_attrs]
+    return [(sorted(t.params.items(), key=str), t.value) for t in kept]
+
+
+def test_completion_order_does_not_change_the_proxy_search(tmp_path):
+    histories = []
+    for name, pool in (("fifo", StubPool(workers=3)), ("lifo", StubPool(workers=3, lifo=True))):
+        stage = proxy_stage(tmp_path, ("cfg",), name=name)
+        stage.run(pool)
+        histories.append(proxy_history(stage.study))
+    assert len(histories[0]) >= 14 and histories[0] == histories[1]
+
+
+@pytest.mark.parametrize("crash_after", [1, 7])
+def test_killed_proxy_resumes_to_the_uninterrupted_result(tmp_path, crash_after):
+    whole = proxy_stage(tmp_path, name="whole")
+    whole.run(StubPool(lifo=True))
+    killed = proxy_stage(tmp_path, name="killed")
+    with pytest.raises(KeyboardInterrupt):
+        killed.run(StubPool(lifo=True, crash_after=crash_after))
+    told_before = [t.number for t in killed.study.trials if t.state == TrialState.COMPLETE]
+    again_stage = proxy_stage(tmp_path, name="killed")  # the same command again
+    again = StubPool(lifo=True)
+    again_stage.run(again)
+    trials = again_stage.study.trials
+    assert all(trials[n].state == TrialState.COMPLETE for n in told_before)  # kept
+    assert len(again.seen) == len(proxy_history(whole.study)) - len(told_before)  # nothing told is run twice
+    interrupted = [t for t in trials if t.state == TrialState.FAIL and RECORD not in t.user_attrs]
+    assert interrupted
+    assert proxy_history(again_stage.study) == proxy_history(whole.study)
 
 
 def test_worker_errors_fail_the_trial_with_reason_and_use_budget(tmp_path):
-    cal, prox, _ = studies(tmp_path)
-    calibration = calibrated(cal, prox, StubPool())
-    pool = StubPool(fail_if=lambda job: job.candidate.w_cfg is not None and job.candidate.w_cfg > 4.0)
-    recorder = Recorder()
-    run_proxy(prox, pool, GUIDANCE, search_cfg(10, "random"), PROXY_CFG, calibration, 0, recorder)
-    failed = prox.get_trials(states=(TrialState.FAIL,))
-    assert failed and all(t.user_attrs["failure"] == {"reason": "worker raised: boom", "retries": 1} for t in failed)
-    assert len(pool.seen) == 10
-    assert sum(e[0] == "failed" for e in recorder.events) == len(failed)
+    search = SearchConfig(**{**SEARCH.__dict__, "sampler": "random", "n_trials": 10, "max_grows": 0})
+    stage = proxy_stage(tmp_path, search=search)
+    pool = StubPool(fail_if=lambda job: job.candidate.w_cfg > 4.0)
+    stage.run(pool)
+    failed = stage.study.get_trials(states=(TrialState.FAIL,))
+    assert failed and all(record_of(t).error == "worker raised: boom" and record_of(t).retries == 1 for t in failed)
+    assert len(pool.seen) == 12  # 2 design points + 10 trials
+    assert sum(e[0] == "failed" for e in stage.observer.events) == len(failed)
 
 
-def test_select_candidates_distinct_top_k(tmp_path):
-    study = optuna.create_study()
-    for w, gap in [(1.001, 0.1), (1.002, 0.2), (2.0, 0.3), (3.0, 0.05), (4.0, 0.9)]:
-        study.add_trial(optuna.trial.create_trial(
-            params={"w_cfg": w}, distributions={"w_cfg": optuna.distributions.FloatDistribution(0, 6)}, value=gap))
-    picked = select_candidates(study.trials, top_k=3, decimals=2)
-    assert [c.w_cfg for c, _ in picked] == [3.0, 1.001, 2.0]
-    assert [g for _, g in picked] == [0.05, 0.1, 0.3]
+def test_interrupted_trials_are_failed_and_reasked(tmp_path):
+    study = open_study(storage(tmp_path), study_name("s", "proxy"))
+    dead = study.ask()  # a driver asked, then died before telling
+    dead.suggest_float("w_cfg", 0, 6)
+    assert fail_stale(study) == [dead.params]
+    assert study.trials[0].state == TrialState.FAIL and fail_stale(study) == []
 
 
-def test_confirm_multi_fidelity_and_resume(tmp_path):
-    cal, prox, conf = studies(tmp_path)
+# ----------------------------------------------------------------------------------------- refine and race
+
+
+def refine_stage(tmp_path, scorer, kinds=("cfg", "igg"), name="s", refine=REFINE) -> RefineStage:
+    ranges = Ranges.start(list(kinds), SEARCH)
+    warm = {k: design_points([k], ranges, [0.5]) for k in kinds}
+    studies = {k: open_study(storage(tmp_path), study_name(name, f"refine/{k}")) for k in kinds}
+    return RefineStage(studies, warm, ranges, refine, SEARCH, 0, Recorder(), bank(tmp_path / name), scorer)
+
+
+def refine_history(stage: RefineStage) -> dict[str, list]:
+    return {k: [(sorted(t.params.items(), key=str), t.value) for t in s.counted()] for k, s in stage.kinds.items()}
+
+
+def test_refinement_leaves_the_starting_range_for_the_optimum(tmp_path, scorer):
+    stage = refine_stage(tmp_path, scorer)
     pool = StubPool()
-    backbone = BackboneConfig(name="stub", default_cfg=1.5)
-    calibration = calibrated(cal, prox, pool)
-    trials = run_proxy(prox, pool, GUIDANCE, search_cfg(12), PROXY_CFG, calibration, 0, Recorder())
-    picked = select_candidates(trials, top_k=3, decimals=2)
-    entries = [Confirmed(c, PROXY, g) for c, g in picked] + [Confirmed(c, role, 0.5) for c, role in baselines(backbone)]
-    confirm = ConfirmConfig(top_k=3, small_num_images=8, num_images=32, full_top=2)
-    before = len(pool.seen)
-    run_confirm(conf, pool, entries, confirm, 0, Recorder())
-    jobs = pool.seen[before:]
-    small = [j for j in jobs if j.num_images == 8]
-    full = [j for j in jobs if j.num_images == 32]
-    assert all(j.fid for j in jobs)
-    assert len(small) == 5 and len({job_key(j) for j in small}) == 5  # 3 distinct proxy + default + unguided
-    assert len(full) == 3  # full_top guided + unguided
-    assert {j.candidate for j in full} >= {Candidate(0.0, None, None)}
-    guided = sorted((e for e in entries if e.role != UNGUIDED), key=lambda e: e.small["fid"])
-    assert [e.full is not None for e in guided] == [True, True] + [False] * (len(guided) - 2)
-    best = best_of(entries)
-    assert best.full["fid"] == min(e.full["fid"] for e in entries if e.full)
-    assert best.fid == pytest.approx(10.0 + (strength(best.candidate) - W_STAR) ** 2)
-    # resume: a second confirm run redoes nothing and gives the same numbers
+    stage.run(pool)
+    assert all(j.fid and j.num_images == REFINE.num_images for j in pool.seen)
+    best_cfg = stage.kinds["cfg"].best[0]
+    best_igg = stage.kinds["igg"].best[0]
+    assert best_cfg.w_cfg > 6.0 and abs(strength(best_cfg) - W_STAR) < 1.5  # beyond the starting [0, 6]
+    assert abs(strength(best_igg) - W_STAR) < 3.0
+    assert "grew" in stage.history()["cfg"]
+    assert all(len(s.counted()) == REFINE.n_trials for s in stage.kinds.values())
+    finalists = stage.finalists(3, 2)
+    assert {c.kind for c, _ in finalists[:2]} == {"cfg", "igg"} and len(finalists) == 3
+    assert finalists[0][1].value <= finalists[1][1].value
+    rec = finalists[0][1]
+    assert rec.metrics["fid_low"] < rec.metrics["fid"] < rec.metrics["fid_high"] and rec.images == REFINE.num_images
+
+
+def test_refinement_is_reproducible_and_resumes(tmp_path, scorer):
+    whole = refine_stage(tmp_path, scorer, name="whole")
+    whole.run(StubPool(lifo=True))
+    killed = refine_stage(tmp_path, scorer, name="killed")
+    with pytest.raises(KeyboardInterrupt):
+        killed.run(StubPool(crash_after=5))
+    again = refine_stage(tmp_path, scorer, name="killed")
+    pool = StubPool()
+    again.run(pool)
+    assert refine_history(again) == refine_history(whole)
+    told = sum(len(s.counted()) for s in again.kinds.values())
+    assert len(pool.seen) < told  # what was told before the kill is not run again
+
+
+def race_stage(tmp_path, scorer, racers, name="race") -> RaceStage:
+    study = open_study(storage(tmp_path), study_name(name, "confirm"))
+    return RaceStage(study, racers, CONFIRM, 0, Recorder(), bank(tmp_path), scorer)
+
+
+def test_race_extends_images_eliminates_the_worse_and_measures_the_margin(tmp_path, scorer):
+    near, other, far = Candidate(9.0, None, None), Candidate(9.2, None, None), Candidate(1.5, None, None)
+    b = bank(tmp_path)
+    for c in (near, other):  # refined candidates already hold their first block
+        b.put(Job(c, REFINE.num_images, 0, fid=True), {"features": features(Job(c, REFINE.num_images, 0, fid=True))})
+    racers = [Racer(near, REFINED), Racer(other, REFINED), Racer(far, DEFAULT)]
+    pool = StubPool()
+    winner, margin = race_stage(tmp_path, scorer, racers).run(pool)
+    assert winner.candidate == near
+    starts = {(j.candidate, j.num_images): j.start for j in pool.seen}
+    assert starts[(near, 32)] == 16 and starts[(far, 32)] == 0 and starts[(near, 64)] == 32  # only new images
+    assert racers[2].left.startswith("worse at N=32") and racers[2].reached == 32
+    assert margin is not None and margin.runner_up.candidate == other and margin.num_images == 64
+    assert margin.diff > 0 and margin.low <= margin.diff <= margin.high and not margin.separated
+    s = winner.scores[64]
+    assert s["fid_low"] < s["fid"] < s["fid_high"]
+    # the FID at N of the chained blocks equals the FID of one job of N images
+    whole = {"features": torch.from_numpy(features(Job(near, 64, 0, fid=True)))}
+    assert s["fid"] == pytest.approx(scorer.fid(whole)["fid"], rel=1e-9)
     again = StubPool()
-    entries2 = [Confirmed(e.candidate, e.role, e.gap) for e in entries]
-    run_confirm(open_study(f"sqlite:///{tmp_path}/optuna.db", study_name("s", "confirm")), again, entries2,
-                confirm, 0, Recorder())
-    assert again.seen == []
-    assert [e.small for e in entries2] == [e.small for e in entries]
-    assert [e.full for e in entries2] == [e.full for e in entries]
-    assert {e.role for e in entries} == {PROXY, DEFAULT, UNGUIDED}
+    winner2, _ = race_stage(tmp_path, scorer, [Racer(near, REFINED), Racer(other, REFINED), Racer(far, DEFAULT)]
+                            ).run(again)
+    assert again.seen == [] and winner2.scores == winner.scores  # resumed from the ledger: nothing redone
 
 
-def test_confirm_stale_job_is_redone(tmp_path):
-    _, _, conf = studies(tmp_path)
-    entry = Confirmed(Candidate(2.0, None, None), PROXY, 0.1)
-    confirm = ConfirmConfig(top_k=1, small_num_images=8, num_images=8, full_top=1)
-    dead = conf.ask()
-    dead.set_user_attr("job", {"key": job_key(Job(entry.candidate, 8, 0, fid=True))})
+def test_common_random_numbers_shrink_the_noise_of_a_difference(scorer):
+    a, b = Candidate(8.0, None, None), Candidate(8.5, None, None)
+    paired = scorer.difference(*({"features": torch.from_numpy(features(Job(c, 256, 0, fid=True)))} for c in (a, b)))
+    unpaired_b = {"features": torch.from_numpy(features(Job(b, 256, 7, fid=True)))}
+    unpaired = scorer.difference({"features": torch.from_numpy(features(Job(a, 256, 0, fid=True)))}, unpaired_b)
+    assert paired["high"] - paired["low"] < 0.5 * (unpaired["high"] - unpaired["low"])
+
+
+def test_a_stale_confirm_job_is_redone(tmp_path, scorer):
+    c = Candidate(9.0, None, None)
+    study = open_study(storage(tmp_path), study_name("race", "confirm"))
+    dead = study.ask()
+    dead.set_user_attr("job", job_key(Job(c, 32, 0, fid=True, start=0)))
     pool = StubPool()
-    run_confirm(conf, pool, [entry], confirm, 0, Recorder())
-    assert conf.trials[0].state == TrialState.FAIL and conf.trials[0].user_attrs["stale"]
-    assert len(pool.seen) == 1 and entry.small == entry.full == {"fid": 10.0}
-    assert json.loads(conf.trials[1].user_attrs["job"]["key"])[:3] == [2.0, None, None]
+    race = RaceStage(study, [Racer(c, REFINED)], ConfirmConfig(**{**CONFIRM.__dict__, "rungs": [32]}), 0,
+                     Recorder(), bank(tmp_path), scorer)
+    winner, margin = race.run(pool)
+    assert study.trials[0].state == TrialState.FAIL and RECORD not in study.trials[0].user_attrs
+    assert len(pool.seen) == 1 and margin is None and math.isfinite(winner.fid)
 
 
-def test_spearman():
-    assert spearman_rho([0.1, 0.2, 0.3, 0.4], [1.0, 2.0, 4.0, 8.0]) == pytest.approx(1.0)
-    assert spearman_rho([0.1, 0.2, 0.3], [3.0, 2.0, 1.0]) == pytest.approx(-1.0)
-    assert math.isnan(spearman_rho([0.1, 0.2], [1.0, 2.0]))
-    assert math.isnan(spearman_rho([0.1, 0.2, float("nan")], [1.0, 2.0, 3.0]))
-    assert math.isnan(spearman_rho([0.1, 0.1, 0.1], [1.0, 2.0, 3.0]))
+def test_default_candidate():
+    assert default_candidate(BackboneConfig(name="x", default_cfg=1.5)) == Candidate(1.5, None, None)
 
 
 def test_unknown_sampler():
     with pytest.raises(ValueError, match="sampler='cma' is unknown"):
         make_sampler("cma", 0, 4)
-
-
-def proxy_history(study) -> list[tuple[float, float]]:
-    """(w_cfg, gap) of the budget-using trials in ask order (stale re-asked duplicates excluded)."""
-    kept = [t for t in sorted(study.trials, key=lambda t: t.number) if not t.user_attrs.get("stale")]
-    return [(t.params["w_cfg"], t.value) for t in kept]
-
-
-def test_completion_order_does_not_change_the_search(tmp_path):
-    histories = []
-    for name, pool in (("fifo", StubPool(workers=3)), ("lifo", StubPool(workers=3, lifo=True))):
-        cal, prox, _ = studies(tmp_path, name)
-        calibration = calibrated(cal, prox, StubPool())
-        run_proxy(prox, pool, GUIDANCE, search_cfg(9), PROXY_CFG, calibration, 0, Recorder())
-        assert pool.max_pending == 3
-        histories.append(proxy_history(prox))
-    assert len(histories[0]) == 9 and histories[0] == histories[1]
-
-
-@pytest.mark.parametrize("crash_after", [1, 5])
-def test_killed_driver_resumes_to_the_uninterrupted_result(tmp_path, crash_after):
-    cal, prox, _ = studies(tmp_path, "whole")
-    calibration = calibrated(cal, prox, StubPool())
-    run_proxy(prox, StubPool(lifo=True), GUIDANCE, search_cfg(8), PROXY_CFG, calibration, 0, Recorder())
-    cal, prox, _ = studies(tmp_path, "killed")
-    calibration = calibrated(cal, prox, StubPool())
-    dying = StubPool(lifo=True, crash_after=crash_after)
-    with pytest.raises(KeyboardInterrupt):
-        run_proxy(prox, dying, GUIDANCE, search_cfg(8), PROXY_CFG, calibration, 0, Recorder())
-    told_before = [t.number for t in prox.trials if t.state == TrialState.COMPLETE]
-    _, prox2, _ = studies(tmp_path, "killed")  # the same command again
-    again = StubPool(lifo=True)
-    run_proxy(prox2, again, GUIDANCE, search_cfg(8), PROXY_CFG, calibration, 0, Recorder())
-    assert all(prox2.trials[n].state == TrialState.COMPLETE for n in told_before)  # kept
-    assert len(again.seen) == 8 - len(told_before)  # nothing told is run twice
-    stale = [t for t in prox2.trials if t.user_attrs.get("stale")]
-    assert stale and all(t.state == TrialState.FAIL for t in stale)
-    whole = optuna.load_study(study_name=study_name("whole", "proxy"), storage=f"sqlite:///{tmp_path}/optuna.db")
-    assert proxy_history(prox2) == proxy_history(whole)
-
-
-def test_trial_left_waiting_is_replayed(tmp_path):
-    cal, prox, _ = studies(tmp_path)
-    calibration = calibrated(cal, prox, StubPool())
-    prox.enqueue_trial({"w_cfg": 1.25})  # a driver enqueued a re-ask, then died before asking it
-    pool = StubPool()
-    run_proxy(prox, pool, GUIDANCE, search_cfg(3), PROXY_CFG, calibration, 0, Recorder())
-    assert prox.trials[0].state == TrialState.FAIL and prox.trials[0].user_attrs["stale"]
-    assert pool.seen[0].candidate.w_cfg == 1.25 and len(pool.seen) == 3
 
 
 def test_derive_seed_is_deterministic_and_distinct():

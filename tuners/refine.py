@@ -2,7 +2,9 @@
 
 Each kind has its own study (``<sweep>/refine/<kind>``) and :class:`tuners.space.Region`: a box around the kind's
 best FID so far, which moves with it, grows when the best lies on its edge (so the search can leave the starting
-range, up to ``search.max_weight``) and shrinks when a round finds nothing better. The first round is warm-started
+range, up to ``search.max_weight``) and shrinks when a round finds nothing better. A round after a growth starts
+with a pattern step: the best moved on in the direction it grew (half the new radius), then the sampler's picks.
+The first round is warm-started
 with the proxy's best candidates of the kind (enqueued). Every trial samples the same labels with the same sampler
 seeds (common random numbers), so FID differences between candidates are not drowned by sampling noise.
 
@@ -85,6 +87,11 @@ class RefineStage:
                     for i in range(len(s.counted()), min(self.refine.n_trials, len(s.counted()) + per_round))]
             if not todo:
                 return
+            for search in self.kinds.values():
+                probe = search.region.probe()
+                waiting = search.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+                if probe is not None and not waiting and len(search.counted()) < self.refine.n_trials:
+                    search.study.enqueue_trial(self._params(probe))  # pattern step along the growth
             self._round(pool, todo)
             for search in self.kinds.values():
                 self._close_round(search)

@@ -106,27 +106,43 @@ class Region:
     centre: dict[str, float]
     radius: dict[str, float]
     cap: float
-    history: list[str] = field(default_factory=list)  # what each update did (moved, grew, shrank)
+    history: list[str] = field(default_factory=list)  # what each update did (grew, kept, shrank)
+    direction: dict[str, int] = field(default_factory=dict)  # weight -> side of the last growth (+1 up, -1 down)
+    window: int | None = None  # the window of the best candidate (IGG kinds)
 
     def box(self) -> dict[str, tuple[float, float]]:
         return {w: (max(0.0, c - self.radius[w]), min(self.cap, c + self.radius[w])) for w, c in self.centre.items()}
 
-    def on_edge(self, candidate: Candidate, edge: float) -> bool:
-        """True when a weight of `candidate` lies in the outer `edge` fraction of the box (and not at 0 or the cap)."""
+    def edges(self, candidate: Candidate, edge: float) -> dict[str, int]:
+        """Weights of `candidate` in the outer `edge` fraction of the box (not at 0 or the cap): +1 high, -1 low."""
+        out = {}
         for w, v in candidate.weights().items():
             low, high = self.box()[w]
             margin = edge * (high - low)
-            if (v >= high - margin and high < self.cap) or (v <= low + margin and low > 0.0):
-                return True
-        return False
+            if v >= high - margin and high < self.cap:
+                out[w] = 1
+            elif v <= low + margin and low > 0.0:
+                out[w] = -1
+        return out
 
     def update(self, best: Candidate, improved: bool, *, edge: float, grow: float, shrink: float) -> None:
         """Move to the kind's best; grow when it lies on the edge, shrink when the round found nothing better."""
-        action = "grew" if self.on_edge(best, edge) else "kept" if improved else "shrank"
+        self.direction = self.edges(best, edge)
+        action = "grew" if self.direction else "kept" if improved else "shrank"
         factor = {"grew": grow, "kept": 1.0, "shrank": shrink}[action]
         self.centre = dict(best.weights())
         self.radius = {w: r * factor for w, r in self.radius.items()}
         self.history.append(action)
+        self.window = best.window
+
+    def probe(self) -> Candidate | None:
+        """After a growth, the step the region grew for: the weights on the edge moved half the new radius on."""
+        if not self.history or self.history[-1] != "grew":
+            return None
+        moved = {w: min(self.cap, max(0.0, c + self.direction.get(w, 0) * self.radius[w] / 2))
+                 for w, c in self.centre.items()}
+        return Candidate(w_cfg=moved.get("w_cfg"), w_igg=moved.get("w_igg"),
+                         window=self.window if "w_igg" in moved else None)
 
 
 def suggest(trial: optuna.Trial, kind: str, box: dict[str, tuple[float, float]], windows: list[int | None]
