@@ -32,8 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from bench_proxy import provenance
-from benchdoc import BENCHMARKS, write_section
+from benchdoc import BENCHMARKS, provenance, write_section
 from mlflow import MlflowClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}; {date}.  ",
         f"Sweep: `{shlex.join(sweep[1:])}` (sweep defaults otherwise: {workers} Ray actors with "
         f"{params['launcher.cpus_per_worker']} CPU each, {params['search.n_trials']} proxy trials of "
-        f"{params['proxy.num_images']} images, FID at {params['confirm.small_num_images']} then "
-        f"{params['confirm.num_images']} images; VAR `{provenance(params['backbone.var_ckpt'])}`); it printed "
-        f"`{best_line}`.",
+        f"{params['proxy.num_images']} images, {params['refine.n_trials']} FID refinement trials per kind of "
+        f"{params['refine.num_images']} images, a race at {params['confirm.rungs']} images; VAR "
+        f"`{provenance(params['backbone.var_ckpt'])}`); it printed `{best_line}`.",
         "",
         "Worker time per trial: inside the actor (sampling, signals, FID, PNG rendering), median (min-max). "
         "Overhead per trial: the pipeline's time on the trial (its MLflow child run, created before the job is "
@@ -157,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         f"All {len(trials)} trials: overhead {extra_share:.1%} of their summed pipeline time. Worker capacity "
         f"over the trial phase (first trial start to last trial end, {phase_s:.1f} s x {workers} workers) minus "
         f"worker time = {overhead_s:.1f} s ({overhead_s / (workers * phase_s):.1%}); beyond the per-trial overhead "
-        "this counts workers idle at stage barriers (a stage waits for its slowest job, e.g. an odd number of "
-        "full-N FID jobs on two workers).",
+        "this counts workers idle at stage barriers (a stage or a race rung waits for its slowest job).",
         "",
         f"Whole process: {finished - started:.1f} s; before the first trial (config, checkpoint check, FID reference "
         f"statistics, Ray and actor start) {first - started:.1f} s; after the last trial (report, plots, MLflow "

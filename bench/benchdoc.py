@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 from pipeline.files import atomic_write
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
+
+
+def provenance(path: str) -> str:
+    """Where a checkpoint comes from: the last commit that changed it, when it is the committed file; else its path."""
+    resolved = Path(path).resolve()
+    if resolved.is_relative_to(ROOT):
+        unchanged = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--", str(resolved)])
+        commit = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h", "--", str(resolved)],
+                                capture_output=True, text=True).stdout.strip()
+        if unchanged.returncode == 0 and commit:
+            return f"{resolved.relative_to(ROOT)} as committed in {commit}"
+    return str(path)
 
 
 def write_section(path: Path, title: str, body: str) -> None:

@@ -115,7 +115,8 @@ class ConfirmConfig:
 
     finalists: int = 4  # best distinct refined candidates (each kind's best first), plus the published default
     rungs: list[int] = field(default_factory=lambda: [1024, 2048, 4096])  # image counts; the last decides
-    final_max: int = 2  # at most this many finalists go on to the last rung (the lowest FIDs), as a cost cap
+    keep: float = 0.5  # cost cap: at most this share of the finalists left (lowest FIDs) go on to the next rung
+    final_max: int = 2  # and at most this many to the last rung
     bootstrap: int = 200  # paired bootstrap resamples over images per comparison
     level: float = 0.95  # confidence of every interval and of "worse beyond noise"
     reference: str = MISSING  # FID reference; defaults to backbone.fid_reference
@@ -358,7 +359,8 @@ def validate(cfg: SweepConfig) -> None:
         )
     if s.n_trials < 0 or s.max_grows < 0:
         raise ConfigError("search.n_trials and search.max_grows must be >= 0 (0: no proxy stage / no growth)")
-    for key, value in (("search.edge", s.edge), ("refine.shrink", r.shrink), ("confirm.level", c.level)):
+    for key, value in (("search.edge", s.edge), ("refine.shrink", r.shrink), ("confirm.level", c.level),
+                       ("confirm.keep", c.keep)):
         if not 0.0 < value < 1.0:
             raise ConfigError(f"{key}={value} must lie strictly between 0 and 1; e.g. {key}=0.5")
     for key, value in (("search.grow", s.grow), ("refine.grow", r.grow)):

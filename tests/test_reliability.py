@@ -35,18 +35,21 @@ from sweep_fixtures import micro_overrides, write_micro_backbone
 from pipeline.backbones.var import VARConfig, random_var
 from pipeline.backbones.vqvae import VQVAEConfig
 from pipeline.report import Best, read_best, write_best
-from pipeline.sweep import STAGES, main
+from pipeline.sweep import main
 from pipeline.tracking import PARENT_TAG, ROLE_TAG, STAGE_TAG, TRIAL_TAG
-from tuners.studies import study_name
+from tuners.studies import RECORD, record_of, study_name
 
 REPO = Path(__file__).resolve().parent.parent
-N_TRIALS = 6  # proxy budget; one of them is the absurd weight, which fails
+N_TRIALS = 6  # proxy trials after the 2 design points; the absurd weight, asked first, fails
+DESIGN = 2
+STAGES = ("proxy", "refine/cfg", "confirm")  # the studies of a guidance=cfg sweep
 ABSURD = 1e38  # w_cfg that overflows the guided logits to inf (the sampler's probabilities become NaN)
 SETTINGS = [
-    "guidance=cfg", f"search.n_trials={N_TRIALS}", "search.n_startup_trials=3", "proxy.num_images=8",
-    "proxy.batch_size=8", "proxy.calibration=[0,1]", "confirm.top_k=2", "confirm.small_num_images=20",
-    "confirm.num_images=24", "confirm.full_top=1", "confirm.reference_num_images=40", "confirm.batch_size=24",
-    "launcher.workers=2", "sweep.grid_images=4", "sweep.grid_nrow=2", "sweep.heatmap_images=2",
+    "guidance=cfg", f"search.n_trials={N_TRIALS}", "search.n_startup_trials=3", "search.max_grows=0",
+    "proxy.num_images=8", "proxy.batch_size=8", "proxy.design=[0.5,1]", "refine.n_trials=4", "refine.num_images=24",
+    "confirm.finalists=2", "confirm.rungs=[48,72]", "confirm.bootstrap=20", "confirm.reference_num_images=40",
+    "confirm.batch_size=24", "launcher.workers=2", "sweep.grid_images=4", "sweep.grid_nrow=2",
+    "sweep.heatmap_images=2",
 ]
 RUN_TIMEOUT_S = 900
 
@@ -187,12 +190,14 @@ def test_resumed_sweep_equals_the_uninterrupted_one(runs):
     plain, killed = final(runs, "plain"), final(runs, "killed")
     assert [(t.params, t.value) for t in complete(killed["proxy"])] == [
         (t.params, t.value) for t in complete(plain["proxy"])]
-    assert len(complete(plain["proxy"])) == N_TRIALS - 1  # the absurd trial used budget
+    assert len(complete(plain["proxy"])) == N_TRIALS + DESIGN - 1  # the absurd trial used budget
+    assert [(t.params, t.value) for t in complete(killed["refine/cfg"])] == [
+        (t.params, t.value) for t in complete(plain["refine/cfg"])]
 
     def fids(trials):
-        return {t.user_attrs["job"]["key"]: t.user_attrs["result"]["fid_metrics"] for t in complete(trials)}
+        return {t.user_attrs["job"]: record_of(t).metrics for t in complete(trials)}
 
-    assert fids(killed["confirm"]) == fids(plain["confirm"]) and len(fids(plain["confirm"])) == 4 + 2
+    assert fids(killed["confirm"]) == fids(plain["confirm"]) and len(fids(plain["confirm"])) >= 3
     best = {n: yaml.safe_load((runs["root"] / "sweeps" / n / "best.yaml").read_text()) for n in ("plain", "killed")}
     assert best["killed"] == best["plain"] and math.isfinite(best["plain"]["fid"])
 
@@ -206,13 +211,13 @@ def test_driver_kill_keeps_told_trials_and_reasks_the_interrupted(runs, stage):
     assert len(told) >= 2 and interrupted
     for n in told:  # kept as they were
         assert after[n].state == TrialState.COMPLETE and after[n].value == before[n].value
-    for n in interrupted:  # failed as stale, and asked again under a new number
-        assert after[n].state == TrialState.FAIL and after[n].user_attrs["stale"] is True
+    for n in interrupted:  # failed as interrupted (no record), and asked again under a new number
+        assert after[n].state == TrialState.FAIL and RECORD not in after[n].user_attrs
         again = [t for t in after.values() if t.number > n and t.state == TrialState.COMPLETE]
         if stage == "proxy" and before[n].params:  # a kill between ask and the first suggest leaves no params
             assert before[n].params in [t.params for t in again]
         elif "job" in before[n].user_attrs:
-            assert before[n].user_attrs["job"]["key"] in [t.user_attrs["job"]["key"] for t in again]
+            assert before[n].user_attrs["job"] in [t.user_attrs["job"] for t in again]
 
 
 def test_mlflow_runs_match_optuna_after_kills(runs):
@@ -227,8 +232,9 @@ def test_mlflow_runs_match_optuna_after_kills(runs):
     assert set(by_status) == {"FINISHED", "FAILED", "KILLED"}
     assert by_status["FINISHED"] == {(s, t.number) for s in STAGES for t in trials[s] if t.state == TrialState.COMPLETE}
     assert by_status["FAILED"] == {(s, t.number) for s in STAGES for t in trials[s]
-                                   if t.state == TrialState.FAIL and not t.user_attrs.get("stale")}
-    stale = {(s, t.number) for s in STAGES for t in trials[s] if t.user_attrs.get("stale")}
+                                   if t.state == TrialState.FAIL and RECORD in t.user_attrs}
+    stale = {(s, t.number) for s in STAGES for t in trials[s] if t.state == TrialState.FAIL and RECORD not in
+             t.user_attrs}
     assert by_status["KILLED"] <= stale and len(by_status["KILLED"]) >= 2  # one per kill at least
 
 
@@ -242,13 +248,13 @@ def test_dead_actor_is_retried_and_visible_in_mlflow(runs):
 def test_non_finite_trial_fails_with_reason_and_the_sweep_goes_on(runs, name):
     proxy = final(runs, name)["proxy"]
     [absurd] = [t for t in proxy if t.params.get("w_cfg") == ABSURD]
-    assert absurd.state == TrialState.FAIL and not absurd.user_attrs.get("stale")
-    reason = absurd.user_attrs["failure"]["reason"]
+    assert absurd.state == TrialState.FAIL and RECORD in absurd.user_attrs
+    reason = record_of(absurd).error
     assert any(word in reason.lower() for word in ("non-finite", "inf", "nan")), reason
     [run] = [r for r in children(runs, name) if r.data.tags[STAGE_TAG] == "proxy"
              and int(r.data.tags[TRIAL_TAG]) == absurd.number]
     assert run.info.status == "FAILED" and run.data.tags["guidetune.fail_reason"] == reason
-    assert len(complete(proxy)) == N_TRIALS - 1
+    assert len(complete(proxy)) == N_TRIALS + DESIGN - 1
 
 
 def test_concurrent_sweeps_share_intact_stores(runs):
@@ -368,7 +374,8 @@ def crash(*args):  # the process dies after the temp file is written, before it 
     os.kill(os.getpid(), 9)
 os.replace = crash
 if sys.argv[1] == "best":
-    report.write_best(sys.argv[2], report.Best("tiny", "cfg", 9.0, None, None, 99.0, 0.9, 0.0))
+    report.write_best(sys.argv[2], report.Best("tiny", "cfg", "cfg", 9.0, None, None, 99.0, 98.0, 100.0, 64,
+                                               {"w_cfg": "inside"}, None, None, None, {}, {}, {}))
 else:
     weights, cache = sys.argv[2:]
     evaluator = fid.FidEvaluator("guidetune-tiny", weights_path=weights, batch_size=20, cache_dir=cache)
@@ -384,7 +391,8 @@ def crash_before_rename(*args: str) -> None:
 
 def test_crash_before_rename_keeps_the_old_best_yaml(tmp_path):
     path = tmp_path / "best.yaml"
-    old = Best("tiny", "cfg", 2.0, None, None, 12.5, 0.1, 0.8)
+    old = Best("tiny", "cfg", "cfg", 2.0, None, None, 12.5, 11.0, 14.0, 64, {"w_cfg": "inside"}, None, None, None,
+               {}, {}, {})
     write_best(path, old)
     crash_before_rename("best", str(path))
     assert read_best(path) == old  # never half-written: the old file, whole

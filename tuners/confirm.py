@@ -4,9 +4,11 @@ The finalists (each kind's best refined candidate, then the next best, plus the 
 are scored at every rung N of ``confirm.rungs``. A rung extends each finalist's images (same labels and sampler
 seeds: the first N images at a larger N are the same images), so a rung costs only the images it adds. After each
 rung the finalist with the lowest FID is the current best; every other finalist whose FID exceeds it beyond noise
-(the lower end of the paired-bootstrap interval of the difference is above 0) leaves. At most ``confirm.final_max``
-go on to the last rung, which decides. Every FID carries its interval; the result names the runner-up and the margin,
-and whether the winner is separated from it. Each (finalist, rung) is one trial of the ``confirm`` ledger study.
+(the lower end of the paired-bootstrap interval of the difference is above 0) leaves. As a cost cap, at most a
+``confirm.keep`` share of the rest (the lowest FIDs) go on to the next rung, and at most ``confirm.final_max`` to the
+last, which decides; a finalist cut by the cap is reported as such, not as worse. Every FID carries its interval;
+the result names the runner-up and the margin, and whether the winner is separated from it. Each (finalist, rung)
+is one trial of the ``confirm`` ledger study.
 """
 
 from __future__ import annotations
@@ -118,11 +120,12 @@ class RaceStage:
             if last:
                 break
             alive = self._eliminate(alive, n)
-            if r == len(rungs) - 2 and len(alive) > self.confirm.final_max:
-                alive.sort(key=lambda x: x.scores[n]["fid"])
-                for racer in alive[self.confirm.final_max:]:
-                    racer.left = f"cut at N={n} (confirm.final_max={self.confirm.final_max}; not separated)"
-                alive = alive[: self.confirm.final_max]
+            cap = self.confirm.final_max if r == len(rungs) - 2 else max(
+                self.confirm.final_max, math.ceil(self.confirm.keep * len(alive)))
+            alive.sort(key=lambda x: x.scores[n]["fid"])
+            for racer in alive[cap:]:
+                racer.left = f"cut at N={n} by the cost cap (not separated)"
+            alive = alive[:cap]
         winner = min(alive, key=lambda x: x.scores[rungs[-1]]["fid"])
         return winner, self._margin(winner)
 
