@@ -58,8 +58,8 @@ SIGNALS = ("token_evenness", "vocab_evenness", "div_uncond", "div_cond")
 KINDS = ("cfg", "igg global", "igg window 3", "mixed global")
 WEIGHTS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 17, 20)
 WINDOW_WEIGHTS = (3, 5, 8, 12, 16, 20)
-MIXED_CFG = (2, 4, 6, 8, 12)
-MIXED_IGG = (2, 4, 8, 12, 16)
+MIXED_CFG = (1, 2, 4, 8)
+MIXED_IGG = (4, 8, 12, 16)
 RUNGS = (256, 512, 1024, 2048, 4096)
 
 
@@ -111,14 +111,14 @@ def broad_points() -> list[Point]:
 
 
 def _around(w: float, axis: list[float]) -> list[float]:
-    """Midpoints between w and its grid neighbours on `axis` when they are more than 1.5 apart; one step past
-    the top of the grid when w is its largest value."""
+    """Midpoints between w and its grid neighbours on `axis` when they are more than 3.5 apart (closer ones are
+    within the broad scan's FID noise); one step past the top of the grid when w is its largest value."""
     axis = sorted(set(axis))
     i = axis.index(w)
     out = []
-    if i + 1 < len(axis) and axis[i + 1] - w > 1.5:
+    if i + 1 < len(axis) and axis[i + 1] - w > 3.5:
         out.append(round(w + axis[i + 1]) / 2)
-    if i > 0 and w - axis[i - 1] > 1.5:
+    if i > 0 and w - axis[i - 1] > 3.5:
         out.append(round(w + axis[i - 1]) / 2)
     if i == len(axis) - 1:
         out.append(round(w * 1.25))
@@ -527,8 +527,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", type=int, default=8000, help="real images of the FID reference")
     p.add_argument("--n-broad", type=int, default=512, help="images per point in the broad scan")
     p.add_argument("--n-full", type=int, default=4096, help="images per point and seed when refined")
-    p.add_argument("--refine", type=int, default=6, help="best broad-scan points refined (plus 2 per kind)")
-    p.add_argument("--confirm", type=int, default=2, help="best refined points given 3 seeds (plus each kind's best)")
+    p.add_argument("--refine", type=int, default=4, help="best broad-scan points refined (plus 2 per kind)")
+    p.add_argument("--confirm", type=int, default=1, help="best refined points given 3 seeds (plus each kind's best)")
     p.add_argument("--limit", type=int, default=None, help="only the first LIMIT broad points (smoke tests)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
