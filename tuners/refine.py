@@ -16,6 +16,7 @@ completion order, and a resumed sweep replays the regions from the told trials.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import optuna
@@ -137,8 +138,9 @@ class RefineStage:
                                                 derive_seed(derive_seed(self.seed, KIND_SEED[search.kind]), index),
                                                 self.refine.n_startup_trials)
             trial = search.study.ask()
-            box = search.region.box()
-            candidate = suggest(trial, search.kind, box, self.search.windows)
+            with warnings.catch_warnings():  # an enqueued warm start or pattern step may lie outside the box
+                warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range", category=UserWarning)
+                candidate = suggest(trial, search.kind, search.region.box(), self.search.windows)
             job = Job(candidate, self.refine.num_images, self.seed, fid=True)
             running[tag] = (search, trial, job)
             self.observer.started(f"refine/{search.kind}", trial.number, job)

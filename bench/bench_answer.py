@@ -1,0 +1,145 @@
+"""Answer quality and cost of the sweep (issue #13): is the sweep's answer the optimum a dense grid finds?
+
+Runs ``python -m pipeline.sweep`` with the defaults for each sweep seed (and the variants given: a narrow starting
+range, no proxy stage), reads each best.yaml, then re-measures every answer exactly as bench/bench_grid.py measures
+its grid (labels i % 8, grid sampler seeds 1000-1002 that no sweep uses, 4,096 images per seed, FID against 8,000
+real images of a seed no sweep uses), so an answer and the grid best are scored on the same images' seeds (common
+random numbers). Reported: answer FID ÷ grid-best FID (mean over the 3 seeds, and the worst single seed), the
+sweep's images and worker seconds, and a RandAR-style grid scaled to this backbone as the cost baseline.
+
+    python bench/bench_answer.py --seeds 0 1 2 --variant narrow --variant no-proxy --write
+
+Needs bench/bench_grid.py's results (``--cache``, default /work/gridcache) for the grid best. Sweep roots are kept
+under ``--runs``, so a rerun resumes the sweeps and re-samples nothing already measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import yaml
+from bench_grid import DEFAULT_CACHE, GRID_SEEDS, Grid, Point
+from benchdoc import BENCHMARKS, ROOT, write_section
+
+SECTION = "Answer quality"
+VARIANTS = {  # name -> overrides on top of the defaults
+    "default": [],
+    "narrow": ["search.w_cfg=[0,3]", "search.w_igg=[0,3]"],
+    "no-proxy": ["search.n_trials=0"],
+}
+BASELINE_WEIGHTS = [2.0 + 0.5 * i for i in range(13)]  # RandAR's 2.0..8.0 step 0.2 at 10k, scaled: step 0.5
+BASELINE_N, BASELINE_BEST_N = 2048, 8192  # scaled from 10k per point and 50k for the best
+
+
+def point_of(best: dict) -> Point:
+    """The grid's name for a best.yaml answer."""
+    kind = best["kind"]
+    if kind != "cfg":
+        kind = f"{kind} {'global' if best['window'] is None else f'window {best['window']}'}"
+    return Point(kind, best["w_cfg"], best["w_igg"], best["window"])
+
+
+def run_sweep(runs: Path, name: str, seed: int, overrides: list[str]) -> tuple[dict, float]:
+    """Run (or resume) one sweep; its best.yaml and the wall seconds of this call."""
+    root = runs / name
+    cmd = [sys.executable, "-m", "pipeline.sweep", f"root={root}", f"sweep.name={name}", f"seed={seed}", *overrides]
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    started = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} exited {proc.returncode}: {proc.stderr[-2000:]}")
+    path = Path(proc.stdout.strip().splitlines()[-1].removeprefix("best: "))
+    return yaml.safe_load(path.read_text()), time.time() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="sweep seeds (default variant)")
+    p.add_argument("--variant", action="append", default=[], choices=sorted(set(VARIANTS) - {"default"}),
+                   help="also run this variant at the first seed")
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="bench_grid.py results")
+    p.add_argument("--runs", type=Path, default=Path("/work/answercache"), help="sweep roots (kept)")
+    p.add_argument("--n", type=int, default=4096, help="images per grid seed for the re-measurement")
+    p.add_argument("--write", action="store_true", help=f'write docs/BENCHMARKS.md "## {SECTION}"')
+    args = p.parse_args(argv)
+    command = "python bench/bench_answer.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    jobs = [(f"answer-s{s}", s, "default") for s in args.seeds]
+    jobs += [(f"answer-{v}-s{args.seeds[0]}", args.seeds[0], v) for v in args.variant]
+    answers = {}
+    for name, seed, variant in jobs:
+        best, wall = run_sweep(args.runs, name, seed, VARIANTS[variant])
+        answers[name] = (seed, variant, best, wall)
+        print(f"{name}: {best['kind']} w={best['w_cfg']} w'={best['w_igg']} win={best['window']} "
+              f"FID {best['fid']:.3f} ({wall:.0f} s)", flush=True)
+
+    grid_args = argparse.Namespace(ref_cache=None, reference=8000, n_broad=512, n_full=args.n, workers=2, threads=1)
+    grid = Grid(args.cache, grid_args, command)
+    try:
+        grid.sample("answers", [(point_of(b), s, args.n) for _, _, b, _ in answers.values() for s in GRID_SEEDS])
+        summary = grid.summary()
+    finally:
+        grid.close()
+    if "grid_best" not in summary:
+        raise RuntimeError(f"{args.cache} has no 3-seed grid best yet; run bench/bench_grid.py to the end first")
+    g = summary["grid_best"]
+    gp = Point(**g["point"])
+    best_fid = {s: grid.fid(gp, s, args.n) for s in GRID_SEEDS}
+    rows, ratios = [], []
+    for name, (seed, variant, b, wall) in answers.items():
+        pt = point_of(b)
+        fids = {s: grid.fid(pt, s, args.n) for s in GRID_SEEDS}
+        ratio = statistics.mean(fids.values()) / statistics.mean(best_fid.values())
+        worst = max(fids[s] / best_fid[s] for s in GRID_SEEDS)
+        if variant == "default":
+            ratios.append(ratio)
+        c = b["cost"]["total"]
+        rows.append(f"| {name} | {variant} | {seed} | {pt.label()} | {b['fid']:.2f} [{b['fid_low']:.2f}, "
+                    f"{b['fid_high']:.2f}] | {statistics.mean(fids.values()):.3f} | {ratio:.3f} | {worst:.3f} | "
+                    f"{c['images']} | {c['worker_s']:.0f} | {wall / 60:.1f} |")
+    kinds_1d, mixed_2d = 2, len(BASELINE_WEIGHTS)
+    baseline_1d = kinds_1d * len(BASELINE_WEIGHTS) * BASELINE_N + BASELINE_BEST_N
+    baseline_all = (kinds_1d * len(BASELINE_WEIGHTS) + mixed_2d ** 2) * BASELINE_N + BASELINE_BEST_N
+    sweep_images = statistics.mean(a[2]["cost"]["total"]["images"] for a in answers.values() if a[1] == "default")
+    date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    body = "\n".join([
+        f"Command: `{command}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared with other work while it ran: wall times are "
+        f"upper bounds), load average {os.getloadavg()[0]:.1f} at the end; {date}.",
+        "",
+        f"Grid best (bench_grid.py, 3 seeds x {args.n} images): **{g['label']}**, FID {g['mean']:.3f} ± "
+        f"{g['std']:.3f}. Each answer is re-measured the same way (same seeds, labels and reference), so the ratio "
+        "compares the two on common random numbers; \"worst seed\" is the largest per-seed ratio.",
+        "",
+        "| sweep | variant | seed | answer | sweep's FID [95 %] | re-measured FID | ÷ grid best | worst seed "
+        "| images | worker s | wall min |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        f"Default sweeps: answer ÷ grid best {min(ratios):.3f} to {max(ratios):.3f} over {len(ratios)} seeds "
+        f"(target <= 1.03).",
+        "",
+        f"Cost baseline, a RandAR-style grid scaled to this backbone (w from 2 to 8 in steps of 0.5 at "
+        f"{BASELINE_N} images per point, the best rerun at {BASELINE_BEST_N}): CFG and IGG alone "
+        f"{baseline_1d:,} images; with mixed guidance on the same 13 x 13 grid {baseline_all:,} images. The default "
+        f"sweep samples {sweep_images:,.0f} images on average: {sweep_images / baseline_1d:.1%} of the 1-D grids, "
+        f"{sweep_images / baseline_all:.1%} of all three kinds. The grid's answer can be no better than the grid "
+        f"best above; where that lies outside 2..8 the baseline misses it.",
+    ])
+    print(body)
+    if args.write:
+        write_section(BENCHMARKS, SECTION, body)
+        print(f"wrote the ## {SECTION} section of {BENCHMARKS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
