@@ -42,9 +42,9 @@ BASELINE_N, BASELINE_BEST_N = 2048, 8192  # scaled from 10k per point and 50k fo
 
 def point_of(best: dict) -> Point:
     """The grid's name for a best.yaml answer."""
-    kind = best["kind"]
+    kind, window = best["kind"], best["window"]
     if kind != "cfg":
-        kind = f"{kind} {'global' if best['window'] is None else f'window {best['window']}'}"
+        kind = f"{kind} {'global' if window is None else f'window {window}'}"
     return Point(kind, best["w_cfg"], best["w_igg"], best["window"])
 
 
