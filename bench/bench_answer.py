@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 from bench_grid import DEFAULT_CACHE, GRID_SEEDS, Grid, Point
-from benchdoc import BENCHMARKS, ROOT, write_section
+from benchdoc import ROOT, publish
 
 SECTION = "Answer quality"
 VARIANTS = {  # name -> overrides on top of the defaults
@@ -134,10 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{sweep_images / baseline_all:.1%} of all three kinds. The grid's answer can be no better than the grid "
         f"best above; where that lies outside 2..8 the baseline misses it.",
     ])
-    print(body)
-    if args.write:
-        write_section(BENCHMARKS, SECTION, body)
-        print(f"wrote the ## {SECTION} section of {BENCHMARKS}")
+    publish(body, SECTION, args.write)
     return 0
 
 

@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from benchdoc import BENCHMARKS, provenance, write_section
+from benchdoc import provenance, publish
 from mlflow import MlflowClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,10 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         f"statistics, Ray and actor start) {first - started:.1f} s; after the last trial (report, plots, MLflow "
         f"summary, Ray shutdown) {finished - last:.1f} s.",
     ])
-    print(body)
-    if args.write:
-        write_section(BENCHMARKS, SECTION, body)
-        print(f"wrote the ## {SECTION} section of {BENCHMARKS}")
+    publish(body, SECTION, args.write)
     return 0
 
 

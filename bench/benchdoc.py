@@ -31,3 +31,11 @@ def write_section(path: Path, title: str, body: str) -> None:
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else f"{text.rstrip()}\n\n{section}"
     atomic_write(path, (text.rstrip() + "\n").encode())
+
+
+def publish(body: str, title: str, write: bool) -> None:
+    """Print a benchmark's section; with `write`, also put it in docs/BENCHMARKS.md."""
+    print(body)
+    if write:
+        write_section(BENCHMARKS, title, body)
+        print(f"wrote the ## {title} section of {BENCHMARKS}")

@@ -169,7 +169,3 @@ class ProxyStage:
             selected = {"E": signals[e_name], "D": signals[d_name], "gap": gaps[self.objective]}
             self.observer.finished("proxy", trial.number, job, done, {**selected, **gaps})
         tell(self.study, trial, record)
-
-    def bounds(self) -> Ranges:
-        """The ranges as the stage left them (grown where the proxy's best sat at an edge)."""
-        return self.ranges
