@@ -26,9 +26,12 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import torch
 import yaml
-from bench_grid import DEFAULT_CACHE, GRID_SEEDS, Grid, Point
+from bench_grid import DEFAULT_CACHE, GRID_SEEDS, RUNGS, Grid, Point
 from benchdoc import ROOT, publish
+
+from pipeline.metrics import bootstrap_fid, resample_counts
 
 SECTION = "Answer quality"
 VARIANTS = {  # name -> overrides on top of the defaults
@@ -46,6 +49,23 @@ def point_of(best: dict) -> Point:
     if kind != "cfg":
         kind = f"{kind} {'global' if window is None else f'window {window}'}"
     return Point(kind, best["w_cfg"], best["w_igg"], best["window"])
+
+
+def noise_check(grid: Grid, points: list[Point], n_full: int, replicates: int = 200) -> list[str]:
+    """Table rows: at each rung N, the std of FID over the grid seeds vs the sweep's bootstrap std (mean over
+    points and seeds), relative to the FID: the interval the sweep prints is ±1.96 of the latter."""
+    mu, sigma = torch.from_numpy(grid.reference.mu), torch.from_numpy(grid.reference.sigma)
+    rows = []
+    for n in [r for r in RUNGS if r <= n_full]:
+        seed_rel, boot_rel = [], []
+        for p in points:
+            fids = [grid.fid(p, s, n) for s in GRID_SEEDS]
+            seed_rel.append(statistics.stdev(fids) / statistics.mean(fids))
+            for s, fid in zip(GRID_SEEDS, fids, strict=True):
+                feats = torch.from_numpy(grid.features(p, s)[:n])
+                boot_rel.append(float(bootstrap_fid(feats, mu, sigma, resample_counts(n, replicates, s)).std()) / fid)
+        rows.append(f"| {n} | {100 * statistics.mean(seed_rel):.1f} % | {100 * statistics.mean(boot_rel):.1f} % |")
+    return rows
 
 
 def run_sweep(runs: Path, name: str, seed: int, overrides: list[str]) -> tuple[dict, float]:
@@ -92,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         raise RuntimeError(f"{args.cache} has no 3-seed grid best yet; run bench/bench_grid.py to the end first")
     g = summary["grid_best"]
     gp = Point(**g["point"])
+    three = [Point(**r["point"]) for r in summary["full"] if r["seeds"] == len(GRID_SEEDS)]
+    noise_rows = noise_check(grid, three, args.n)
     best_fid = {s: grid.fid(gp, s, args.n) for s in GRID_SEEDS}
     rows, ratios = [], []
     for name, (seed, variant, b, wall) in answers.items():
@@ -133,6 +155,14 @@ def main(argv: list[str] | None = None) -> int:
         f"sweep samples {sweep_images:,.0f} images on average: {sweep_images / baseline_1d:.1%} of the 1-D grids, "
         f"{sweep_images / baseline_all:.1%} of all three kinds. The grid's answer can be no better than the grid "
         f"best above; where that lies outside 2..8 the baseline misses it.",
+        "",
+        f"Noise model: the sweep's interval is FID ± 1.96 x the bootstrap std over images. Over the grid's "
+        f"{len(three)} three-seed points, the relative std of FID between the {len(GRID_SEEDS)} seeds and the "
+        "bootstrap's (mean over points and seeds), at each N:",
+        "",
+        "| N | std over seeds | bootstrap std |",
+        "|---:|---:|---:|",
+        *noise_rows,
     ])
     publish(body, SECTION, args.write)
     return 0
