@@ -12,8 +12,9 @@ Stages (all run in order; each resumes from the cache, so a rerun only samples w
    (global IGG) on a 2-D grid, the unguided conditional sampler (w_cfg=0) and the backbone default CFG; then
    midpoints around each kind's best where its grid neighbours are far apart (or one step beyond the grid edge);
 2. refine: the best ``--refine`` points of stage 1 plus the best 2 of each kind extended to ``--n-full`` images;
-3. proxy signals (the sweep's default trial: 32 images, seeds 0..2) of every stage-1 point, Spearman rho of
-   the gap |vocab_evenness - div_uncond| (natural units) and of each signal with the stage-1 FID;
+3. proxy signals (the sweep's default trial: 32 images, seeds 0..2) of every other stage-1 point (the rest
+   after stage 4), Spearman rho of the gap |vocab_evenness - div_uncond| (natural units) and of each signal with
+   the stage-1 FID;
 4. the best ``--confirm`` points of stage 2 plus the best of each kind, two more seeds at ``--n-full`` images
    (best first): the grid best is the lowest mean FID over the three seeds;
 5. FID noise at each rung N (prefixes of those points' features): std over seeds, std over disjoint blocks of N
@@ -552,11 +553,12 @@ def main(argv: list[str] | None = None) -> int:
         refine = list(dict.fromkeys(ranked(broad)[:args.refine] + best_of_kinds(broad, 2)))
         grid.set_stage("2", refine)
         grid.sample("2 refine", [(q, seed0, args.n_full) for q in refine])
-        grid.measure_proxy(list(broad))
+        grid.measure_proxy(list(broad)[::2])   # every other point first (>= 24 spanning the range), the rest last
         full = grid.fids(refine, seed0, args.n_full)
         confirm = sorted(dict.fromkeys(ranked(full)[:args.confirm] + best_of_kinds(full, 1)), key=full.get)
         grid.set_stage("3", confirm)
         grid.sample("3 seeds", [(q, s, args.n_full) for q in confirm for s in GRID_SEEDS[1:]])
+        grid.measure_proxy(list(broad))
         grid.save()
     finally:
         grid.close()
