@@ -32,7 +32,7 @@ from pipeline.config import (
     sqlite_path,
     store_lock,
 )
-from pipeline.distributed import RayPool, check_capacity, connect
+from pipeline.distributed import ClusterLostError, RayPool, check_capacity, connect
 from pipeline.fid import FidEvaluator, Reference, reference_source
 from pipeline.files import atomic_write
 from pipeline.report import (
@@ -241,13 +241,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        try:
-            check_capacity(cfg.launcher)
-        except ValueError as err:  # more actors than the cluster can place
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        check_capacity(cfg.launcher)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         best_path = run(cfg, reference)
+    except (ConfigError, ClusterLostError) as err:  # actors the cluster cannot place or start; no node left
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     finally:
         if started_ray:
             ray.shutdown()

@@ -10,7 +10,6 @@ cheap checks: bad input refused before any store is touched, and atomic files un
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import pickle
@@ -30,6 +29,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
+from processes import cmdline, descendants, reap, trial_states
 from sweep_fixtures import micro_overrides, write_micro_backbone
 
 from pipeline.backbones.var import VARConfig, random_var
@@ -52,49 +52,6 @@ RUN_TIMEOUT_S = 900
 
 
 # ------------------------------------------------------------------------------------------------ processes
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of a process (from /proc; the Ray daemons and actors a driver started)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def reap(pids: list[int]) -> None:
-    """SIGKILL what a killed driver's Ray leaves behind (its agents may outlive it for a while)."""
-    for p in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(p, signal.SIGKILL)
-
-
-def trial_states(db: Path, study: str) -> dict[str, int]:
-    """Counts of trial states of one study, read straight from the SQLite file (read-only; {} before it exists)."""
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-            rows = con.execute(
-                "SELECT t.state, count(*) FROM trials t JOIN studies s ON t.study_id = s.study_id "
-                "WHERE s.study_name = ? GROUP BY t.state", (study,)).fetchall()
-    except sqlite3.OperationalError:  # no file or tables yet, or a writer holds the lock
-        return {}
-    return dict(rows)
 
 
 class Sweep:

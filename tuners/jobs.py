@@ -40,6 +40,7 @@ class Evaluation:
     fid_metrics: fid, isc, kid, precision, recall... (empty without `Job.fid`).
     images: artifact file name -> PNG bytes (sample grid, guidance heat map).
     error: why the evaluation is unusable (e.g. non-finite logits); the trial fails with this reason.
+    node_id, hostname: the Ray node and the host of the worker that evaluated the job ("" outside Ray).
     """
 
     signals: dict[str, float] = field(default_factory=dict)
@@ -49,6 +50,8 @@ class Evaluation:
     wall_s: float = 0.0
     images: dict[str, bytes] = field(default_factory=dict)
     error: str | None = None
+    node_id: str = ""
+    hostname: str = ""
 
     @property
     def images_per_s(self) -> float:
