@@ -65,6 +65,11 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[-1] if text else ''}"
 
 
+def _start_failure(err: RayActorError) -> str:
+    """One line on why an actor did not start: the exception its __init__ raised, else why Ray gave up on it."""
+    return str(err).strip().splitlines()[-1] if err.actor_init_failed else _reason(err)
+
+
 def worker_files(cfg: SweepConfig, reference: Reference | None) -> list[tuple[str, str]]:
     """(config key, path) of every file a worker reads on its own node: the checkpoints, and with a reference the
     FID extractor's weights when configured. The reference statistics travel from the driver."""
@@ -316,7 +321,7 @@ class RayPool:
         except RayActorError as err:
             for actor in started:
                 ray.kill(actor)
-            raise WorkerStartError(f"a Ray worker could not start: {_reason(err)}") from None
+            raise WorkerStartError(f"a Ray worker could not start: {_start_failure(err)}") from None
         self.free = started
 
     def _spawn(self):
@@ -394,7 +399,7 @@ class RayPool:
             ray.get(ref)
         except RayActorError as err:
             if err.actor_init_failed:  # e.g. placed on a node without the checkpoints
-                raise WorkerStartError(f"a replacement Ray worker could not start: {_reason(err)}") from None
+                raise WorkerStartError(f"a replacement Ray worker could not start: {_start_failure(err)}") from None
             self._replace(actor)  # its node died before it started
             return
         self._release(actor)

@@ -13,6 +13,13 @@ from pipeline.data.classifier import ClassifierConfig, ShapeClassifier, save_cla
 
 PATCH_NUMS = (1, 2, 4)
 FEATURE_DIM = 16  # FID needs more images than this
+SMALL_TRIALS = 6
+SMALL_SWEEP = [  # a whole CFG sweep in seconds of compute: 6 proxy trials of 8 images, FID at 20 then 24 images
+    "guidance=cfg", f"search.n_trials={SMALL_TRIALS}", "search.n_startup_trials=3", "proxy.num_images=8",
+    "proxy.batch_size=8", "proxy.calibration=[0,1]", "confirm.top_k=2", "confirm.small_num_images=20",
+    "confirm.num_images=24", "confirm.full_top=1", "confirm.reference_num_images=40", "confirm.batch_size=24",
+    "sweep.grid_images=4", "sweep.grid_nrow=2", "sweep.heatmap_images=2",
+]
 
 
 def write_micro_backbone(folder: Path, seed: int = 0) -> dict[str, Path]:

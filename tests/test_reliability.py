@@ -30,7 +30,7 @@ import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from processes import cmdline, descendants, reap, trial_states
-from sweep_fixtures import micro_overrides, write_micro_backbone
+from sweep_fixtures import SMALL_SWEEP, SMALL_TRIALS, micro_overrides, write_micro_backbone
 
 from pipeline.backbones.var import VARConfig, random_var
 from pipeline.backbones.vqvae import VQVAEConfig
@@ -40,14 +40,9 @@ from pipeline.tracking import PARENT_TAG, ROLE_TAG, STAGE_TAG, TRIAL_TAG
 from tuners.studies import study_name
 
 REPO = Path(__file__).resolve().parent.parent
-N_TRIALS = 6  # proxy budget; one of them is the absurd weight, which fails
+N_TRIALS = SMALL_TRIALS  # proxy budget; one of them is the absurd weight, which fails
 ABSURD = 1e38  # w_cfg that overflows the guided logits to inf (the sampler's probabilities become NaN)
-SETTINGS = [
-    "guidance=cfg", f"search.n_trials={N_TRIALS}", "search.n_startup_trials=3", "proxy.num_images=8",
-    "proxy.batch_size=8", "proxy.calibration=[0,1]", "confirm.top_k=2", "confirm.small_num_images=20",
-    "confirm.num_images=24", "confirm.full_top=1", "confirm.reference_num_images=40", "confirm.batch_size=24",
-    "launcher.workers=2", "sweep.grid_images=4", "sweep.grid_nrow=2", "sweep.heatmap_images=2",
-]
+SETTINGS = [*SMALL_SWEEP, "launcher.workers=2"]
 RUN_TIMEOUT_S = 900
 
 
