@@ -249,10 +249,12 @@ def connect(launcher: LauncherConfig) -> bool:
     try:
         ray.init(address=launcher.address, **quiet)
     except ConnectionError as err:
-        raise ConnectionError(
-            f"launcher.address={launcher.address}: {err}; start a cluster with `ray start --head` "
-            "or set launcher.address=null for a local Ray"
-        ) from None
+        if "AuthenticationError" in str(err.__cause__):  # Ray names the refused token only in the cause's text
+            fix = ("the cluster wants its token: set RAY_AUTH_MODE=token and give the head's token "
+                   "(~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)")
+        else:
+            fix = "start a cluster with `ray start --head` or set launcher.address=null for a local Ray"
+        raise ConnectionError(f"launcher.address={launcher.address}: {err}; {fix}") from None
     return False
 
 

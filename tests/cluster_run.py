@@ -6,7 +6,8 @@ with the namespace. WORK/plan.json names the sweep arguments; WORK/results.json 
 
 1. a head and a second node, 1 CPU each, token authentication (the token under WORK/home/.ray); the second node
    runs in a mount namespace of its own where the folder ``plan["hidden"]`` is an empty tmpfs;
-2. sweep ``hidden``, whose checkpoints live in that folder: it must fail before any trial;
+2. the sweep without RAY_AUTH_MODE=token: it must be refused, naming the token;
+   sweep ``hidden``, whose checkpoints live in that folder: it must fail before any trial;
 3. sweep ``lost``: the second node is SIGKILLed while its actor evaluates a proxy trial, then, in the confirm stage,
    every Ray process (the whole cluster) is SIGKILLed; the driver must exit on its own;
 4. the cluster is started again and the same ``lost`` command is rerun to the end.
@@ -23,41 +24,22 @@ import sys
 import time
 from pathlib import Path
 
+from loopback import enter, kill_all, start_nodes
 from processes import cmdline, descendants, reap, trial_states
 
 REPO = Path(__file__).resolve().parent.parent
-HEAD = "127.0.0.1:6379"
 RUN_TIMEOUT_S = 600
 
 
-def sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True, timeout=120)
-
-
-def raylets() -> dict[int, str]:
-    """pid -> Ray node id of every raylet of this namespace."""
-    found = {}
-    for pid in map(int, (p.name for p in Path("/proc").glob("[0-9]*"))):
-        args = cmdline(pid).split()
-        if args and args[0].endswith("/raylet"):
-            found[pid] = next(a.split("=", 1)[1] for a in args if a.startswith("--node_id="))
-    return found
-
-
 def start_cluster(hidden: str) -> dict[str, tuple[int, str]]:
-    """Head and second node, 1 CPU each; returns {"head": (raylet pid, node id), "node2": ...}."""
-    sh("ray", "start", "--head", "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats")
-    [head] = raylets().items()
-    sh("unshare", "--mount", "--propagation", "private", "sh", "-c", 'mount -t tmpfs tmpfs "$0" && exec "$@"',
-       hidden, "ray", "start", f"--address={HEAD}", "--num-cpus=1")
-    [node2] = (item for item in raylets().items() if item != head)
+    """Head and second node, 1 CPU each, `hidden` empty on the second; {"head": (raylet pid, node id), "node2": ...}."""
+    head, node2 = start_nodes([1, 1], hidden)
     return {"head": head, "node2": node2}
 
 
 def kill_cluster() -> None:
-    """SIGKILL every process of the namespace but this one, its parent (PID 1) and the sweep drivers."""
-    keep = {1, os.getpid(), *(p.proc.pid for p in LIVE)}
-    reap([int(p.name) for p in Path("/proc").glob("[0-9]*") if int(p.name) not in keep])
+    """SIGKILL every Ray process of the namespace (all but the sweep drivers)."""
+    kill_all({p.proc.pid for p in LIVE})
 
 
 LIVE: list[Sweep] = []  # sweep drivers running now
@@ -66,11 +48,11 @@ LIVE: list[Sweep] = []  # sweep drivers running now
 class Sweep:
     """One `python -m pipeline.sweep` process; its stdout and stderr go to LOG.out and LOG.err."""
 
-    def __init__(self, args: list[str], log: Path):
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None):
         self.out, self.err = log.with_suffix(".out"), log.with_suffix(".err")
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
             self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.sweep", *args], cwd=REPO, stdout=out,
-                                         stderr=err)
+                                         stderr=err, env=env)
         LIVE.append(self)
 
     def finish(self) -> dict[str, object]:
@@ -110,26 +92,35 @@ def lose_nodes(sweep: Sweep, nodes: dict[str, tuple[int, str]], db: Path) -> dic
 
 def main(work: Path) -> int:
     plan = json.loads((work / "plan.json").read_text())
-    home = work / "home"
-    home.mkdir()
-    os.environ.update(HOME=str(home), RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0",
-                      PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    results: dict[str, object] = {"netns": os.stat("/proc/self/ns/net").st_ino}
+    results: dict[str, object] = {"netns": enter(work / "home")}
     (work / "results.json").write_text(json.dumps(results))
     db = Path(plan["root"]) / "optuna.db"
+    wall_s: dict[str, float] = {}
+    results["wall_s"] = wall_s
+    clock = time.monotonic()
+
+    def took(phase: str) -> None:
+        nonlocal clock
+        wall_s[phase], clock = time.monotonic() - clock, time.monotonic()
+
     try:
-        sh("ip", "link", "set", "lo", "up")
-        sh("ray", "get-auth-token", "--generate")
         nodes = start_cluster(plan["hidden"])
         results["nodes"] = {name: node_id for name, (_, node_id) in nodes.items()}
-        results["hidden"] = Sweep(plan["hidden_args"], work / "hidden").finish()
+        took("start")
+        no_token = Sweep(plan["args"], work / "no_token", {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"})
+        hidden = Sweep(plan["hidden_args"], work / "hidden")  # at the same time: the first one only waits
+        results["no_token"], results["hidden"] = no_token.finish(), hidden.finish()
+        took("refused")
         lost = Sweep(plan["args"], work / "lost")
         results["kills"] = lose_nodes(lost, nodes, db)
         results["lost"] = lost.finish()
         results["parent_after_loss"] = parent_status(Path(plan["root"]) / "mlflow.db", "lost")
+        took("lost")
         kill_cluster()
         results["nodes_again"] = {name: node_id for name, (_, node_id) in start_cluster(plan["hidden"]).items()}
+        took("restart")
         results["resumed"] = Sweep(plan["args"], work / "resumed").finish()
+        took("resumed")
     finally:
         for sweep in LIVE:
             sweep.proc.send_signal(signal.SIGKILL)

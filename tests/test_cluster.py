@@ -2,10 +2,10 @@
 network namespace with only the loopback interface (and PID and mount namespaces, so that nothing outlives the run);
 see tests/cluster_run.py for what runs in there. Needs root (`unshare`), as CI has.
 
-One module fixture runs it all; the tests read what the sweeps left in the stores: a worker whose node lacks the
-checkpoints fails the sweep before any trial; trials run on both nodes; the second node is lost mid-trial and the
-sweep goes on on the head, re-running that trial; the whole cluster is lost, the driver exits with one line, and the
-same command resumes the sweep once the cluster is back.
+One module fixture runs it all; the tests read what the sweeps left in the stores: a driver without the cluster's
+token is refused; a worker whose node lacks the checkpoints fails the sweep before any trial; trials run on both
+nodes; the second node is lost mid-trial and the sweep goes on on the head, re-running that trial; the whole cluster
+is lost, the driver exits with one line, and the same command resumes the sweep once the cluster is back.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import optuna
 import pytest
+from loopback import HEAD, in_namespace, processes_in
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from sweep_fixtures import SMALL_SWEEP, SMALL_TRIALS, micro_overrides, write_micro_backbone
@@ -29,34 +29,11 @@ from pipeline.tracking import HOST_TAG, NODE_TAG, PARENT_TAG, ROLE_TAG, STAGE_TA
 from tuners.studies import study_name
 
 TESTS = Path(__file__).resolve().parent
-CLUSTER = ["launcher=cluster", "launcher.address=127.0.0.1:6379", "launcher.workers=2", "launcher.cpus_per_worker=1"]
+CLUSTER = ["launcher=cluster", f"launcher.address={HEAD}", "launcher.workers=2", "launcher.cpus_per_worker=1"]
 RUN_TIMEOUT_S = 900
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
                                 reason="needs root and unshare(1) for the network namespace")
-
-
-def in_namespace(work: Path) -> subprocess.CompletedProcess:
-    """Run tests/cluster_run.py as the only program of fresh network, PID and mount namespaces.
-
-    bash is PID 1 there: it reaps the orphaned Ray daemons, and when it exits the kernel kills whatever is left in
-    the PID namespace; --kill-child kills it if unshare itself is killed (e.g. by the timeout).
-    """
-    return subprocess.run(
-        ["unshare", "--net", "--pid", "--fork", "--mount-proc", "--kill-child", "bash", "-c", '"$@"; exit $?', "bash",
-         sys.executable, str(TESTS / "cluster_run.py"), str(work)],
-        cwd=TESTS, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-
-
-def processes_in(netns: int) -> list[int]:
-    found = []
-    for ns in Path("/proc").glob("[0-9]*/ns/net"):
-        try:
-            if ns.stat().st_ino == netns:
-                found.append(int(ns.parent.parent.name))
-        except OSError:
-            continue
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +49,7 @@ def cluster(tmp_path_factory):
                         "sweep.name=hidden"],
     }
     (d / "plan.json").write_text(json.dumps(plan))
-    proc = in_namespace(d)
+    proc = in_namespace([sys.executable, str(TESTS / "cluster_run.py"), str(d)], cwd=TESTS, timeout_s=RUN_TIMEOUT_S)
     results = json.loads((d / "results.json").read_text())
     return {**results, "root": root, "hidden_dir": hidden, "rc": proc.returncode, "log": proc.stderr[-4000:],
             "left": processes_in(results["netns"])}
@@ -103,6 +80,13 @@ def test_the_run_completes_and_leaves_no_process(cluster):
     assert cluster["rc"] == 0 and "resumed" in cluster, cluster["log"]
     assert cluster["left"] == []
     assert set(cluster["kills"]) == {"node2", "cluster"}  # both losses happened mid-sweep
+
+
+def test_driver_without_the_token_is_told_so(cluster):
+    refused = cluster["no_token"]
+    [line] = error_lines(refused["stderr"])
+    assert refused["rc"] == 2 and line == refused["stderr"].rstrip().splitlines()[-1]
+    assert line.startswith(f"error: launcher.address={HEAD}: ") and "set RAY_AUTH_MODE=token" in line
 
 
 def test_worker_without_its_checkpoints_fails_before_any_trial(cluster):
@@ -140,7 +124,7 @@ def test_cluster_loss_exits_2_with_one_line_then_the_same_command_resumes(cluste
     lost, resumed = cluster["lost"], cluster["resumed"]
     [line] = error_lines(lost["stderr"])
     assert lost["rc"] == 2 and "Traceback" not in lost["stderr"], lost["stderr"][-3000:]
-    assert line.startswith("error: the Ray cluster at 127.0.0.1:6379 is gone") and "rerun the same command" in line
+    assert line.startswith(f"error: the Ray cluster at {HEAD} is gone") and "rerun the same command" in line
     assert cluster["parent_after_loss"] == "FAILED"
     assert resumed["rc"] == 0, resumed["stderr"][-3000:]
     assert resumed["stdout"].rstrip().splitlines()[-1] == f"best: {cluster['root'] / 'sweeps' / 'lost' / 'best.yaml'}"
