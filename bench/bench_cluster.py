@@ -41,8 +41,9 @@ sys.path.insert(0, str(ROOT / "tests"))  # the loopback-only cluster the tests u
 from loopback import HEAD, enter, in_namespace, kill_all, start_nodes  # noqa: E402
 
 SECTION = "A Ray cluster"
-BUDGET = ["search.n_trials=12", "confirm.top_k=2", "confirm.small_num_images=128", "confirm.num_images=256",
-          "confirm.full_top=1", "confirm.reference_num_images=512", "launcher.workers=2"]
+WORKERS = 2
+BUDGET = ["search.n_trials=12", "confirm.top_k=2", "confirm.small_num_images=192", "confirm.num_images=256",
+          "confirm.full_top=1", "confirm.reference_num_images=512", f"launcher.workers={WORKERS}"]
 CLUSTER = ["launcher=cluster", f"launcher.address={HEAD}", "launcher.cpus_per_worker=1"]
 SETUPS = {"local": ([], []), "1 node": ([2], CLUSTER), "2 nodes": ([1, 1], CLUSTER)}  # node CPUs, extra overrides
 RUN_TIMEOUT_S = 1800
@@ -72,11 +73,14 @@ def inside(work: Path, overrides: list[str]) -> None:
     (work / "runs.json").write_text(json.dumps(runs))
 
 
-def summary(run: dict, trials: list[Trial]) -> dict[str, float]:
+def summary(run: dict, trials: list[Trial], workers: int) -> dict[str, float]:
+    """Seconds of one run: wall, start-up, trial phase, summed worker time, median overhead per trial; the share of
+    the workers' capacity over the trial phase spent on trials (busy); the number of nodes that ran trials."""
     first, last = min(t.start_s for t in trials), max(t.end_s for t in trials)
+    work_s = sum(t.wall_s for t in trials)
     return {"wall_s": run["finished"] - run["started"], "phase_s": last - first, "start_s": first - run["started"],
-            "work_s": sum(t.wall_s for t in trials), "extra_s": statistics.median(t.extra_s for t in trials),
-            "nodes": len({t.node for t in trials})}
+            "work_s": work_s, "extra_s": statistics.median(t.extra_s for t in trials),
+            "busy": work_s / (workers * (last - first)), "nodes": len({t.node for t in trials})}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,12 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         raise RuntimeError(f"sweeps failed: {failed}")
     uri = f"sqlite:///{work / 'root'}/mlflow.db"
     trials = {s: read_trials(uri, sweep_name(s))[0] for s in SETUPS}
-    stats = {s: summary(runs[s], trials[s]) for s in SETUPS}
+    stats = {s: summary(runs[s], trials[s], WORKERS) for s in SETUPS}
     best = {s: (work / "root" / "sweeps" / sweep_name(s) / "best.yaml").read_text() for s in SETUPS}
     base = stats["local"]
     rows = [
         f"| {s} | {st['nodes']} | {st['wall_s']:.1f} | {st['wall_s'] / base['wall_s']:.2f}x | {st['start_s']:.1f} | "
-        f"{st['phase_s']:.1f} | {st['phase_s'] / base['phase_s']:.2f}x | {st['work_s']:.1f} | "
+        f"{st['phase_s']:.1f} | {st['phase_s'] / base['phase_s']:.2f}x | {st['work_s']:.1f} | {st['busy']:.1%} | "
         f"{spread([t.extra_s for t in trials[s]])} | {st['extra_s'] - base['extra_s']:+.3f} |"
         for s, st in stats.items()
     ]
@@ -132,12 +136,15 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Wall: the sweep process, start to exit. Start-up: to the first trial's start (config, checkpoint check, "
         "connecting or starting Ray, the actors; the FID reference was cached beforehand). Trial phase: first "
-        "trial start to last trial end. Overhead per trial: the driver's time on the trial minus the worker's, "
-        "median (min-max) over all trials; the last column is its median minus the local sweep's.",
+        "trial start to last trial end. Busy: worker time / (workers x trial phase), the share of the actors' "
+        "capacity spent on trials; it does not depend on how fast the shared cores ran, the wall times do (the "
+        "summed worker time of the same trials moves with the other jobs' load). Overhead per trial: the driver's "
+        "time on the trial minus the worker's, median (min-max) over all trials; the last column is its median "
+        "minus the local sweep's.",
         "",
-        "| run | nodes used | wall s | vs local | start-up s | trial phase s | vs local | worker s (sum) | "
+        "| run | nodes used | wall s | vs local | start-up s | trial phase s | vs local | worker s (sum) | busy | "
         "overhead s / trial | vs local |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
     ])
     print(body)

@@ -258,6 +258,9 @@ def connect(launcher: LauncherConfig) -> bool:
     return False
 
 
+RESOURCE_OF = {"num_cpus": "CPU", "num_gpus": "GPU"}  # actor option -> Ray resource name
+
+
 def actor_resources(launcher: LauncherConfig) -> dict[str, int]:
     """Ray resources of one actor: its CPUs, and one GPU (gpus_per_worker) when the cluster has GPUs."""
     options = {"num_cpus": launcher.cpus_per_worker}
@@ -270,7 +273,7 @@ def check_capacity(launcher: LauncherConfig) -> None:
     """Raise ConfigError if the connected cluster cannot place every actor (Ray would wait for them forever)."""
     have = ray.cluster_resources()
     for option, per_worker in actor_resources(launcher).items():
-        kind = {"num_cpus": "CPU", "num_gpus": "GPU"}[option]
+        kind = RESOURCE_OF[option]
         need, available = launcher.workers * per_worker, have.get(kind, 0)
         if need > available:
             raise ConfigError(
@@ -281,7 +284,7 @@ def check_capacity(launcher: LauncherConfig) -> None:
 
 def _can_hold_a_worker(launcher: LauncherConfig) -> bool:
     """Whether some live node of the cluster has, in total, the resources of one actor."""
-    need = {{"num_cpus": "CPU", "num_gpus": "GPU"}[k]: v for k, v in actor_resources(launcher).items()}
+    need = {RESOURCE_OF[option]: n for option, n in actor_resources(launcher).items()}
     return any(all(node["Resources"].get(kind, 0) >= n for kind, n in need.items())
                for node in ray.nodes() if node["Alive"])
 

@@ -135,8 +135,9 @@ def local_ray(cfg):
 def test_worker_without_its_checkpoint_fails_the_pool(cfg, reference, local_ray, tmp_path):
     """Before any job: one line naming the node and the file (the driver saw the file; this node does not)."""
     gone = tmp_path / "var.pt"
+    one = replace(cfg, backbone=replace(cfg.backbone, var_ckpt=str(gone)), launcher=replace(cfg.launcher, workers=1))
     with pytest.raises(WorkerStartError) as err:
-        RayPool(replace(cfg, backbone=replace(cfg.backbone, var_ckpt=str(gone))), reference)
+        RayPool(one, reference)
     [node] = [n["NodeID"] for n in ray.nodes()]
     message = str(err.value)
     assert f"Ray node {node}" in message and f"backbone.var_ckpt={gone}" in message and "\n" not in message
