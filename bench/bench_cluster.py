@@ -134,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Finished trials per run: {', '.join(f'{s} {k}' for s, k in n.items())}. All three wrote {same} "
         "best.yaml.",
         "",
-        "Wall: the sweep process, start to exit. Start-up: to the first trial's start (config, checkpoint check, "
-        "connecting or starting Ray, the actors; the FID reference was cached beforehand). Trial phase: first "
+        "Wall: the sweep process, start to exit (a cluster's `ray start` comes before, not counted). Start-up: "
+        "to the first trial's start (config, checkpoint check, connecting or starting Ray, the actors; the FID "
+        "reference was cached beforehand). Trial phase: first "
         "trial start to last trial end. Busy: worker time / (workers x trial phase), the share of the actors' "
         "capacity spent on trials; it does not depend on how fast the shared cores ran, the wall times do (the "
         "summed worker time of the same trials moves with the other jobs' load). Overhead per trial: the driver's "
