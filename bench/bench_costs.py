@@ -35,6 +35,8 @@ import torch
 from benchdoc import provenance, publish
 from mlflow import MlflowClient
 
+from pipeline.tracking import NODE_TAG
+
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "Costs"
 SWEEP_NAME = "bench-costs"
@@ -48,6 +50,7 @@ class Trial:
     start_s: float  # driver clock: the MLflow child run's start
     end_s: float  # driver clock: the MLflow child run's end (after its results were logged)
     wall_s: float  # worker clock: the actor's time on the job
+    node: str  # the Ray node of the actor
 
     @property
     def pipeline_s(self) -> float:
@@ -80,6 +83,7 @@ def read_trials(uri: str, experiment: str) -> tuple[list[Trial], dict[str, str]]
             start_s=r.info.start_time / 1000,
             end_s=r.info.end_time / 1000,
             wall_s=r.data.metrics["wall_s"],
+            node=r.data.tags.get(NODE_TAG, ""),
         )
         for r in runs
         if r.data.tags.get("guidetune.role") == "trial" and r.info.status == "FINISHED"

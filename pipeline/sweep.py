@@ -17,6 +17,7 @@ from typing import Any
 
 import optuna
 import ray
+import torch
 from omegaconf import OmegaConf
 
 from pipeline.backbones.var import load_var
@@ -32,7 +33,7 @@ from pipeline.config import (
     sqlite_path,
     store_lock,
 )
-from pipeline.distributed import RayPool, check_capacity, connect
+from pipeline.distributed import ClusterLostError, RayPool, check_capacity, connect
 from pipeline.fid import FidEvaluator, Reference, file_digest, reference_source
 from pipeline.files import atomic_write
 from pipeline.report import Best, report_markdown, signals_vs_weight_png, write_best
@@ -112,6 +113,7 @@ def fid_reference(cfg: SweepConfig) -> tuple[FidEvaluator, Reference]:
         weights_path=cfg.confirm.extractor_weights,
         batch_size=cfg.confirm.batch_size,
         cache_dir=Path(cfg.root) / "fid_cache",
+        progress=False,  # an error below must stay one line
     )
     source = reference_source(
         cfg.confirm.reference,
@@ -119,8 +121,13 @@ def fid_reference(cfg: SweepConfig) -> tuple[FidEvaluator, Reference]:
         seed=cfg.seed,
         batch_size=cfg.confirm.batch_size,
     )
+    probe = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)  # one blank image: the extractor's feature count
+    features = evaluator.features([probe])[evaluator.feature_layer].shape[1]
+    if cfg.refine.num_images <= features:
+        raise ConfigError(f"refine.num_images={cfg.refine.num_images} must exceed the {features} features of "
+                          f"{cfg.backbone.fid_extractor} (FID needs more images than features); raise it")
     try:
-        return evaluator, evaluator.reference(source)
+        reference = evaluator.reference(source)
     except ValueError as err:
         if cfg.confirm.reference in str(err):  # already names the file and the fix
             raise
@@ -129,6 +136,7 @@ def fid_reference(cfg: SweepConfig) -> tuple[FidEvaluator, Reference]:
             f"confirm.reference: {cfg.confirm.reference} cannot be read ({reason}); give an ADM .npz, an image "
             "folder or 'shapes' (the embedded dataset)"
         ) from None
+    return evaluator, reference
 
 
 def costs(records: dict[str, list[TrialRecord]]) -> dict[str, dict[str, float]]:
@@ -316,13 +324,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        try:
-            check_capacity(cfg.launcher)
-        except ValueError as err:  # more actors than the cluster can place
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        check_capacity(cfg.launcher)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         best_path = run(cfg, evaluator, reference)
+    except (ConfigError, ClusterLostError) as err:  # actors the cluster cannot place or start; no node left
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     finally:
         if started_ray:
             ray.shutdown()

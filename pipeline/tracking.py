@@ -25,6 +25,8 @@ SWEEP_TAG = "guidetune.sweep"
 ROLE_TAG = "guidetune.role"
 STAGE_TAG = "guidetune.stage"
 TRIAL_TAG = "guidetune.trial"
+NODE_TAG = "guidetune.node_id"  # the Ray node of the worker that evaluated a trial
+HOST_TAG = "guidetune.hostname"  # and its host
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
 
@@ -168,7 +170,8 @@ class Tracker:
             aliases = ["E"] if name == e_name else ["D"] if name == d_name else []
             for alias in [f"scale.{name}", *(f"scale.{a}" for a in aliases)]:
                 logged += [Metric(alias, float(v), now, k) for k, v in enumerate(per_scale) if math.isfinite(v)]
-        self.client.log_batch(run_id, metrics=logged, tags=[RunTag("guidetune.retries", str(done.retries))])
+        tags = {"guidetune.retries": str(done.retries), NODE_TAG: evaluation.node_id, HOST_TAG: evaluation.hostname}
+        self.client.log_batch(run_id, metrics=logged, tags=[RunTag(k, v) for k, v in tags.items() if v])
         with tempfile.TemporaryDirectory() as tmp:
             for name, png in evaluation.images.items():
                 path = Path(tmp) / name

@@ -140,6 +140,7 @@ BAD = [
     (["confirm.rungs=[1000]"], "must be multiples of confirm.batch_size=64"),
     (["proxy.num_images=-4"], "proxy.num_images must be positive (got -4)"),
     (["confirm.finalists=0"], "confirm.finalists must be positive"),
+    (["refine.num_images=16", "confirm.batch_size=16"], "refine.num_images=16 must exceed the 16 features of"),
     (["launcher.workers=0"], "launcher.workers must be positive"),
     (["search.n_trials=abc"], "search.n_trials=abc: Value 'abc' of type 'str' could not be converted to Integer"),
     (["search.nope=1"], "Key 'nope' not in 'SearchConfig'"),

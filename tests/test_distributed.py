@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import ipaddress
 import math
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -11,12 +13,15 @@ import pytest
 import ray
 import torch
 from PIL import Image
+from processes import descendants, listening
 from sweep_fixtures import PATCH_NUMS, micro_overrides, write_micro_backbone
 
 from pipeline.config import load_config
 from pipeline.distributed import (
+    LOOPBACK,
     RayPool,
     Worker,
+    WorkerStartError,
     _probe,
     actor_resources,
     check_capacity,
@@ -40,7 +45,7 @@ def cfg(tmp_path_factory):
     paths = write_micro_backbone(d / "ckpt")
     return load_config([
         *micro_overrides(paths, d / "root"), "proxy.batch_size=4", "confirm.batch_size=16",
-        "confirm.reference_num_images=40", "refine.num_images=16", "confirm.rungs=[32,48]",
+        "confirm.reference_num_images=40", "refine.num_images=32", "confirm.rungs=[48,64]",
         "sweep.grid_images=4", "sweep.grid_nrow=2", "sweep.heatmap_images=2",
         "launcher.workers=2", "launcher.max_retries=1"])
 
@@ -134,13 +139,36 @@ def test_unreachable_address_fails_fast():
 
 
 @pytest.fixture(scope="module")
-def pool(cfg, reference):
+def local_ray(cfg):
     started = connect(cfg.launcher)
     assert started and ray.cluster_resources()["CPU"] == 2
+    yield
+    ray.shutdown()
+
+
+def test_worker_without_its_checkpoint_fails_the_pool(cfg, reference, local_ray, tmp_path):
+    """Before any job: one line naming the node and the file (the driver saw the file; this node does not)."""
+    gone = tmp_path / "var.pt"
+    one = replace(cfg, backbone=replace(cfg.backbone, var_ckpt=str(gone)), launcher=replace(cfg.launcher, workers=1))
+    with pytest.raises(WorkerStartError) as err:
+        RayPool(one, reference)
+    [node] = [n["NodeID"] for n in ray.nodes()]
+    message = str(err.value)
+    assert f"Ray node {node}" in message and f"backbone.var_ckpt={gone}" in message and "\n" not in message
+
+
+@pytest.fixture(scope="module")
+def pool(local_ray, cfg, reference):
     pool = RayPool(cfg, reference)
     yield pool
     pool.close()
-    ray.shutdown()
+
+
+def settle(pool) -> None:
+    """Wait until every replacement actor has joined the pool."""
+    for ref in list(pool.joining):
+        ray.wait([ref], timeout=60)
+        pool._joined(ref)
 
 
 def test_capacity_check(pool, cfg):
@@ -167,17 +195,61 @@ def test_pool_keeps_both_actors_busy_and_matches_the_local_worker(pool, worker):
         assert not any(isinstance(v, torch.Tensor) for v in vars(evaluation).values())
 
 
+def busy(pool) -> ray.actor.ActorHandle:
+    """The one actor with a job."""
+    [(_, actor)] = pool.running.values()
+    return actor
+
+
+def test_local_ray_listens_on_loopback_only(pool):
+    sockets = listening([os.getpid(), *descendants(os.getpid())])  # the driver, Ray's daemons, the actors
+    head = ray.get_runtime_context().gcs_address
+    assert head.startswith("127.0.0.1:") and (LOOPBACK, int(head.rsplit(":", 1)[1])) in {s[:2] for s in sockets}
+    assert all(ipaddress.ip_address(address).is_loopback for address, _, _ in sockets), sockets
+    nodes = {(n["NodeManagerAddress"], n["NodeID"]) for n in ray.nodes()}
+    job = Job(MIXED, 4, 0)
+    pool.submit(0, job)
+    assert (LOOPBACK, pool.wait().evaluation.node_id) in nodes
+
+
 def test_dead_actor_is_replaced_and_the_job_retried(pool, cfg):
     pool.submit(7, Job(MIXED, 8, 0))
-    [busy] = [a for a in pool.actors if a not in pool.free]
-    ray.kill(busy)
+    killed = busy(pool)
+    ray.kill(killed)
     done = pool.wait()
     assert (done.tag, done.error, done.retries) == (7, None, 1)
-    assert busy not in pool.actors and len(pool.actors) == 2 and pool.idle() == 2
+    assert killed not in pool.actors and len(pool.actors) == 2 and pool.idle() == 2
     cfg.launcher.max_retries = 0  # the driver reads the bound at each failure
     pool.submit(8, Job(MIXED, 4, 0))
-    [busy] = [a for a in pool.actors if a not in pool.free]
-    ray.kill(busy)
+    ray.kill(busy(pool))
     done = pool.wait()
     assert done.evaluation is None and done.error.startswith("worker died 1 times") and done.retries == 0
-    assert pool.idle() == 2
+    assert pool.idle() == 2 and len(pool.actors) == 2
+    cfg.launcher.max_retries = 1
+
+
+def test_pool_shrinks_to_what_the_cluster_holds_and_grows_back(pool):
+    """A replacement Ray cannot place (another actor took the dead one's CPU) leaves one actor for two jobs in
+    flight: the second waits in the driver; once the CPU is free again the replacement joins."""
+
+    class Squatter:  # defined here, so that Ray ships the class by value (the workers cannot import tests/)
+        def ping(self) -> bool:
+            return True
+
+    settle(pool)  # the previous test's replacements
+    pool.submit(0, Job(MIXED, 8, 0))
+    ray.kill(busy(pool))
+    squatter = ray.remote(num_cpus=1)(Squatter).remote()
+    assert ray.get(squatter.ping.remote(), timeout=60)
+    pool.submit(1, Job(MIXED, 4, 1))
+    assert pool.idle() == 0 and pool.pending() == 2
+    first = pool.wait()
+    assert (first.tag, first.error, first.retries) == (1, None, 0)
+    assert len(pool.running) == 1 and not pool.queue and not pool.free  # job 0 runs again on the actor left
+    second = pool.wait()
+    assert (second.tag, second.error, second.retries) == (0, None, 1)
+    assert len(pool.joining) == 1 and not ray.wait(list(pool.joining), timeout=1)[0]  # not placed
+    ray.kill(squatter)
+    settle(pool)
+    assert len(pool.free) == 2 and pool.idle() == 2
+

@@ -178,6 +178,7 @@ def test_bootstrap_spread_matches_the_spread_between_seeds():
 def test_normal_interval():
     reps = torch.tensor([1.0, 2.0, 3.0, 4.0])
     low, high = normal_interval(10.0, reps, 0.95)
-    assert (low + high) / 2 == pytest.approx(10.0) and (high - low) / 2 == pytest.approx(1.959964 * float(reps.std()), 1e-5)
+    assert (low + high) / 2 == pytest.approx(10.0)
+    assert (high - low) / 2 == pytest.approx(1.959964 * float(reps.std()), 1e-5)
     with pytest.raises(ValueError, match="level"):
         normal_interval(1.0, reps, 1.0)

@@ -10,7 +10,6 @@ cheap checks: bad input refused before any store is touched, and atomic files un
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import pickle
@@ -30,7 +29,15 @@ import torch
 import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
-from sweep_fixtures import micro_overrides, write_micro_backbone
+from processes import cmdline, descendants, reap, trial_states
+from sweep_fixtures import (
+    SMALL_DESIGN,
+    SMALL_STUDIES,
+    SMALL_SWEEP,
+    SMALL_TRIALS,
+    micro_overrides,
+    write_micro_backbone,
+)
 
 from pipeline.backbones.var import VARConfig, random_var
 from pipeline.backbones.vqvae import VQVAEConfig
@@ -40,64 +47,15 @@ from pipeline.tracking import PARENT_TAG, ROLE_TAG, STAGE_TAG, TRIAL_TAG
 from tuners.studies import RECORD, record_of, study_name
 
 REPO = Path(__file__).resolve().parent.parent
-N_TRIALS = 6  # proxy trials after the 2 design points; the absurd weight, asked first, fails
-DESIGN = 2
-STAGES = ("proxy", "refine/cfg", "confirm")  # the studies of a guidance=cfg sweep
+N_TRIALS = SMALL_TRIALS  # proxy trials after the design points; the absurd weight, asked first, fails
+DESIGN = SMALL_DESIGN
+STAGES = SMALL_STUDIES
 ABSURD = 1e38  # w_cfg that overflows the guided logits to inf (the sampler's probabilities become NaN)
-SETTINGS = [
-    "guidance=cfg", f"search.n_trials={N_TRIALS}", "search.n_startup_trials=3", "search.max_grows=0",
-    "proxy.num_images=8", "proxy.batch_size=8", "proxy.design=[0.5,1]", "refine.n_trials=4", "refine.num_images=24",
-    "confirm.finalists=2", "confirm.rungs=[48,72]", "confirm.bootstrap=20", "confirm.reference_num_images=40",
-    "confirm.batch_size=24", "launcher.workers=2", "sweep.grid_images=4", "sweep.grid_nrow=2",
-    "sweep.heatmap_images=2",
-]
+SETTINGS = [*SMALL_SWEEP, "launcher.workers=2"]
 RUN_TIMEOUT_S = 900
 
 
 # ------------------------------------------------------------------------------------------------ processes
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of a process (from /proc; the Ray daemons and actors a driver started)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def reap(pids: list[int]) -> None:
-    """SIGKILL what a killed driver's Ray leaves behind (its agents may outlive it for a while)."""
-    for p in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(p, signal.SIGKILL)
-
-
-def trial_states(db: Path, study: str) -> dict[str, int]:
-    """Counts of trial states of one study, read straight from the SQLite file (read-only; {} before it exists)."""
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-            rows = con.execute(
-                "SELECT t.state, count(*) FROM trials t JOIN studies s ON t.study_id = s.study_id "
-                "WHERE s.study_name = ? GROUP BY t.state", (study,)).fetchall()
-    except sqlite3.OperationalError:  # no file or tables yet, or a writer holds the lock
-        return {}
-    return dict(rows)
 
 
 class Sweep:
@@ -199,7 +157,9 @@ def test_resumed_sweep_equals_the_uninterrupted_one(runs):
 
     assert fids(killed["confirm"]) == fids(plain["confirm"]) and len(fids(plain["confirm"])) >= 3
     best = {n: yaml.safe_load((runs["root"] / "sweeps" / n / "best.yaml").read_text()) for n in ("plain", "killed")}
-    assert best["killed"] == best["plain"] and math.isfinite(best["plain"]["fid"])
+    costs = {n: {stage: (c["trials"], c["images"]) for stage, c in b.pop("cost").items()} for n, b in best.items()}
+    assert best["killed"] == best["plain"] and math.isfinite(best["plain"]["fid"])  # all but the seconds
+    assert costs["killed"] == costs["plain"]  # the work that counts: interrupted trials are not in it
 
 
 @pytest.mark.parametrize("stage", ["proxy", "confirm"])

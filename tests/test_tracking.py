@@ -19,7 +19,7 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline.report import sample_grid_png
-from pipeline.tracking import PARENT_TAG, STAGE_TAG, Tracker, artifact_root, flatten
+from pipeline.tracking import HOST_TAG, NODE_TAG, PARENT_TAG, STAGE_TAG, Tracker, artifact_root, flatten
 from tuners.jobs import Done, Evaluation, Job
 from tuners.space import Candidate
 
@@ -40,6 +40,8 @@ def evaluation() -> Evaluation:
         num_images=8,
         wall_s=2.0,
         images={"samples.png": grid, "guidance.png": grid[::-1]},
+        node_id="ab" * 28,
+        hostname="node-a",
     )
 
 
@@ -79,6 +81,7 @@ def test_parent_child_metrics_steps_and_images(store, tmp_path):
     run = tracker.client.get_run(child.info.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags[PARENT_TAG] == parent and run.data.tags[STAGE_TAG] == "proxy"
+    assert (run.data.tags[NODE_TAG], run.data.tags[HOST_TAG]) == (ev.node_id, ev.hostname)
     assert run.data.params == {"w_cfg": "2.0", "w_igg": "1.0", "window": "3", "kind": "mixed", "num_images": "8",
                                "start": "0", "seed": "0", "fid": "False"}
     m = run.data.metrics

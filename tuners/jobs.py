@@ -49,8 +49,8 @@ class Evaluation:
     per_scale: each of `SIGNALS` per scale index (mean over the same images), K values.
     features: FID jobs: feature layer -> (sampled, F) float32 features of the job's images, in image order.
     images: artifact file name -> PNG bytes (sample grid, guidance heat map).
-    node: where it ran: Ray node id and host name (empty outside Ray).
     error: why the evaluation is unusable (e.g. non-finite logits); the trial fails with this reason.
+    node_id, hostname: the Ray node and the host of the worker that evaluated the job ("" outside Ray).
     """
 
     signals: dict[str, float] = field(default_factory=dict)
@@ -59,8 +59,9 @@ class Evaluation:
     num_images: int = 0
     wall_s: float = 0.0
     images: dict[str, bytes] = field(default_factory=dict)
-    node: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    node_id: str = ""
+    hostname: str = ""
 
     @property
     def images_per_s(self) -> float:
