@@ -111,12 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         summary = grid.summary()
     finally:
         grid.close()
-    if "grid_best" not in summary:
-        raise RuntimeError(f"{args.cache} has no 3-seed grid best yet; run bench/bench_grid.py to the end first")
-    g = summary["grid_best"]
+    if "full" not in summary:
+        raise RuntimeError(f"{args.cache} has no point at {args.n} images yet; run bench/bench_grid.py first")
+    answer_keys = {point_of(b).key for _, _, b, _ in answers.values()}
+    grid_points = [r for r in summary["full"] if Point(**r["point"]).key not in answer_keys]
+    g = summary.get("grid_best") or min(grid_points, key=lambda r: r["mean"])  # 3 seeds, else the first seed
     gp = Point(**g["point"])
     three = [Point(**r["point"]) for r in summary["full"] if r["seeds"] == len(GRID_SEEDS)]
-    noise_rows = noise_check(grid, three, args.n)
+    noise_rows = noise_check(grid, three, args.n) if len(three) else ["| - | no three-seed points yet | |"]
     best_fid = {s: grid.fid(gp, s, args.n) for s in GRID_SEEDS}
     rows, ratios = [], []
     for name, (seed, variant, b, wall) in answers.items():
@@ -134,14 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     baseline_1d = kinds_1d * len(BASELINE_WEIGHTS) * BASELINE_N + BASELINE_BEST_N
     baseline_all = (kinds_1d * len(BASELINE_WEIGHTS) + mixed_2d ** 2) * BASELINE_N + BASELINE_BEST_N
     sweep_images = statistics.mean(a[2]["cost"]["total"]["images"] for a in answers.values() if a[1] == "default")
+    three_seeds = "grid_best" in summary
+    grid_desc = f"{'3 seeds' if three_seeds else f'seed {GRID_SEEDS[0]} only'} x {args.n} images"
+    grid_spread = f" ± {g['std']:.3f}" if three_seeds else ""
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     body = "\n".join([
         f"Command: `{command}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared with other work while it ran: wall times are "
         f"upper bounds), load average {os.getloadavg()[0]:.1f} at the end; {date}.",
         "",
-        f"Grid best (bench_grid.py, 3 seeds x {args.n} images): **{g['label']}**, FID {g['mean']:.3f} ± "
-        f"{g['std']:.3f}. Each answer is re-measured the same way at seed(s) {args.answer_seeds} (same labels "
+        f"Grid best (bench_grid.py, {grid_desc}): **{g['label']}**, FID {g['mean']:.3f}{grid_spread}. "
+        f"Each answer is re-measured the same way at seed(s) {args.answer_seeds} (same labels "
         "and reference), and divided by the grid best's FID at the same seed: the two share their random numbers, "
         "so the ratio's noise is far below that of either FID; \"worst seed\" is the largest per-seed ratio.",
         "",
