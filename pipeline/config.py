@@ -99,10 +99,11 @@ class ProxyConfig:
 class RefineConfig:
     """Stage 2: FID refinement, one seeded Optuna search per kind inside a trust region around its best."""
 
-    n_trials: int = 6  # FID trials per kind (in rounds of launcher.workers trials per kind)
+    n_trials: int = 8  # FID trials per kind (in rounds of launcher.workers trials per kind)
     num_images: int = 512  # images per trial; the same labels and sampler seeds for every candidate
     warm_start: int = 2  # best distinct proxy candidates of each kind, enqueued first
-    radius: float = 0.5  # starting trust-region half-width, as a fraction of the starting range's span
+    radius: float = 1.0  # starting trust-region half-width, as a fraction of the starting range's span
+    edge: float = 0.25  # a best in the outer `edge` fraction of the region is on its edge
     grow: float = 2.0  # the region grows by this when a round's best lies on its edge
     shrink: float = 0.5  # and shrinks by this when a round does not improve the kind's best
     sampler: str = "tpe"  # tpe | random (GP needs a fixed search space; the region moves)
@@ -359,7 +360,8 @@ def validate(cfg: SweepConfig) -> None:
         )
     if s.n_trials < 0 or s.max_grows < 0:
         raise ConfigError("search.n_trials and search.max_grows must be >= 0 (0: no proxy stage / no growth)")
-    for key, value in (("search.edge", s.edge), ("refine.shrink", r.shrink), ("confirm.level", c.level),
+    for key, value in (("search.edge", s.edge), ("refine.edge", r.edge), ("refine.shrink", r.shrink),
+                       ("confirm.level", c.level),
                        ("confirm.keep", c.keep)):
         if not 0.0 < value < 1.0:
             raise ConfigError(f"{key}={value} must lie strictly between 0 and 1; e.g. {key}=0.5")

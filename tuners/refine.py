@@ -123,7 +123,7 @@ class RefineStage:
     def _update(self, search: KindSearch, trials: list[FrozenTrial]) -> None:
         improved = self._update_best(search, trials)
         if search.best is not None:
-            search.region.update(search.best[0], improved, edge=self.search.edge, grow=self.refine.grow,
+            search.region.update(search.best[0], improved, edge=self.refine.edge, grow=self.refine.grow,
                                  shrink=self.refine.shrink)
 
     def _round(self, pool: Pool, todo: list[tuple[KindSearch, int]]) -> None:
