@@ -22,6 +22,7 @@ Stages (all run in order; each resumes from the cache, so a rerun only samples w
 
     nice -n 19 python bench/bench_grid.py                 # results in /work/gridcache (grid.json, grid.md)
     python bench/bench_grid.py --write                    # also docs/BENCHMARKS.md "## Reference grid"
+    python bench/bench_grid.py --report --write           # only report what the cache holds (a run cut short)
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from benchdoc import BENCHMARKS, write_section
+from benchdoc import publish
 from scipy.stats import spearmanr
 
 from pipeline.files import atomic_write
@@ -534,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--write", action="store_true", help=f'write docs/BENCHMARKS.md "## {SECTION}"')
+    p.add_argument("--report", action="store_true", help="sample nothing: report what the cache holds so far")
     args = p.parse_args(argv)
     for n in (args.n_broad, args.n_full):
         if n % BATCH or n <= 128:
@@ -541,34 +543,37 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     command = "python bench/bench_grid.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
     grid = Grid(args.cache, args, command.strip())
-    seed0 = GRID_SEEDS[0]
     try:
-        stage1 = broad_points()[:args.limit]
-        grid.set_stage("1", stage1)
-        grid.sample("1 broad", [(q, seed0, args.n_broad) for q in stage1])
-        stage1b = neighbour_points(grid.fids(stage1, seed0, args.n_broad))
-        grid.set_stage("1b", stage1b)
-        grid.sample("1b neighbours", [(q, seed0, args.n_broad) for q in stage1b])
-        broad = grid.fids(stage1 + stage1b, seed0, args.n_broad)
-        refine = list(dict.fromkeys(ranked(broad)[:args.refine] + best_of_kinds(broad, 2)))
-        grid.set_stage("2", refine)
-        grid.sample("2 refine", [(q, seed0, args.n_full) for q in refine])
-        grid.measure_proxy(list(broad)[::2])   # every other point first (>= 24 spanning the range), the rest last
-        full = grid.fids(refine, seed0, args.n_full)
-        confirm = sorted(dict.fromkeys(ranked(full)[:args.confirm] + best_of_kinds(full, 1)), key=full.get)
-        grid.set_stage("3", confirm)
-        grid.sample("3 seeds", [(q, s, args.n_full) for q in confirm for s in GRID_SEEDS[1:]])
-        grid.measure_proxy(list(broad))
-        grid.save()
+        if not args.report:
+            run_stages(grid, args)
     finally:
         grid.close()
     body = grid.markdown()
     atomic_write(args.cache / "grid.md", (body + "\n").encode())
-    print(body)
-    if args.write:
-        write_section(BENCHMARKS, SECTION, body)
+    publish(body, SECTION, args.write)
     return 0
 
+
+def run_stages(grid: Grid, args: argparse.Namespace) -> None:
+    """Stages 1-5 of the module docstring, each resumed from the cache."""
+    seed0 = GRID_SEEDS[0]
+    stage1 = broad_points()[:args.limit]
+    grid.set_stage("1", stage1)
+    grid.sample("1 broad", [(q, seed0, args.n_broad) for q in stage1])
+    stage1b = neighbour_points(grid.fids(stage1, seed0, args.n_broad))
+    grid.set_stage("1b", stage1b)
+    grid.sample("1b neighbours", [(q, seed0, args.n_broad) for q in stage1b])
+    broad = grid.fids(stage1 + stage1b, seed0, args.n_broad)
+    refine = list(dict.fromkeys(ranked(broad)[:args.refine] + best_of_kinds(broad, 2)))
+    grid.set_stage("2", refine)
+    grid.sample("2 refine", [(q, seed0, args.n_full) for q in refine])
+    grid.measure_proxy(list(broad)[::2])   # every other point first (>= 24 spanning the range), the rest last
+    full = grid.fids(refine, seed0, args.n_full)
+    confirm = sorted(dict.fromkeys(ranked(full)[:args.confirm] + best_of_kinds(full, 1)), key=full.get)
+    grid.set_stage("3", confirm)
+    grid.sample("3 seeds", [(q, s, args.n_full) for q in confirm for s in GRID_SEEDS[1:]])
+    grid.measure_proxy(list(broad))
+    grid.save()
 
 if __name__ == "__main__":
     sys.exit(main())
