@@ -4,9 +4,9 @@ Each kind has its own study (``<sweep>/refine/<kind>``) and :class:`tuners.space
 best FID so far, which moves with it, grows when the best lies on its edge (so the search can leave the starting
 range, up to ``search.max_weight``) and shrinks when a round finds nothing better. A round after a growth starts
 with a pattern step: the best moved on in the direction it grew (half the new radius), then the sampler's picks.
-The first round is warm-started
-with the proxy's best candidates of the kind (enqueued). Every trial samples the same labels with the same sampler
-seeds (common random numbers): candidates are compared on the same draws, and the race extends these images.
+The first round is warm-started with the proxy's best candidates of the kind (enqueued). Every trial samples the
+same labels with the same sampler seeds (common random numbers): candidates are compared on the same draws, and the
+race extends these images.
 
 Trials run in rounds of ``launcher.workers`` trials per kind (every worker busy, every kind advancing); results are
 told at the end of a round in ask order, so the search is the same for a seed and a number of workers whatever the
