@@ -17,6 +17,7 @@ under ``--runs``, so a rerun resumes the sweeps and re-samples nothing already m
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import shlex
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="bench_grid.py results")
     p.add_argument("--runs", type=Path, default=Path("/work/answercache"), help="sweep roots (kept)")
     p.add_argument("--n", type=int, default=4096, help="images per grid seed for the re-measurement")
+    p.add_argument("--earlier", type=Path, default=None,
+                   help="also re-measure the answers of finished sweeps under this folder (earlier settings), as is")
     p.add_argument("--answer-seeds", type=int, nargs="+", default=list(GRID_SEEDS[:1]),
                    help=f"grid seeds each answer is re-measured at (of {GRID_SEEDS})")
     p.add_argument("--write", action="store_true", help=f'write docs/BENCHMARKS.md "## {SECTION}"')
@@ -104,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {best['kind']} w={best['w_cfg']} w'={best['w_igg']} win={best['window']} "
               f"FID {best['fid']:.3f} ({wall:.0f} s)", flush=True)
 
+    if args.earlier is not None:
+        for path in sorted(args.earlier.glob("*/sweeps/*/best.yaml")):
+            best = yaml.safe_load(path.read_text())
+            answers[f"earlier {path.parent.name}"] = (best["sampling"]["seed"], "earlier settings", best, math.nan)
     grid_args = argparse.Namespace(ref_cache=None, reference=8000, n_broad=512, n_full=args.n, workers=2, threads=1)
     grid = Grid(args.cache, grid_args, command)
     try:
@@ -131,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         c = b["cost"]["total"]
         rows.append(f"| {name} | {variant} | {seed} | {pt.label()} | {b['fid']:.2f} [{b['fid_low']:.2f}, "
                     f"{b['fid_high']:.2f}] | {statistics.mean(fids.values()):.3f} | {ratio:.3f} | {worst:.3f} | "
-                    f"{c['images']} | {c['worker_s']:.0f} | {wall / 60:.1f} |")
+                    f"{c['images']} | {c['worker_s']:.0f} | {f'{wall / 60:.1f}' if math.isfinite(wall) else '-'} |")
     kinds_1d, mixed_2d = 2, len(BASELINE_WEIGHTS)
     baseline_1d = kinds_1d * len(BASELINE_WEIGHTS) * BASELINE_N + BASELINE_BEST_N
     baseline_all = (kinds_1d * len(BASELINE_WEIGHTS) + mixed_2d ** 2) * BASELINE_N + BASELINE_BEST_N
