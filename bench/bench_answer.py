@@ -154,8 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Grid best (bench_grid.py, {grid_desc}): **{g['label']}**, FID {g['mean']:.3f}{grid_spread}. "
         f"Each answer is re-measured the same way at seed(s) {args.answer_seeds} (same labels "
-        "and reference), and divided by the grid best's FID at the same seed: the two share their random numbers, "
-        "so the ratio's noise is far below that of either FID; \"worst seed\" is the largest per-seed ratio.",
+        "and reference), and divided by the grid best's FID at the same seed (the two share their seeds, which on "
+        "this backbone shrinks the noise of a difference little; see Reference grid); \"worst seed\" is the largest "
+        "per-seed ratio. The sweep's own FID is against its own reference (confirm.reference_num_images real images, "
+        "the sweep seed). Wall minutes are this invocation's: a finished sweep is only resumed.",
         "",
         "| sweep | variant | seed | answer | sweep's FID [95 %] | re-measured FID | ÷ grid best | worst seed "
         "| images | worker s | wall min |",
