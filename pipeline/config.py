@@ -77,7 +77,7 @@ class SearchConfig:
     n_startup_trials: int = 8  # random trials before the model-based sampler takes over
     w_cfg: list[float] = field(default_factory=lambda: [0.0, 6.0])  # starting [low, high]
     w_igg: list[float] = field(default_factory=lambda: [0.0, 6.0])  # starting [low, high]
-    windows: list[int | None] = field(default_factory=lambda: [None, 3, 5])  # odd sizes; null = global
+    windows: list[int | None] = field(default_factory=lambda: [None])  # odd sizes; null = global
     max_weight: float = 30.0  # cap: a range grows up to here, never past it
     edge: float = 0.1  # a best candidate in the top `edge` fraction of a range is at its edge: the range grows
     grow: float = 2.0  # factor on the range's span when it grows
@@ -108,13 +108,15 @@ class RefineConfig:
     shrink: float = 0.5  # and shrinks by this when a round does not improve the kind's best
     sampler: str = "tpe"  # tpe | random (GP needs a fixed search space; the region moves)
     n_startup_trials: int = 4
+    lengthscale: float = 0.3  # smoothing of the FID surface (tuners.surrogate), in log(1 + weight) units
+    window_kinship: float = 0.5  # how alike two IGG windows at the same weights are assumed, in [0, 1]
 
 
 @dataclass
 class ConfirmConfig:
     """Stage 3: a race of the finalists at growing N; a finalist worse than the best beyond noise leaves."""
 
-    finalists: int = 4  # best distinct refined candidates (each kind's best first), plus the published default
+    finalists: int = 6  # best distinct refined candidates (each kind's best first), plus the published default
     rungs: list[int] = field(default_factory=lambda: [1024, 2048, 4096])  # image counts; the last decides
     keep: float = 0.5  # cost cap: at most this share of the finalists left (lowest FIDs) go on to the next rung
     final_max: int = 2  # and at most this many to the last rung
@@ -336,6 +338,7 @@ def validate(cfg: SweepConfig) -> None:
         ("refine.warm_start", r.warm_start, "2"),
         ("refine.radius", r.radius, "0.5"),
         ("refine.n_startup_trials", r.n_startup_trials, "4"),
+        ("refine.lengthscale", r.lengthscale, "0.3"),
         ("confirm.finalists", c.finalists, "4"),
         ("confirm.final_max", c.final_max, "2"),
         ("confirm.bootstrap", c.bootstrap, "200"),
@@ -368,6 +371,9 @@ def validate(cfg: SweepConfig) -> None:
     for key, value in (("search.grow", s.grow), ("refine.grow", r.grow)):
         if value <= 1.0:
             raise ConfigError(f"{key}={value} must be > 1 (the factor a range grows by); e.g. {key}=2")
+    if not 0.0 <= r.window_kinship <= 1.0:
+        raise ConfigError(
+            f"refine.window_kinship={r.window_kinship} must lie in [0, 1]; e.g. refine.window_kinship=0.5")
     if c.bootstrap < 2:
         raise ConfigError(f"confirm.bootstrap={c.bootstrap} must be >= 2 resamples; e.g. confirm.bootstrap=200")
     n_images = [r.num_images, *c.rungs]

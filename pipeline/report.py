@@ -157,15 +157,16 @@ def report_markdown(title: str, racers: list[Racer], winner: Racer, margin: Marg
     if capped:
         lines.append(f"**Warning:** {', '.join(capped)} sits at search.max_weight: the optimum may lie beyond it.")
     rungs = sorted({m for r in racers for m in r.scores})
-    lines += ["", "| candidate | kind | role | FID (refine) | " + " | ".join(f"FID@{m}" for m in rungs)
+    lines += ["", "| candidate | kind | role | FID (refine) | smoothed | " + " | ".join(f"FID@{m}" for m in rungs)
               + " | IS | KID | precision | recall | left |",
-              "|---|---|---|---|" + "---|" * len(rungs) + "---|---|---|---|---|"]
+              "|---|---|---|---|---|" + "---|" * len(rungs) + "---|---|---|---|---|"]
     for r in sorted(racers, key=lambda r: (r is not winner, -r.reached, r.fid)):
         final = r.scores.get(r.reached, {})
         left = "winner" if r is winner else r.left or "-"
         cells = [f"{_fmt(r.scores[m]['fid'])} [{_fmt(r.scores[m]['fid_low'])}, {_fmt(r.scores[m]['fid_high'])}]"
                  if m in r.scores else "-" for m in rungs]
         lines.append(f"| {r.candidate.label()} | {r.candidate.kind} | {r.role} | {_fmt(r.refine_fid)} | "
+                     f"{_fmt(r.refine_smoothed)} | "
                      + " | ".join(cells) + f" | {_fmt(final.get('isc'))} | {_fmt(final.get('kid'), 4)} | "
                      f"{_fmt(final.get('precision'))} | {_fmt(final.get('recall'))} | {left} |")
     lines += ["", "| stage | trials | images sampled | worker s |", "|---|---:|---:|---:|"]

@@ -247,8 +247,8 @@ class Sweep:
             refine = RefineStage({k: studies[f"refine/{k}"] for k in kinds}, warm, ranges, cfg.refine, cfg.search,
                                  cfg.seed, self.tracker, self.bank, self.scorer)
             refine.run(pool)
-            racers = [Racer(c, REFINED, refine_fid=rec.value)
-                      for c, rec in refine.finalists(cfg.confirm.finalists, cfg.confirm.decimals)]
+            racers = [Racer(c, REFINED, refine_fid=rec.value, refine_smoothed=smoothed)
+                      for c, rec, smoothed in refine.finalists(cfg.confirm.finalists, cfg.confirm.decimals)]
             default = default_candidate(cfg.backbone)
             if all(r.candidate.key(cfg.confirm.decimals) != default.key(cfg.confirm.decimals) for r in racers):
                 racers.append(Racer(default, DEFAULT))

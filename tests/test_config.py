@@ -93,7 +93,7 @@ def test_defaults_and_derived_paths():
     assert cfg.tracking.uri == "sqlite:///mlruns/mlflow.db"  # the store `make ui` opens
     assert cfg.storage == "sqlite:///mlruns/optuna.db"
     assert cfg.sweep.output_dir == "mlruns/sweeps/tiny-auto"
-    assert cfg.search.windows == [None, 3, 5] and cfg.search.sampler == "tpe"
+    assert cfg.search.windows == [None] and cfg.search.sampler == "tpe"
     other = to_schema(compose_config(["root=/x", "sweep.name=abc"]))
     assert (other.storage, other.tracking.uri, other.sweep.output_dir) == (
         "sqlite:////x/optuna.db", "sqlite:////x/mlflow.db", "/x/sweeps/abc")

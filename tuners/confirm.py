@@ -1,8 +1,9 @@
 """Stage 3 (confirm): race the finalists at growing N; FID decides, and says how sure it is.
 
-The finalists (each kind's best refined candidate, then the next best, plus the backbone's published default CFG)
-are scored at every rung N of ``confirm.rungs``. A rung extends each finalist's images (same labels and sampler
-seeds: the first N images at a larger N are the same images), so a rung costs only the images it adds. After each
+The finalists (each kind's best refined candidate by smoothed FID, then the next best, plus the backbone's
+published default CFG) are scored at every rung N of ``confirm.rungs``. A rung extends each finalist's images (same
+labels and sampler seeds: the first N images at a larger N are the same images), so a rung costs only the images it
+adds. After each
 rung the finalist with the lowest FID is the current best; every other finalist whose FID exceeds it beyond noise
 (the lower end of the paired-bootstrap interval of the difference is above 0) leaves. As a cost cap, at most a
 ``confirm.keep`` share of the rest (the lowest FIDs) go on to the next rung, and at most ``confirm.final_max`` to the
@@ -46,6 +47,7 @@ class Racer:
     candidate: Candidate
     role: str  # refined | default
     refine_fid: float | None = None  # its FID in the refinement stage (refine.num_images)
+    refine_smoothed: float | None = None  # and its smoothed FID there (tuners.surrogate), which chose it
     scores: dict[int, dict[str, float]] = field(default_factory=dict)  # N -> fid, fid_low, fid_high, ...
     left: str | None = None  # "worse at N=…", "cut at N=…" (cost cap) or a failure
 

@@ -1,12 +1,16 @@
 """Stage 2 (FID refinement): per guidance kind, a seeded Optuna search on low-N FID inside a moving trust region.
 
 Each kind has its own study (``<sweep>/refine/<kind>``) and :class:`tuners.space.Region`: a box around the kind's
-best FID so far, which moves with it, grows when the best lies on its edge (so the search can leave the starting
+best so far, which moves with it, grows when the best lies on its edge (so the search can leave the starting
 range, up to ``search.max_weight``) and shrinks when a round finds nothing better. A round after a growth starts
 with a pattern step: the best moved on in the direction it grew (half the new radius), then the sampler's picks.
 The first round is warm-started with the proxy's best candidates of the kind (enqueued). Every trial samples the
 same labels with the same sampler seeds (common random numbers): candidates are compared on the same draws, and the
 race extends these images.
+
+"Best" is by smoothed FID (:mod:`tuners.surrogate`: the posterior mean of log FID given all the kind's trials and
+their bootstrap noise), not by the lowest single FID, which at this N is mostly the luckiest draw. The region
+follows the smoothed best, and the finalists are the lowest smoothed FIDs.
 
 Trials run in rounds of ``launcher.workers`` trials per kind (every worker busy, every kind advancing); results are
 told at the end of a round in ask order, so the search is the same for a seed and a number of workers whatever the
@@ -20,6 +24,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import optuna
+import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline.config import RefineConfig, SearchConfig
@@ -27,8 +32,9 @@ from tuners.driver import drive
 from tuners.jobs import Done, Job, Observer, Pool, TrialRecord
 from tuners.samplers import derive_seed, make_sampler
 from tuners.scoring import FeatureBank, Scorer
-from tuners.space import Candidate, Ranges, Region, from_params, suggest
+from tuners.space import WEIGHTS, Candidate, Ranges, Region, from_params, suggest
 from tuners.studies import counts_toward_budget, fail_stale, reason_of, record_of, tell
+from tuners.surrogate import log_weights, posterior_mean
 
 KIND_SEED = {"cfg": 101, "igg": 102, "mixed": 103}  # independent sampler streams per kind
 
@@ -42,7 +48,7 @@ class KindSearch:
     start: Region  # the region before any FID trial
     warm: list[Candidate]
     region: Region = field(init=False)
-    best: tuple[Candidate, float] | None = None
+    best: tuple[Candidate, float] | None = None  # by smoothed FID
     pending: list[tuple[optuna.Trial, Job, Done]] = field(default_factory=list)
 
     def counted(self) -> list[FrozenTrial]:
@@ -109,20 +115,36 @@ class RefineStage:
         search.region = Region(dict(search.start.centre), dict(search.start.radius), search.start.cap)
         search.best = None
         trials, size = search.counted(), self.per_round
-        for start in range(0, len(trials) - len(trials) % size, size):
-            self._update(search, trials[start:start + size])
-        self._update_best(search, trials)
+        for end in range(size, len(trials) - len(trials) % size + 1, size):
+            self._update(search, trials[:end])
+        search.best = self._best(trials)
 
-    def _update_best(self, search: KindSearch, trials: list[FrozenTrial]) -> bool:
-        before = search.best
-        for t in trials:
-            if t.state == TrialState.COMPLETE and (search.best is None or t.value < search.best[1]):
-                search.best = (from_params(t.params), float(t.value))
-        return search.best is not before
+    def smoothed(self, trials: list[FrozenTrial]) -> list[tuple[FrozenTrial, float]]:
+        """The completed `trials` of one kind with their smoothed FID (:mod:`tuners.surrogate`), in order."""
+        done = [t for t in trials if t.state == TrialState.COMPLETE and math.isfinite(t.value)]
+        if not done:
+            return []
+        weights_Nd = torch.tensor([[t.params[w] for w in WEIGHTS if w in t.params] for t in done])
+        window_N = torch.tensor([-1 if t.params.get("window") is None else t.params["window"] for t in done])
+        fid_N = torch.tensor([t.value for t in done], dtype=torch.float64)
+        se_N = torch.tensor([record_of(t).metrics["fid_se"] for t in done], dtype=torch.float64)
+        mean_N = posterior_mean(log_weights(weights_Nd.double()), window_N, fid_N.log(), (se_N / fid_N).square(),
+                                lengthscale=self.refine.lengthscale, kinship=self.refine.window_kinship)
+        return list(zip(done, mean_N.exp().tolist(), strict=True))
+
+    def _best(self, trials: list[FrozenTrial]) -> tuple[Candidate, float] | None:
+        scored = self.smoothed(trials)
+        if not scored:
+            return None
+        trial, value = min(scored, key=lambda ts: ts[1])
+        return from_params(trial.params), value
 
     def _update(self, search: KindSearch, trials: list[FrozenTrial]) -> None:
-        improved = self._update_best(search, trials)
+        """After a round: the best by smoothed FID over `trials` (all told so far); the region follows it."""
+        before = search.best
+        search.best = self._best(trials)
         if search.best is not None:
+            improved = before is None or search.best[0] != before[0]
             search.region.update(search.best[0], improved, edge=self.refine.edge, grow=self.refine.grow,
                                  shrink=self.refine.shrink)
 
@@ -177,17 +199,17 @@ class RefineStage:
             self.observer.finished(stage, trial.number, job, done, metrics)
         tell(search.study, trial, record)
 
-    def finalists(self, count: int, decimals: int) -> list[tuple[Candidate, TrialRecord]]:
-        """The best candidate of each kind (best kind first), then the next lowest FIDs, up to `count`, distinct."""
-        scored = [(from_params(t.params), record_of(t)) for s in self.kinds.values() for t in s.counted()
-                  if t.state == TrialState.COMPLETE]
-        scored.sort(key=lambda cr: cr[1].value)  # type: ignore[arg-type, return-value]
-        chosen: dict[tuple, tuple[Candidate, TrialRecord]] = {}
-        heads = [next(cr for cr in scored if cr[0].kind == k) for k in self.kinds if any(
-            cr[0].kind == k for cr in scored)]
-        for c, rec in [*heads, *scored]:
-            if len(chosen) < count and c.key(decimals) not in chosen:
-                chosen[c.key(decimals)] = (c, rec)
+    def finalists(self, count: int, decimals: int) -> list[tuple[Candidate, TrialRecord, float]]:
+        """Up to `count` distinct candidates by smoothed FID: each kind's best (best kind first), then the next
+        lowest over all kinds. Each comes with its trial record and its smoothed FID."""
+        scored = sorted(((from_params(t.params), record_of(t), value) for s in self.kinds.values()
+                         for t, value in self.smoothed(s.counted())), key=lambda crv: crv[2])
+        heads = [next(crv for crv in scored if crv[0].kind == k) for k in self.kinds
+                 if any(crv[0].kind == k for crv in scored)]
+        chosen: dict[tuple, tuple[Candidate, TrialRecord, float]] = {}
+        for crv in [*sorted(heads, key=lambda crv: crv[2]), *scored]:
+            if len(chosen) < count and crv[0].key(decimals) not in chosen:
+                chosen[crv[0].key(decimals)] = crv
         return list(chosen.values())
 
     def history(self) -> dict[str, list[str]]:
