@@ -20,9 +20,9 @@ import socket
 import time
 from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from unittest import mock
 from urllib.parse import urlparse
 
 import numpy as np
@@ -235,6 +235,17 @@ def _probe(address: str, timeout_s: float) -> None:
         )
 
 
+@contextmanager
+def _single_node() -> Iterator[None]:
+    """Ray's multi-node switch (``ray_constants.ENABLE_RAY_CLUSTER``) off inside the block, restored after."""
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
 def connect(launcher: LauncherConfig) -> bool:
     """Join the cluster at launcher.address, or start a local Ray on loopback; True when this call started Ray.
 
@@ -249,7 +260,7 @@ def connect(launcher: LauncherConfig) -> bool:
         # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read at import); off for this call, every process of the local Ray
         # listens on 127.0.0.1 only. Clusters are unaffected: their nodes are started by `ray start`. address="local"
         # starts a Ray of its own even when another one runs on this machine (never joins it).
-        with mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False):
+        with _single_node():
             ray.init(
                 address="local",
                 num_cpus=launcher.num_cpus or launcher.workers * launcher.cpus_per_worker,
