@@ -71,16 +71,22 @@ def noise_check(grid: Grid, points: list[Point], n_full: int, replicates: int = 
 
 
 def run_sweep(runs: Path, name: str, seed: int, overrides: list[str]) -> tuple[dict, float]:
-    """Run (or resume) one sweep; its best.yaml and the wall seconds of this call."""
+    """Run one sweep, or read it when it has finished before (``<root>/wall_s`` holds the wall seconds of the run
+    that finished it); its best.yaml and those wall seconds."""
     root = runs / name
+    best_path, wall_path = root / "sweeps" / name / "best.yaml", root / "wall_s"
+    if best_path.is_file() and wall_path.is_file():
+        return yaml.safe_load(best_path.read_text()), float(wall_path.read_text())
     cmd = [sys.executable, "-m", "pipeline.sweep", f"root={root}", f"sweep.name={name}", f"seed={seed}", *overrides]
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     started = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{shlex.join(cmd)} exited {proc.returncode}: {proc.stderr[-2000:]}")
+    wall = time.time() - started
+    wall_path.write_text(f"{wall:.1f}\n")
     path = Path(proc.stdout.strip().splitlines()[-1].removeprefix("best: "))
-    return yaml.safe_load(path.read_text()), time.time() - started
+    return yaml.safe_load(path.read_text()), wall
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         "and reference), and divided by the grid best's FID at the same seed (the two share their seeds, which on "
         "this backbone shrinks the noise of a difference little; see Reference grid); \"worst seed\" is the largest "
         "per-seed ratio. The sweep's own FID is against its own reference (confirm.reference_num_images real images, "
-        "the sweep seed). Wall minutes are this invocation's: a finished sweep is only resumed.",
+        "the sweep seed). Wall minutes: the run that finished the sweep (a finished sweep is read, not rerun).",
         "",
         "| sweep | variant | seed | answer | sweep's FID [95 %] | re-measured FID | ÷ grid best | worst seed "
         "| images | worker s | wall min |",
