@@ -138,6 +138,23 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
 
 
+def race_table(racers: list[Racer], winner: Racer) -> dict[str, list]:
+    """The race as columns (for ``MlflowClient.log_table``): one row per finalist and rung it reached, with the FID
+    and its interval at that rung, its refinement FID (raw and smoothed), and how it left."""
+    columns: dict[str, list] = {k: [] for k in ("candidate", "kind", "role", "w_cfg", "w_igg", "window", "refine_fid",
+                                                "refine_smoothed", "num_images", "fid", "fid_low", "fid_high",
+                                                "outcome")}
+    for r in racers:
+        for n, score in sorted(r.scores.items()):
+            row = {"candidate": r.candidate.label(), "kind": r.candidate.kind, "role": r.role, **r.candidate.as_dict(),
+                   "refine_fid": r.refine_fid, "refine_smoothed": r.refine_smoothed, "num_images": n,
+                   "fid": score["fid"], "fid_low": score["fid_low"], "fid_high": score["fid_high"],
+                   "outcome": "winner" if r is winner else r.left or "-"}
+            for k, v in row.items():
+                columns[k].append(v)
+    return columns
+
+
 def report_markdown(title: str, racers: list[Racer], winner: Racer, margin: Margin | None, best: Best) -> str:
     """report.md: the answer in words, then one row per finalist (winner first), then the cost."""
     n = best.num_images

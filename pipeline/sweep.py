@@ -36,7 +36,7 @@ from pipeline.config import (
 from pipeline.distributed import ClusterLostError, RayPool, check_capacity, connect
 from pipeline.fid import FidEvaluator, Reference, file_digest, reference_source
 from pipeline.files import atomic_write
-from pipeline.report import Best, report_markdown, signals_vs_weight_png, write_best
+from pipeline.report import Best, race_table, report_markdown, signals_vs_weight_png, write_best
 from pipeline.tracking import Tracker
 from tuners.confirm import DEFAULT, REFINED, Margin, Racer, RaceStage, default_candidate
 from tuners.jobs import DIVERGENCE_SIGNAL, EVENNESS_SIGNAL, TrialRecord
@@ -46,6 +46,7 @@ from tuners.scoring import FeatureBank, Scorer
 from tuners.space import Candidate, Ranges, design_points
 from tuners.studies import counts_toward_budget, open_study, record_of, study_name
 
+RACE_TABLE = "confirm_race.json"  # the race as an MLflow table on the parent run
 SETTINGS_ATTR = "settings"  # proxy-study user attr: the settings a resumed sweep must keep
 STAGES = ("proxy", "confirm")  # plus one refine/<kind> study per guidance kind (stages_of)
 
@@ -274,7 +275,7 @@ class Sweep:
             metrics.update({"margin": margin.diff, "margin_low": margin.low, "margin_high": margin.high})
         tags = {"guidetune.best": c.label(), "guidetune.best_kind": c.kind,
                 "guidetune.separated": str(margin.separated if margin else None)}
-        self.tracker.log_summary(metrics, tags, files)
+        self.tracker.log_summary(metrics, tags, files, {RACE_TABLE: race_table(racers, winner)})
         return best_path
 
     def _warm(self, kind: str, proxy: ProxyStage | None, ranges: Ranges) -> list[Candidate]:

@@ -15,8 +15,10 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking.context.registry import resolve_tags
 
 from pipeline.config import sqlite_path, store_lock
 from tuners.jobs import Done, Job
@@ -28,6 +30,9 @@ TRIAL_TAG = "guidetune.trial"
 NODE_TAG = "guidetune.node_id"  # the Ray node of the worker that evaluated a trial
 HOST_TAG = "guidetune.hostname"  # and its host
 PARENT_TAG = "mlflow.parentRunId"
+KIND_TAG = "mlflow.experimentKind"  # the UI opens an experiment of this kind on its runs table
+MODEL_DEVELOPMENT = "custom_model_development"
+CONFIG_ARTIFACT = "config.yaml"  # the composed configuration, on the parent run
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
 
 
@@ -71,8 +76,13 @@ class Tracker:
             self.experiment_id = (
                 found.experiment_id
                 if found is not None
-                else self.client.create_experiment(experiment, artifact_location=artifact_root(uri))
+                else self.client.create_experiment(experiment, artifact_location=artifact_root(uri),
+                                                   tags={KIND_TAG: MODEL_DEVELOPMENT})
             )
+            if found is not None and found.tags.get(KIND_TAG) != MODEL_DEVELOPMENT:
+                self.client.set_experiment_tag(self.experiment_id, KIND_TAG, MODEL_DEVELOPMENT)
+        # what MLflow's fluent start_run sets: user, source name and type, git commit of the source
+        self.source_tags: dict[str, str] = resolve_tags({})
         self.parent_id = ""
         self.runs: dict[tuple[str, int], str] = {}
 
@@ -97,13 +107,14 @@ class Tracker:
             run = self.client.create_run(
                 self.experiment_id,
                 run_name=self.experiment,
-                tags={ROLE_TAG: "parent", SWEEP_TAG: self.experiment},
+                tags={**self.source_tags, ROLE_TAG: "parent", SWEEP_TAG: self.experiment},
             )
             self.parent_id = run.info.run_id
             self.client.log_batch(
                 self.parent_id,
                 params=[Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(params).items()],
             )
+            self.client.log_text(self.parent_id, yaml.safe_dump(dict(params), sort_keys=False), CONFIG_ARTIFACT)
         return self.parent_id
 
     def children(self) -> list:
@@ -126,9 +137,11 @@ class Tracker:
             self.client.set_terminated(self.parent_id, status=status)
 
     def log_summary(
-        self, metrics: Mapping[str, float], tags: Mapping[str, str], files: list[Path]
+        self, metrics: Mapping[str, float], tags: Mapping[str, str], files: list[Path],
+        tables: Mapping[str, Mapping[str, list]] | None = None,
     ) -> None:
-        """Best parameters, FID, gap, Spearman rho and the report files on the parent run."""
+        """Best parameters, FID, margin and costs, the report files, and tables (artifact file -> columns, shown by
+        the UI's artifact view and ``mlflow.load_table``) on the parent run."""
         now = _now_ms()
         self.client.log_batch(
             self.parent_id,
@@ -137,6 +150,10 @@ class Tracker:
         )
         for path in files:
             self.client.log_artifact(self.parent_id, str(path))
+        logged = {a.path for a in self.client.list_artifacts(self.parent_id)}
+        for name, columns in (tables or {}).items():
+            if name not in logged:  # log_table appends to a table of that name: a resumed sweep would double it
+                self.client.log_table(self.parent_id, data=dict(columns), artifact_file=name)
 
     # --------------------------------------------------------------------------- Observer (children)
 
@@ -144,8 +161,8 @@ class Tracker:
         run = self.client.create_run(
             self.experiment_id,
             run_name=f"{stage} {number} · {job.candidate.label()}",
-            tags={PARENT_TAG: self.parent_id, SWEEP_TAG: self.experiment, STAGE_TAG: stage, TRIAL_TAG: str(number),
-                  ROLE_TAG: "trial"},
+            tags={**self.source_tags, PARENT_TAG: self.parent_id, SWEEP_TAG: self.experiment, STAGE_TAG: stage,
+                  TRIAL_TAG: str(number), ROLE_TAG: "trial"},
         )
         self.runs[(stage, number)] = run.info.run_id
         params = {**job.candidate.as_dict(), "kind": job.candidate.kind, "num_images": job.num_images,

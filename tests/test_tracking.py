@@ -16,10 +16,22 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+import yaml
 from mlflow import MlflowClient
 
 from pipeline.report import sample_grid_png
-from pipeline.tracking import HOST_TAG, NODE_TAG, PARENT_TAG, STAGE_TAG, Tracker, artifact_root, flatten
+from pipeline.tracking import (
+    CONFIG_ARTIFACT,
+    HOST_TAG,
+    KIND_TAG,
+    MODEL_DEVELOPMENT,
+    NODE_TAG,
+    PARENT_TAG,
+    STAGE_TAG,
+    Tracker,
+    artifact_root,
+    flatten,
+)
 from tuners.jobs import Done, Evaluation, Job
 from tuners.space import Candidate
 
@@ -67,13 +79,23 @@ def test_store_created_with_artifacts_beside_it(store):
     assert (store / "mlflow.db").is_file()
     exp = tracker.client.get_experiment(tracker.experiment_id)
     assert exp.name == "created" and exp.artifact_location == (store / "artifacts").as_uri()
+    assert exp.tags[KIND_TAG] == MODEL_DEVELOPMENT  # the UI opens it on the runs table, not on GenAI traces
     assert artifact_root("http://127.0.0.1:5000") is None
+    client = MlflowClient(tracking_uri=uri(store))  # an experiment made before the tag existed gets it on reopen
+    old = client.create_experiment("untagged")
+    assert KIND_TAG not in client.get_experiment(old).tags
+    Tracker(uri(store), "untagged", SIGNALS)
+    assert client.get_experiment(old).tags[KIND_TAG] == MODEL_DEVELOPMENT
 
 
 def test_parent_child_metrics_steps_and_images(store, tmp_path):
     tracker = Tracker(uri(store), "children", SIGNALS)
-    parent = tracker.open_parent({"search": {"n_trials": 4}, "seed": 0})
-    assert tracker.client.get_run(parent).data.params == {"search.n_trials": "4", "seed": "0"}
+    config = {"search": {"n_trials": 4, "windows": [None, 3]}, "seed": 0}
+    parent = tracker.open_parent(config)
+    assert tracker.client.get_run(parent).data.params == {"search.n_trials": "4", "search.windows": "[None, 3]",
+                                                          "seed": "0"}
+    logged = Path(tracker.client.download_artifacts(parent, CONFIG_ARTIFACT, str(tmp_path / "cfg")))
+    assert yaml.safe_load(logged.read_text()) == config  # the composed config, one YAML artifact
     tracker.started("proxy", 0, JOB)
     ev = evaluation()
     tracker.finished("proxy", 0, JOB, Done(0, ev, None, retries=1), {"E": 0.7, "D": 0.2, "gap": 0.5})
@@ -81,6 +103,8 @@ def test_parent_child_metrics_steps_and_images(store, tmp_path):
     run = tracker.client.get_run(child.info.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags[PARENT_TAG] == parent and run.data.tags[STAGE_TAG] == "proxy"
+    for tags in (run.data.tags, tracker.client.get_run(parent).data.tags):  # the UI's Source and User columns
+        assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"] and tags["mlflow.user"]
     assert (run.data.tags[NODE_TAG], run.data.tags[HOST_TAG]) == (ev.node_id, ev.hostname)
     assert run.data.params == {"w_cfg": "2.0", "w_igg": "1.0", "window": "3", "kind": "mixed", "num_images": "8",
                                "start": "0", "seed": "0", "fid": "False"}
@@ -134,12 +158,20 @@ def test_summary_on_parent(store, tmp_path):
     parent = tracker.open_parent({})
     report = tmp_path / "report.md"
     report.write_text("# report\n")
-    tracker.log_summary({"best_fid": 3.0, "spearman_rho": float("nan")}, {"guidetune.best": "w=3.00"}, [report])
+    table = {"candidate": ["w=3.00", "w=1.50"], "num_images": [64, 64], "fid": [3.0, 4.5]}
+    tracker.log_summary({"best_fid": 3.0, "spearman_rho": float("nan")}, {"guidetune.best": "w=3.00"}, [report],
+                        {"race.json": table})
     tracker.close()
     run = tracker.client.get_run(parent)
     assert run.data.metrics == {"best_fid": 3.0}  # a NaN rho is left out, not logged
     assert run.data.tags["guidetune.best"] == "w=3.00" and run.info.status == "FINISHED"
-    assert [a.path for a in tracker.client.list_artifacts(parent)] == ["report.md"]
+    assert [a.path for a in tracker.client.list_artifacts(parent)] == [CONFIG_ARTIFACT, "race.json", "report.md"]
+    assert {"path": "race.json", "type": "table"} in json.loads(run.data.tags["mlflow.loggedArtifacts"])
+    split = json.loads(Path(tracker.client.download_artifacts(parent, "race.json", str(tmp_path / "t"))).read_text())
+    assert {c: [row[i] for row in split["data"]] for i, c in enumerate(split["columns"])} == table
+    tracker.log_summary({}, {}, [], {"race.json": table})  # a rerun of the finished sweep: the table is not doubled
+    again = json.loads(Path(tracker.client.download_artifacts(parent, "race.json", str(tmp_path / "u"))).read_text())
+    assert again == split
 
 
 def free_port() -> int:
