@@ -374,11 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
         parsed = parse_args(args)
-        if parsed.shell_completion:  # its "overrides" are completion commands (install=bash, query=bash)
-            pass
-        elif parsed.help or parsed.hydra_help or parsed.cfg is not None or parsed.info is not None:
+        if parsed.help or parsed.hydra_help or parsed.cfg is not None or parsed.info is not None:
             compose_config(list(parsed.overrides))  # a composition error is one line here, not Hydra's
-        else:
+        elif not parsed.shell_completion:  # whose "overrides" are its commands (install=bash, query=bash)
             preflight(job_overrides(parsed, CONF_DIR))
     except (ValueError, ConnectionError) as err:  # bad flag, override, config, checkpoint, reference or Ray address
         print(f"error: {err}", file=sys.stderr)
