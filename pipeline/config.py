@@ -222,7 +222,7 @@ def _one_line(err: Exception) -> str:
     reason = _first_line(err)
     if err.__cause__ is not None:
         reason = f"{reason}: {_first_line(err.__cause__)}"
-    return f"{reason} (`python -m pipeline.sweep --cfg` lists every key and its value)"
+    return f"{reason} (`python -m pipeline.sweep --cfg job` lists every key and its value)"
 
 
 def to_schema(cfg: DictConfig) -> SweepConfig:
@@ -422,11 +422,16 @@ def validate(cfg: SweepConfig) -> None:
     _writable_root("sweep.output_dir", Path(cfg.sweep.output_dir))
 
 
-def load_config(overrides: list[str], config_dir: Path = CONF_DIR) -> SweepConfig:
-    """Compose, type-check and validate a sweep configuration. Raises ConfigError; touches nothing."""
-    schema = to_schema(compose_config(overrides, config_dir))
+def validated(cfg: DictConfig) -> SweepConfig:
+    """Type-check and validate a composed configuration (e.g. the one Hydra hands a job). Raises ConfigError."""
+    schema = to_schema(cfg)
     validate(schema)
     return schema
+
+
+def load_config(overrides: list[str], config_dir: Path = CONF_DIR) -> SweepConfig:
+    """Compose, type-check and validate a sweep configuration. Raises ConfigError; touches nothing."""
+    return validated(compose_config(overrides, config_dir))
 
 
 def as_dict(cfg: SweepConfig) -> dict[str, Any]:

@@ -1,11 +1,13 @@
-"""Entry point: ``python -m pipeline.sweep [group=option] [key=value ...]`` (Hydra overrides on conf/sweep.yaml).
+"""Entry point: ``python -m pipeline.sweep [-m] [group=option] [key=value ...]``, a Hydra app on conf/sweep.yaml.
 
-Order of work, so that bad input touches nothing: compose and validate the config, load the checkpoints once to check
-them, check a resumed sweep has the same settings, reach the Ray cluster if one is named (bounded wait), compute the
-FID reference statistics (cached), start a local Ray if none is named; only then create the MLflow and Optuna stores
-and start the actors. Stages: proxy (gap, every kind, ranges that grow) -> refine (low-N FID, a trust region per
-kind) -> confirm (a race at growing N with paired-bootstrap intervals) -> report. The last line printed is
-``best: <path to best.yaml>``. Bad input: one line on stderr, exit code 2.
+Each run, and each job of ``-m`` (a multirun), is one sweep. Order of work, so that bad input touches nothing:
+before Hydra starts, compose and validate every job's config, load the checkpoints once to check them, check a
+resumed sweep has the same settings, reach the Ray cluster if one is named (bounded wait) and compute the FID
+reference statistics (cached); then Hydra runs the jobs: start a local Ray if none is named, and only then create
+the MLflow and Optuna stores and start the actors. Stages: proxy (gap, every kind, ranges that grow) -> refine
+(low-N FID, a trust region per kind) -> confirm (a race at growing N with paired-bootstrap intervals) -> report. The
+last line of a sweep is ``best: <path to best.yaml>``; after the jobs of -m, pipeline.callbacks writes the summary.
+Bad input: one line on stderr, exit code 2.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import hydra
 import optuna
 import ray
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig
 
+from pipeline.app import job_overrides, parse_args, run_app
 from pipeline.backbones.var import load_var
 from pipeline.config import (
     CONF_DIR,
@@ -28,10 +32,10 @@ from pipeline.config import (
     SweepConfig,
     as_dict,
     compose_config,
-    group_options,
     load_config,
     sqlite_path,
     store_lock,
+    validated,
 )
 from pipeline.distributed import ClusterLostError, RayPool, check_capacity, connect
 from pipeline.fid import FidEvaluator, Reference, file_digest, reference_source
@@ -294,48 +298,91 @@ def ranges_after(ranges: Ranges, refine: RefineStage) -> Ranges:
     return ranges
 
 
-USAGE = """usage: python -m pipeline.sweep [group=option ...] [key=value ...] [--cfg] [--help]
+def check_names(jobs: list[list[str]], cfgs: list[SweepConfig]) -> None:
+    """Refuse jobs of -m that would share a sweep.name (the second would resume, or be refused by, the first)."""
+    first: dict[str, int] = {}
+    for i, cfg in enumerate(cfgs):
+        j = first.setdefault(cfg.sweep.name, i)
+        if j == i:
+            continue
+        a, b = (dict(o.split("=", 1) for o in jobs[k] if "=" in o) for k in (j, i))
+        differ = [k for k in a.keys() | b.keys() if a.get(k) != b.get(k)]
+        keys = "".join(f"-${{{k}}}" for k in sorted(differ) if k not in GROUPS and not k.startswith("hydra"))
+        shown = [" ".join(f"{k}={job.get(k)}" for k in sorted(differ)) for job in (a, b)]
+        raise ConfigError(
+            f"-m: jobs #{j} ({shown[0]}) and #{i} ({shown[1]}) would both be sweep.name={cfg.sweep.name}; name each "
+            f"job, e.g. sweep.name='${{backbone.name}}-${{guidance.name}}{keys or '-${seed}'}'"
+        )
 
-Find the best guidance (CFG weight w, IGG weight w', IGG window) for a scale-wise autoregressive backbone.
-Rerunning with the same sweep.name resumes it. Common keys: sweep.name seed backbone guidance search.n_trials
-search.sampler proxy.num_images confirm.top_k confirm.num_images confirm.reference launcher.workers
-launcher.address tracking.uri storage.  --cfg prints the composed configuration and exits.
-"""
 
+def preflight(jobs: list[list[str]]) -> None:
+    """Every check that can refuse a job, for every job, before Hydra writes anything (its run folder included).
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if "--help" in args or "-h" in args:
-        groups = "\n".join(f"  {g}: {', '.join(group_options(g, CONF_DIR))}" for g in GROUPS)
-        print(f"{USAGE}\ngroups:\n{groups}")
-        return 0
-    overrides = [a for a in args if a != "--cfg"]
-    try:
-        if "--cfg" in args:
-            print(OmegaConf.to_yaml(compose_config(overrides), resolve=True), end="")
-            return 0
-        cfg = load_config(overrides)
-        check_backbone(cfg)
+    Compose and validate each job's config, refuse colliding sweep names, load each checkpoint pair once (weights
+    only), refuse a resumed sweep with other settings, reach a named Ray cluster (bounded wait) and check it can
+    place the actors, and compute the FID reference statistics (cached under <root>/fid_cache, so the job reads
+    them back). Raises ValueError (ConfigError) or ConnectionError, one line each.
+    """
+    cfgs = [load_config(overrides) for overrides in jobs]
+    check_names(jobs, cfgs)
+    loaded: set[tuple] = set()
+    for cfg in cfgs:
+        pair = (cfg.backbone.vae_ckpt, cfg.backbone.var_ckpt, tuple(cfg.backbone.patch_nums))
+        if pair not in loaded:
+            check_backbone(cfg)
+            loaded.add(pair)
         check_resume(cfg)
+    for cfg in cfgs:
         if cfg.launcher.address is not None:  # a cluster that does not answer fails fast, before the reference
-            connect(cfg.launcher)
-        evaluator, reference = fid_reference(cfg)
-        started_ray = connect(cfg.launcher)  # a local Ray starts only once everything else checked out
+            try:
+                connect(cfg.launcher)
+                check_capacity(cfg.launcher)
+            finally:
+                ray.shutdown()  # only disconnects this driver; the job connects again
+        fid_reference(cfg)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="sweep", version_base="1.3")
+def sweep_job(job: DictConfig) -> str:
+    """One sweep as a Hydra job (each job of -m is one sweep): run or resume it; returns the path of best.yaml.
+
+    main() refused bad input before Hydra started; what can still fail here (a file changed since, a cluster that
+    cannot place the actors or went away) is one line on stderr and exit code 2, as before the first trial.
+    """
+    try:
+        cfg = validated(job)
+        evaluator, reference = fid_reference(cfg)  # read back from the cache the checks filled
+        connect(cfg.launcher)  # a local Ray starts only once everything else checked out
     except (ValueError, ConnectionError) as err:  # bad config, checkpoint, reference or Ray address: one line
+        ray.shutdown()
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise SystemExit(2) from None
     try:
         check_capacity(cfg.launcher)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         best_path = run(cfg, evaluator, reference)
     except (ConfigError, ClusterLostError) as err:  # actors the cluster cannot place or start; no node left
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise SystemExit(2) from None
     finally:
-        if started_ray:
-            ray.shutdown()
+        ray.shutdown()  # a local Ray stops; a cluster only loses this driver (the next job of -m may want another)
     print(f"best: {best_path}")
-    return 0
+    return str(best_path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line (Hydra's flags and overrides): check every job, then hand it to Hydra; the exit status."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        parsed = parse_args(args)
+        if parsed.help or parsed.hydra_help or parsed.cfg is not None or parsed.info is not None:
+            compose_config(list(parsed.overrides))  # a composition error is one line here, not Hydra's
+        elif not parsed.shell_completion:  # whose "overrides" are its commands (install=bash, query=bash)
+            preflight(job_overrides(parsed, CONF_DIR))
+    except (ValueError, ConnectionError) as err:  # bad flag, override, config, checkpoint, reference or Ray address
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return run_app(sweep_job, args)
 
 
 if __name__ == "__main__":

@@ -204,7 +204,7 @@ def test_resume_with_other_settings_is_refused(ckpt, tmp_path, capsys):
 def test_help_and_cfg(capsys):
     assert main(["--help"]) == 0
     assert "backbone: tiny, var_d16, var_d20, var_d24, var_d30, var_d36" in capsys.readouterr().out
-    assert main(["--cfg", "seed=3", "guidance=igg"]) == 0
+    assert main(["--cfg", "job", "--resolve", "seed=3", "guidance=igg"]) == 0
     out = capsys.readouterr().out
     assert "seed: 3" in out and "name: tiny-igg" in out and "rungs:" in out
 

@@ -174,6 +174,9 @@ def test_ranges_grow_at_the_edge_up_to_the_cap():
     assert ranges.spans["mixed"]["w_igg"] == [0.0, 20.0]  # capped
     assert ranges.widen(Candidate(3.0, 20.0, None)) == []
     assert ranges.bounds(Candidate(0.0, 20.0, None)) == {"w_cfg": "low", "w_igg": "cap"}
+    # the published default CFG can win the race of an IGG sweep: a kind that was not searched has no range
+    assert ranges.bounds(Candidate(1.5, None, None)) == {"w_cfg": "inside"}
+    assert ranges.bounds(Candidate(20.0, None, None)) == {"w_cfg": "cap"}
 
 
 def test_region_moves_grows_and_shrinks():

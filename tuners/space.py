@@ -7,6 +7,7 @@ Every kind has its own weights and ranges; a range starts where the configuratio
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,10 +91,15 @@ class Ranges:
         return grown
 
     def bounds(self, candidate: Candidate) -> dict[str, str]:
-        """Per weight of `candidate`: ``cap`` at the cap, ``low`` at 0 / the range's low, else ``inside``."""
+        """Per weight of `candidate`: ``cap`` at the cap, ``low`` at 0 / the range's low, else ``inside``.
+
+        A kind without ranges was not searched (the published default CFG, racing in a sweep of other kinds): its
+        weights are ``inside`` unless at the cap.
+        """
+        spans = self.spans.get(candidate.kind, {})
 
         def where(w: str, v: float) -> str:
-            low = self.spans[candidate.kind][w][0]
+            low = spans[w][0] if w in spans else -math.inf
             return "cap" if v >= self.cap - 1e-9 else "low" if v <= low + 1e-9 else "inside"
 
         return {w: where(w, v) for w, v in candidate.weights().items()}
