@@ -159,6 +159,21 @@ class SweepMeta:
 
 
 @dataclass
+class GenerateConfig:
+    """``python -m pipeline.generate``: sample one guidance setting as a sweep samples it (by default a winner)."""
+
+    best: str | None = None  # a sweep's best.yaml: its backbone, checkpoints, weights and sampling are used
+    w_cfg: float | None = None  # without `best`: the weights (conf/sweep.yaml: the backbone's default CFG)
+    w_igg: float | None = None
+    window: int | None = None
+    num_images: int = 64  # the first N images of the candidate (the sweep's labels, batches and seeds)
+    grid: int = 64  # images in grid.png
+    nrow: int = 8
+    device: str | None = None  # null: cuda if available
+    out: str = MISSING  # grid.png and samples.npz (ADM layout)
+
+
+@dataclass
 class SweepConfig:
     sweep: SweepMeta = field(default_factory=SweepMeta)
     seed: int = 0
@@ -172,6 +187,7 @@ class SweepConfig:
     confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
 def _register() -> None:

@@ -15,7 +15,6 @@ can take it, so the pool shrinks to what the cluster can hold and grows back whe
 
 from __future__ import annotations
 
-import math
 import socket
 import time
 from collections import deque
@@ -37,22 +36,8 @@ from pipeline.config import ConfigError, LauncherConfig, SweepConfig
 from pipeline.fid import FidEvaluator, Reference
 from pipeline.metrics import trial_mean
 from pipeline.report import heatmap_png, sample_grid_png
-from pipeline.sampling import sample
+from pipeline.sampling import Sampling, seeded_batches
 from tuners.jobs import SIGNALS, Done, Evaluation, Job
-from tuners.samplers import derive_seed
-
-
-def spread_labels(num_images: int, num_classes: int) -> Tensor:
-    """(N,) labels, label i = i·P mod C with P ≈ 0.618·C coprime to C.
-
-    Every C consecutive images hold each class once, any prefix is spread over the classes (a golden-ratio
-    sequence), and the labels of N images are a prefix of those of more: a larger N extends a smaller one.
-    """
-    step = max(1, round(0.618 * num_classes))
-    while math.gcd(step, num_classes) != 1:
-        step += 1
-    return torch.arange(num_images) * step % num_classes
-
 
 LOOPBACK = "127.0.0.1"
 POLL_S = 5.0  # while waiting for a job, check this often that the cluster still answers
@@ -144,28 +129,15 @@ class Worker:
         batch_size = cfg.confirm.batch_size if job.fid else cfg.proxy.batch_size
         if job.start % batch_size:
             raise ValueError(f"job starts at image {job.start}, not at a batch boundary of {batch_size}")
-        labels_N = spread_labels(job.num_images, self.backbone.num_classes)
         first = job.start // batch_size
         K = len(self.backbone.patch_nums)
         per_scale: dict[str, list[list[Tensor]]] = {name: [[] for _ in range(K)] for name in SIGNALS}
         shown: dict[str, object] = {}
 
         def batches() -> Iterator[Tensor]:
-            for b, labels_B in enumerate(labels_N.split(batch_size)[first:], start=first):
-                result = sample(
-                    self.backbone,
-                    labels_B,
-                    w_cfg=c.w_cfg,
-                    w_igg=c.w_igg,
-                    window=c.window,
-                    schedule=cfg.guidance.schedule,
-                    interval_start=cfg.guidance.schedule_start,
-                    interval_end=cfg.guidance.schedule_end,
-                    top_k=cfg.backbone.top_k,
-                    top_p=cfg.backbone.top_p,
-                    seed=derive_seed(job.seed, b),
-                    with_signals=b == first or not job.fid,
-                )
+            for b, result in seeded_batches(self.backbone, c.w_cfg, c.w_igg, c.window, num_images=job.num_images,
+                                            batch_size=batch_size, seed=job.seed, sampling=Sampling.of(cfg),
+                                            start=job.start, with_signals=lambda b: b == first or not job.fid):
                 for k, signals in enumerate(result.signals):
                     for name in SIGNALS:
                         per_scale[name][k].append(getattr(signals, name))

@@ -1,120 +1,137 @@
-"""Generate guided samples: ``python -m pipeline.generate [key=value ...]``.
+"""Sample one guidance setting as a sweep samples it: ``python -m pipeline.generate [key=value ...]``.
 
-Writes ``<out>/grid.png`` (the first ``grid`` images) and ``<out>/samples.npz`` (ADM-evaluator layout: ``arr_0``
-uint8 [N, H, W, 3]). Examples::
+The configuration is the sweep's (conf/sweep.yaml, the same groups and keys) plus its ``generate`` section. With
+``generate.best=<best.yaml>`` the winner of that sweep is sampled exactly: its backbone and checkpoints (refused when
+their sha256 differs from the sweep's), weights, schedule with its interval, top-k/top-p, seed and batches, so the
+first N images are the images the sweep scored. Writes ``<generate.out>/grid.png`` (the first ``generate.grid``
+images) and ``<generate.out>/samples.npz`` (ADM-evaluator layout: ``arr_0`` uint8 [N, H, W, 3])::
 
-    python -m pipeline.generate                                   # embedded tiny backbone, its default CFG
-    python -m pipeline.generate backbone=var_d16 w_cfg=1.5 n=64 vae_ckpt=ckpt/vae.pth var_ckpt=ckpt/var_d16.pth
-    python -m pipeline.generate w_cfg=null w_igg=3 window=3 label=2 seed=1 out=outputs/igg
+    python -m pipeline.generate generate.best=mlruns/sweeps/tiny-auto/best.yaml generate.num_images=4096
+    python -m pipeline.generate backbone=var_d16 generate.w_cfg=1.5 backbone.var_ckpt=ckpt/var_d16.pth
+    python -m pipeline.generate generate.w_cfg=null generate.w_igg=3 generate.window=3 seed=1
 
-Keys: backbone (an option of conf/backbone: its checkpoints, top_k, top_p and default CFG are the defaults),
-vae_ckpt, var_ckpt, w_cfg (default: the backbone's published CFG; null drops the term), w_igg, window, schedule,
-n, batch_size, label (null: labels cycle over the classes), seed (batch b uses seed + b), top_k, top_p, grid,
-nrow, device (null: cuda if available), out. Bad values exit with code 2 and one line naming the key.
+Bad input: one line on stderr naming the key and the fix, exit code 2, nothing written.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from torch import Tensor
 from torchvision.utils import save_image
 
+from pipeline.backbones.base import ScaleWiseBackbone
 from pipeline.backbones.var import load_var
-from pipeline.config import CONF_DIR, group_options
-from pipeline.fid import NpzWriter
-from pipeline.guidance import SCHEDULES
-from pipeline.sampling import check_sampling_args, sample
+from pipeline.config import ConfigError, SweepConfig, compose_config, to_schema
+from pipeline.fid import NpzWriter, file_digest
+from pipeline.report import Best, read_best
+from pipeline.sampling import Sampling, check_sampling_args, seeded_batches
+
+BEST_KEY = "generate.best"
+USAGE = f"""usage: python -m pipeline.generate [{BEST_KEY}=<best.yaml>] [group=option ...] [key=value ...]
+
+Sample one guidance setting the way a sweep samples it (its labels, batches and seeds). With {BEST_KEY}, a sweep's
+winner exactly: its backbone, checkpoints (their sha256 must match), weights and sampling. Keys of the generate
+section: generate.w_cfg generate.w_igg generate.window (without a best.yaml) generate.num_images generate.grid
+generate.nrow generate.device generate.out; any sweep key too (seed, backbone.*, guidance.schedule, ...).
+Writes <generate.out>/grid.png and samples.npz (ADM layout); `python -m pipeline.sweep --help` lists the groups.
+"""
 
 
-@dataclass
-class GenerateConfig:
-    backbone: str = "tiny"
-    vae_ckpt: str | None = None           # null: the backbone's
-    var_ckpt: str | None = None
-    w_cfg: float | None = None            # when not given: the backbone's default_cfg
-    w_igg: float | None = None
-    window: int | None = None
-    schedule: str = "linear"
-    n: int = 16
-    batch_size: int = 16
-    label: int | None = None
-    seed: int = 0
-    top_k: int | None = None              # null: the backbone's
-    top_p: float | None = None
-    grid: int = 64                        # images in grid.png
-    nrow: int = 8
-    device: str | None = None
-    out: str = "outputs/generate"
+def _value(v: object) -> str:
+    """A Hydra override value: null, a number exactly, or a quoted string."""
+    if v is None:
+        return "null"
+    if isinstance(v, str):
+        return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return repr(v)
 
 
-def parse_args(argv: list[str]) -> GenerateConfig:
-    """``key=value`` arguments -> a typed config with the backbone's defaults filled in. Raises ValueError."""
-    for arg in argv:
-        if "=" not in arg:
-            raise ValueError(f"argument {arg!r} is not key=value (e.g. w_cfg=1.5)")
+def winner_overrides(best: Best) -> list[str]:
+    """Overrides that make the sweep's configuration sample `best`'s winner as the sweep did."""
+    s, ckpt = best.sampling, best.checkpoints
+    values = {"backbone.vae_ckpt": ckpt["vae_ckpt"]["path"], "backbone.var_ckpt": ckpt["var_ckpt"]["path"],
+              "generate.w_cfg": best.w_cfg, "generate.w_igg": best.w_igg, "generate.window": best.window,
+              "guidance.schedule": s["schedule"], "guidance.schedule_start": s["schedule_start"],
+              "guidance.schedule_end": s["schedule_end"], "backbone.top_k": s["top_k"], "backbone.top_p": s["top_p"],
+              "seed": s["seed"], "confirm.batch_size": s["batch_size"]}
+    patch_nums = ",".join(map(str, s["patch_nums"]))
+    return [f"backbone={best.backbone}", f"backbone.patch_nums=[{patch_nums}]",
+            *(f"{k}={_value(v)}" for k, v in values.items())]
+
+
+def configure(argv: list[str]) -> tuple[SweepConfig, Best | None]:
+    """The composed, checked configuration (a best.yaml's winner first, the other overrides after it), and the
+    best.yaml. Raises ConfigError."""
+    given = [a for a in argv if a.startswith(f"{BEST_KEY}=")]
+    best = None
+    if given:
+        path = given[-1].split("=", 1)[1]
+        try:
+            best = read_best(path)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{BEST_KEY}={path}: {err}; give the best.yaml a sweep printed (`best: <path>`)"
+                              ) from None
+    # the sweep's tree, type-checked; the checks of a search (ranges, rungs, workers) do not apply here
+    cfg = to_schema(compose_config([*(winner_overrides(best) if best else []), *argv]))
+    g = cfg.generate
+    for key in ("num_images", "grid", "nrow"):
+        if getattr(g, key) < 1:
+            raise ConfigError(f"generate.{key}={getattr(g, key)} must be >= 1; e.g. generate.{key}=64")
+    if cfg.confirm.batch_size < 1:
+        raise ConfigError(f"confirm.batch_size={cfg.confirm.batch_size} must be >= 1; e.g. confirm.batch_size=64")
     try:
-        given = OmegaConf.from_dotlist(argv)
-        cfg = OmegaConf.merge(OmegaConf.structured(GenerateConfig), given)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None)
-        raise ValueError(f"{key + ': ' if key else ''}{str(err).strip().splitlines()[0]}") from None
-    options = group_options("backbone")
-    if cfg.backbone not in options:
-        raise ValueError(f"backbone={cfg.backbone} is unknown; choose one of {', '.join(options)}")
-    preset = OmegaConf.load(CONF_DIR / "backbone" / f"{cfg.backbone}.yaml")
-    for key, preset_key in (("vae_ckpt", "vae_ckpt"), ("var_ckpt", "var_ckpt"), ("top_k", "top_k"),
-                            ("top_p", "top_p"), ("w_cfg", "default_cfg")):
-        if key not in given:
-            cfg[key] = preset[preset_key]
-    result: GenerateConfig = OmegaConf.to_object(cfg)
-    for key in ("n", "batch_size", "grid", "nrow"):
-        if getattr(result, key) < 1:
-            raise ValueError(f"{key}={getattr(result, key)} must be >= 1")
-    if result.schedule not in SCHEDULES:
-        raise ValueError(f"schedule={result.schedule} is unknown; choose one of {', '.join(SCHEDULES)}")
-    check_sampling_args(result.top_k, result.top_p, result.window)
-    return result
+        check_sampling_args(cfg.backbone.top_k, cfg.backbone.top_p, g.window)
+    except ValueError as err:
+        raise ConfigError(f"{err}; e.g. generate.window=null") from None
+    if best is not None:
+        for key in ("vae_ckpt", "var_ckpt"):
+            path = getattr(cfg.backbone, key)
+            digest = file_digest(path) if Path(path).is_file() else "missing"
+            if digest != best.checkpoints[key]["sha256"]:
+                raise ConfigError(f"backbone.{key}={path} (sha256 {digest[:12]}) is not the checkpoint the sweep "
+                                  f"used (sha256 {best.checkpoints[key]['sha256'][:12]}); give that file")
+    return cfg, best
 
 
-def labels_for(cfg: GenerateConfig, num_classes: int) -> torch.Tensor:
-    """(n,) labels: ``label`` repeated, or 0, 1, ..., num_classes - 1, 0, 1, ... (balanced classes)."""
-    if cfg.label is not None:
-        return torch.full((cfg.n,), cfg.label, dtype=torch.int64)
-    return torch.arange(cfg.n) % num_classes
+def images(backbone: ScaleWiseBackbone, cfg: SweepConfig) -> Iterator[Tensor]:
+    """The first generate.num_images images of the configured candidate, in batches (B, 3, H, W) in [0, 1]."""
+    g = cfg.generate
+    for _, result in seeded_batches(backbone, g.w_cfg, g.w_igg, g.window, num_images=g.num_images,
+                                    batch_size=cfg.confirm.batch_size, seed=cfg.seed, sampling=Sampling.of(cfg)):
+        yield result.images
 
 
-def generate(cfg: GenerateConfig) -> tuple[Path, Path]:
-    """Sample ``cfg.n`` images; return the paths of grid.png and samples.npz."""
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    backbone = load_var(cfg.vae_ckpt, cfg.var_ckpt, device=device)
-    labels = labels_for(cfg, backbone.num_classes)
+def generate(cfg: SweepConfig) -> tuple[Path, Path]:
+    """Sample and write; the paths of grid.png and samples.npz."""
+    g = cfg.generate
+    device = g.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    backbone = load_var(cfg.backbone.vae_ckpt, cfg.backbone.var_ckpt, device=device)
     side = backbone.vae.cfg.image_size
-    out = Path(cfg.out)
+    out = Path(g.out)
     out.mkdir(parents=True, exist_ok=True)
     grid_path, npz_path = out / "grid.png", out / "samples.npz"
-    grid_images = []
-    with NpzWriter(npz_path, num_images=cfg.n, height=side, width=side) as npz:
-        for b, start in enumerate(range(0, cfg.n, cfg.batch_size)):
-            result = sample(backbone, labels[start:start + cfg.batch_size], w_cfg=cfg.w_cfg, w_igg=cfg.w_igg,
-                            window=cfg.window, schedule=cfg.schedule, top_k=cfg.top_k, top_p=cfg.top_p,
-                            seed=cfg.seed + b)
-            npz.add(result.images)
-            if start < cfg.grid:
-                grid_images.append(result.images[:cfg.grid - start])
-    save_image(torch.cat(grid_images), grid_path, nrow=cfg.nrow)
+    shown: list[Tensor] = []
+    with NpzWriter(npz_path, num_images=g.num_images, height=side, width=side) as npz:
+        for batch in images(backbone, cfg):
+            npz.add(batch)
+            shown.append(batch[: max(0, g.grid - sum(len(x) for x in shown))])
+    save_image(torch.cat(shown), grid_path, nrow=g.nrow)
     return grid_path, npz_path
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if "--help" in args or "-h" in args:
+        print(USAGE, end="")
+        return 0
     try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        cfg, _ = configure(args)
         grid_path, npz_path = generate(cfg)
-    except ValueError as err:
+    except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"grid: {grid_path}")

@@ -11,9 +11,11 @@ With ``top_k=1`` and the same weights the tokens equal those of VAR's ``autoregr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -21,6 +23,10 @@ from torch import Tensor
 from pipeline.backbones.base import ScaleWiseBackbone
 from pipeline.guidance import guide, schedule_ratio
 from pipeline.metrics import divergence, evenness, vocab_evenness
+from tuners.samplers import derive_seed
+
+if TYPE_CHECKING:
+    from pipeline.config import SweepConfig
 
 
 @dataclass
@@ -184,3 +190,48 @@ def sample(
                 callback(ScaleStep(k, pn, ratio, cond_BlV, uncond_BlV, guided_BlV, idx_Bl, signal))
         images = rollout.decode().float().cpu()
     return SampleResult(images=images, indices=indices, signals=signals)
+
+
+def spread_labels(num_images: int, num_classes: int) -> Tensor:
+    """(N,) labels, label i = i·P mod C with P ≈ 0.618·C coprime to C.
+
+    Every C consecutive images hold each class once, any prefix is spread over the classes (a golden-ratio
+    sequence), and the labels of N images are a prefix of those of more: a larger N extends a smaller one.
+    """
+    step = max(1, round(0.618 * num_classes))
+    while math.gcd(step, num_classes) != 1:
+        step += 1
+    return torch.arange(num_images) * step % num_classes
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a sweep samples every candidate (besides its weights): schedule, its interval, top-k / top-p."""
+
+    schedule: str = "linear"
+    interval_start: int = 0
+    interval_end: int | None = None
+    top_k: int = 0
+    top_p: float = 0.0
+
+    @classmethod
+    def of(cls, cfg: SweepConfig) -> Sampling:
+        """A sweep's: its guidance schedule and interval, its backbone's top-k and top-p."""
+        g, b = cfg.guidance, cfg.backbone
+        return cls(schedule=g.schedule, interval_start=g.schedule_start, interval_end=g.schedule_end,
+                   top_k=b.top_k, top_p=b.top_p)
+
+
+def seeded_batches(backbone: ScaleWiseBackbone, w_cfg: float | None, w_igg: float | None, window: int | None, *,
+                   num_images: int, batch_size: int, seed: int, sampling: Sampling, start: int = 0,
+                   with_signals: Callable[[int], bool] = lambda b: False) -> Iterator[tuple[int, SampleResult]]:
+    """Images ``start`` .. ``num_images``-1 of one candidate as a sweep draws them: labels :func:`spread_labels`,
+    batch b of ``batch_size`` images seeded ``derive_seed(seed, b)``; so images 0..N-1 are the same at any larger
+    N, and a candidate's images pair with another's. Yields (b, result) from batch ``start // batch_size`` on."""
+    labels_N = spread_labels(num_images, backbone.num_classes)
+    first = start // batch_size
+    for b, labels_B in enumerate(labels_N.split(batch_size)[first:], start=first):
+        yield b, sample(backbone, labels_B, w_cfg=w_cfg, w_igg=w_igg, window=window, schedule=sampling.schedule,
+                        interval_start=sampling.interval_start, interval_end=sampling.interval_end,
+                        top_k=sampling.top_k, top_p=sampling.top_p, seed=derive_seed(seed, b),
+                        with_signals=with_signals(b))

@@ -180,7 +180,8 @@ def answer(cfg: SweepConfig, winner: Racer, margin: Margin | None, racers: list[
         sampling={"schedule": cfg.guidance.schedule, "schedule_start": cfg.guidance.schedule_start,
                   "schedule_end": cfg.guidance.schedule_end, "top_k": cfg.backbone.top_k, "top_p": cfg.backbone.top_p,
                   "seed": cfg.seed, "batch_size": cfg.confirm.batch_size, "level": cfg.confirm.level,
-                  "labels": "image i: class i*P mod C (pipeline.distributed.spread_labels)",
+                  "patch_nums": list(cfg.backbone.patch_nums),
+                  "labels": "image i: class i*P mod C (pipeline.sampling.spread_labels)",
                   "batch_seeds": "derive_seed(seed, batch index) (tuners.samplers)"},
         checkpoints={key: {"path": getattr(cfg.backbone, key), "sha256": file_digest(getattr(cfg.backbone, key))}
                      for key in ("vae_ckpt", "var_ckpt")},

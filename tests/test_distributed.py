@@ -26,11 +26,10 @@ from pipeline.distributed import (
     actor_resources,
     check_capacity,
     connect,
-    spread_labels,
 )
 from pipeline.fid import FidEvaluator
 from pipeline.metrics import trial_mean
-from pipeline.sampling import sample
+from pipeline.sampling import sample, spread_labels
 from pipeline.sweep import fid_reference
 from tuners.jobs import SIGNALS, Job
 from tuners.samplers import derive_seed

@@ -1,12 +1,9 @@
 """The guided scale-wise sampler: seeds, filtering, guidance placement, signals, bad inputs."""
 
-import re
 
-import numpy as np
 import pytest
 import torch
 
-from pipeline import generate
 from pipeline.backbones.var import VARConfig, random_var
 from pipeline.backbones.vqvae import VQVAEConfig
 from pipeline.guidance import guide
@@ -136,29 +133,3 @@ def test_bad_inputs(kwargs, match):
     args = {"labels": [1], "w_cfg": 1.0, "w_igg": None, **kwargs}
     with pytest.raises(ValueError, match=match):
         sample(BB, args.pop("labels"), **args)
-
-
-def test_generate_cli_writes_grid_and_adm_npz(tmp_path, capsys):
-    BB.save(tmp_path / "vae.pth", tmp_path / "var.pth")
-    out = tmp_path / "out"
-    args = [f"vae_ckpt={tmp_path / 'vae.pth'}", f"var_ckpt={tmp_path / 'var.pth'}", "n=5", "batch_size=2",
-            "w_cfg=null", "w_igg=2", "window=3", "seed=4", f"out={out}"]
-    assert generate.main(args) == 0
-    assert capsys.readouterr().out.splitlines() == [f"grid: {out / 'grid.png'}", f"samples: {out / 'samples.npz'}"]
-    with np.load(out / "samples.npz") as npz:
-        arr = npz["arr_0"]
-    assert arr.shape == (5, 8, 8, 3) and arr.dtype == np.uint8
-    first = sample(BB, [0, 1], w_cfg=None, w_igg=2.0, window=3, seed=4)   # batch 0: labels 0, 1, seed + 0
-    expected = first.images.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    assert np.array_equal(arr[:2], expected)
-    assert (out / "grid.png").stat().st_size > 0
-
-
-@pytest.mark.parametrize(("arg", "match"), [
-    ("n=0", "n=0 must be >= 1"), ("w_cfg=abc", "w_cfg: Value 'abc'"), ("nope=1", "Key 'nope'"),
-    ("backbone=x", "backbone=x is unknown"), ("window=4", "window=4"), ("top_k=-2", "top_k=-2"), ("junk", "key=value"),
-])
-def test_generate_cli_bad_arguments_exit_2(arg, match, capsys):
-    assert generate.main([arg]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and re.search(match, err)

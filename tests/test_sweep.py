@@ -6,17 +6,25 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from sweep_fixtures import PATCH_NUMS, micro_overrides, write_micro_backbone
 
+from pipeline import generate
+from pipeline.backbones.var import load_var
+from pipeline.fid import FidEvaluator
 from pipeline.report import BEST_KEYS, read_best
 from pipeline.sweep import main
 from pipeline.tracking import ROLE_TAG, STAGE_TAG
+from tuners.scoring import FeatureBank
+from tuners.space import Candidate
 from tuners.studies import record_of, study_name
 
 N_TRIALS, DESIGN, REFINE, FINALISTS = 6, 2, 2, 3
@@ -114,3 +122,54 @@ def test_mlflow_parent_and_one_child_per_trial(sweep, tmp_path):
         else:
             assert {"fid", "fid_low", "fid_high"} <= set(run.data.metrics)
             assert math.isfinite(run.data.metrics["fid"])
+
+
+# ------------------------------------------------------------------ the winner again: python -m pipeline.generate
+
+
+def best_yaml(sweep) -> Path:
+    return sweep["root"] / "sweeps" / "e2e" / "best.yaml"
+
+
+def test_generate_samples_exactly_the_winner_the_sweep_scored(sweep, tmp_path, capsys):
+    best = read_best(best_yaml(sweep))
+    out = tmp_path / "winner"
+    assert generate.main([f"generate.best={best_yaml(sweep)}", f"generate.num_images={best.num_images}",
+                          f"generate.out={out}", "generate.grid=4"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"grid: {out / 'grid.png'}", f"samples: {out / 'samples.npz'}"]
+    with np.load(out / "samples.npz") as npz:
+        assert npz["arr_0"].shape == (best.num_images, 16, 16, 3) and npz["arr_0"].dtype == np.uint8
+    extractor = sweep["root"].parent / "ckpt" / "cls.pt"  # the micro backbone's FID extractor (micro_overrides)
+    cfg, _ = generate.configure([f"generate.best={best_yaml(sweep)}", f"generate.num_images={best.num_images}",
+                                 f"confirm.extractor_weights={extractor}"])
+    winner = Candidate(best.w_cfg, best.w_igg, best.window)
+    assert (cfg.generate.w_cfg, cfg.generate.w_igg, cfg.generate.window) == (winner.w_cfg, winner.w_igg,
+                                                                             winner.window)
+    evaluator = FidEvaluator(cfg.backbone.fid_extractor, metrics=["fid"], weights_path=cfg.confirm.extractor_weights,
+                             batch_size=cfg.confirm.batch_size, progress=False)
+    backbone = load_var(cfg.backbone.vae_ckpt, cfg.backbone.var_ckpt)
+    again_NF = evaluator.features(generate.images(backbone, cfg))[evaluator.feature_layer]
+    bank = FeatureBank(best_yaml(sweep).parent / "features", [0, 24, 48, 72], best.sampling["seed"])
+    scored_NF = bank.get(winner, best.num_images, [evaluator.feature_layer])[evaluator.feature_layer]
+    torch.testing.assert_close(again_NF, scored_NF, rtol=1e-4, atol=1e-4)  # the images the race scored
+
+
+def test_generate_refuses_another_checkpoint_and_bad_keys(sweep, tmp_path, capsys):
+    best = read_best(best_yaml(sweep))
+    other = tmp_path / "var.pt"
+    other.write_bytes(Path(best.checkpoints["var_ckpt"]["path"]).read_bytes() + b"\0")
+    out = tmp_path / "never"
+    for args, match in (
+        ([f"backbone.var_ckpt={other}"], "is not the checkpoint the sweep used"),
+        (["generate.num_images=0"], "generate.num_images=0 must be >= 1"),
+        (["generate.window=4"], "window=4"),
+        (["generate.nope=1"], "nope"),
+        (["backbone=x"], "backbone"),
+    ):
+        assert generate.main([f"generate.best={best_yaml(sweep)}", f"generate.out={out}", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and match in err, err
+    assert generate.main([f"generate.best={tmp_path / 'none.yaml'}"]) == 2
+    assert "give the best.yaml a sweep printed" in capsys.readouterr().err
+    assert not out.exists()
+    assert generate.main(["--help"]) == 0 and "generate.num_images" in capsys.readouterr().out
