@@ -22,4 +22,5 @@ sweep: venv
 	$(PY) -m pipeline.sweep
 
 ui: venv
+	@echo "open http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the runs tables)"
 	.venv/bin/mlflow ui --host 127.0.0.1 --port 5000 --workers 1 --backend-store-uri sqlite:///mlruns/mlflow.db
