@@ -471,7 +471,16 @@ class Grid:
             lines += [f"| {k} | {v['label']} | {v['mean']:.3f} ± {v['std']:.3f} |"
                       for k, v in s["best_per_kind"].items()]
             g = s["grid_best"]
-            lines += ["", f"Grid best: **{g['label']}**, FID {g['mean']:.3f} ± {g['std']:.3f}.", ""]
+            lines += ["", f"Grid best: **{g['label']}**, FID {g['mean']:.3f} ± {g['std']:.3f} (the lowest mean over "
+                      f"the points with {len(GRID_SEEDS)} seeds).", ""]
+            short = [p for p in self.stage_points("3") if (st := self.seed_stats(p, a.n_full)) and
+                     st[2] < len(GRID_SEEDS)]
+            if short:
+                seed0, best0 = GRID_SEEDS[0], self.fid(Point(**g["point"]), GRID_SEEDS[0], a.n_full)
+                at0 = ", ".join(f"{p.label()} {self.fid(p, seed0, a.n_full):.3f}" for p in short)
+                lines += [f"Stage 3 is incomplete: {len(short)} of its points have fewer than {len(GRID_SEEDS)} "
+                          f"seeds (rerunning the command resumes it); at seed {seed0} they score {at0}, the grid "
+                          f"best {best0:.3f}.", ""]
         if "full" in s:
             lines += [f"Refined points at N={a.n_full} (seed {GRID_SEEDS[0]}; mean ± std where 3 seeds):", "",
                       "| point | seeds | FID |", "| --- | ---: | ---: |"]
