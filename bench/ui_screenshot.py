@@ -2,9 +2,9 @@
 
     python bench/ui_screenshot.py --store mlruns/mlflow.db --sweep tiny-auto --out docs/mlflow_ui
 
-writes ``<out>_runs.png`` (the experiment as it opens), ``<out>_trials.png`` (the runs table filtered to the
-trials, one row each), ``<out>_parent.png`` (the sweep's parent run) and
-``<out>_race.png`` (the parent's artifacts, on the race table). Needs ``chromium`` (``apt-get install chromium``).
+writes ``<out>_runs.png`` (the experiment as it opens: the runs table, the sweep's parent with its trials folded
+under it), ``<out>_parent.png`` (the parent run: source, git commit, child runs, tags) and ``<out>_artifacts.png``
+(its artifacts: best.yaml, config.yaml, the race table, the report). Needs ``chromium`` (``apt-get install chromium``).
 The server listens on 127.0.0.1 only and is stopped (with every process it started) at the end.
 """
 
@@ -19,13 +19,11 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.parse
 import urllib.request
 from pathlib import Path
 
 from mlflow import MlflowClient
 
-from pipeline.sweep import RACE_TABLE
 from pipeline.tracking import ROLE_TAG, SWEEP_TAG
 
 LOOPBACK = "127.0.0.1"
@@ -86,13 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         screenshot(chromium, f"{base}/#/experiments/{exp}?{TRAINING}", args.out.with_name(f"{args.out.name}_runs.png"),
                    args.budget_ms)
-        trials = urllib.parse.quote(f"tags.`{ROLE_TAG}` = 'trial'")
-        screenshot(chromium, f"{base}/#/experiments/{exp}?{TRAINING}&searchFilter={trials}",
-                   args.out.with_name(f"{args.out.name}_trials.png"), args.budget_ms)
         screenshot(chromium, f"{base}/#/experiments/{exp}/runs/{run}?{TRAINING}", args.out.with_name(
             f"{args.out.name}_parent.png"), args.budget_ms)
-        screenshot(chromium, f"{base}/#/experiments/{exp}/runs/{run}/artifacts?path={RACE_TABLE}&{TRAINING}",
-                   args.out.with_name(f"{args.out.name}_race.png"), args.budget_ms)
+        screenshot(chromium, f"{base}/#/experiments/{exp}/runs/{run}/artifacts?{TRAINING}",
+                   args.out.with_name(f"{args.out.name}_artifacts.png"), args.budget_ms)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
