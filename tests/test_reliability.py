@@ -174,8 +174,9 @@ def test_driver_kill_keeps_told_trials_and_reasks_the_interrupted(runs, stage):
     for n in interrupted:  # failed as interrupted (no record), and asked again under a new number
         assert after[n].state == TrialState.FAIL and RECORD not in after[n].user_attrs
         again = [t for t in after.values() if t.number > n and t.state == TrialState.COMPLETE]
-        if stage == "proxy" and before[n].params:  # a kill between ask and the first suggest leaves no params
-            assert before[n].params in [t.params for t in again]
+        if stage == "proxy" and before[n].params:  # a kill between ask and the first suggest leaves no params,
+            # one between two suggests the first ones: the trial asked again keeps them and samples the rest
+            assert any(before[n].params.items() <= t.params.items() for t in again)
         elif "job" in before[n].user_attrs:
             assert before[n].user_attrs["job"] in [t.user_attrs["job"] for t in again]
 
