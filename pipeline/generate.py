@@ -15,6 +15,7 @@ Bad input: one line on stderr naming the key and the fix, exit code 2, nothing w
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,11 +115,12 @@ def generate(cfg: SweepConfig) -> tuple[Path, Path]:
     out = Path(g.out)
     out.mkdir(parents=True, exist_ok=True)
     grid_path, npz_path = out / "grid.png", out / "samples.npz"
-    shown: list[Tensor] = []
+    shown: list[Tensor] = []  # only the first generate.grid images stay in memory
     with NpzWriter(npz_path, num_images=g.num_images, height=side, width=side) as npz:
-        for batch in images(backbone, cfg):
+        for start, batch in zip(itertools.count(0, cfg.confirm.batch_size), images(backbone, cfg)):
             npz.add(batch)
-            shown.append(batch[: max(0, g.grid - sum(len(x) for x in shown))])
+            if start < g.grid:
+                shown.append(batch[: g.grid - start])
     save_image(torch.cat(shown), grid_path, nrow=g.nrow)
     return grid_path, npz_path
 
