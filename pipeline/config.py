@@ -100,15 +100,17 @@ class RefineConfig:
     """Stage 2: FID refinement, one seeded Optuna search per kind inside a trust region around its best."""
 
     n_trials: int = 8  # FID trials per kind (in rounds of launcher.workers trials per kind)
-    num_images: int = 512  # images per trial; the same labels and sampler seeds for every candidate
+    num_images: int = 512  # images per trial; the same labels for every candidate
+    common_seeds: bool = False  # true: every candidate on the sweep's sampler seeds (else each its own seeds)
     warm_start: int = 2  # best distinct proxy candidates of each kind, enqueued first
-    radius: float = 1.0  # starting trust-region half-width, as a fraction of the starting range's span
-    edge: float = 0.25  # a best in the outer `edge` fraction of the region is on its edge
+    radius: float = 0.9  # starting trust-region half-width in log(1 + weight) units
+    min_weight: float = 0.25  # no weight below this is refined (sampled uniformly in log weight)
+    edge: float = 0.25  # a best in the outer `edge` fraction of the region (in log(1 + weight)) is on its edge
     grow: float = 2.0  # the region grows by this when a round's best lies on its edge
     shrink: float = 0.5  # and shrinks by this when a round does not improve the kind's best
     sampler: str = "tpe"  # tpe | random (GP needs a fixed search space; the region moves)
     n_startup_trials: int = 4
-    lengthscale: float = 0.3  # smoothing of the FID surface (tuners.surrogate), in log(1 + weight) units
+    lengthscale: float = 0.5  # smoothing of the FID surface (tuners.surrogate), in log(1 + weight) units
     window_kinship: float = 0.5  # how alike two IGG windows at the same weights are assumed, in [0, 1]
 
 
@@ -116,7 +118,8 @@ class RefineConfig:
 class ConfirmConfig:
     """Stage 3: a race of the finalists at growing N; a finalist worse than the best beyond noise leaves."""
 
-    finalists: int = 6  # best distinct refined candidates (each kind's best first), plus the published default
+    finalists: int = 5  # best distinct refined candidates (each kind's best first), plus the published default
+    separation: float = 0.15  # finalists of one kind and window at least this far apart in log(1 + weight)
     rungs: list[int] = field(default_factory=lambda: [1024, 2048, 4096])  # image counts; the last decides
     keep: float = 0.5  # cost cap: at most this share of the finalists left (lowest FIDs) go on to the next rung
     final_max: int = 2  # and at most this many to the last rung
@@ -352,9 +355,10 @@ def validate(cfg: SweepConfig) -> None:
         ("refine.n_trials", r.n_trials, "6"),
         ("refine.num_images", r.num_images, "512"),
         ("refine.warm_start", r.warm_start, "2"),
-        ("refine.radius", r.radius, "0.5"),
+        ("refine.radius", r.radius, "0.9"),
         ("refine.n_startup_trials", r.n_startup_trials, "4"),
-        ("refine.lengthscale", r.lengthscale, "0.3"),
+        ("refine.lengthscale", r.lengthscale, "0.5"),
+        ("refine.min_weight", r.min_weight, "0.25"),
         ("confirm.finalists", c.finalists, "4"),
         ("confirm.final_max", c.final_max, "2"),
         ("confirm.bootstrap", c.bootstrap, "200"),
@@ -387,6 +391,12 @@ def validate(cfg: SweepConfig) -> None:
     for key, value in (("search.grow", s.grow), ("refine.grow", r.grow)):
         if value <= 1.0:
             raise ConfigError(f"{key}={value} must be > 1 (the factor a range grows by); e.g. {key}=2")
+    if not 0.0 < r.min_weight < s.max_weight:
+        raise ConfigError(f"refine.min_weight={r.min_weight} must lie in (0, search.max_weight={s.max_weight}) "
+                          "(weights are refined in log scale); e.g. refine.min_weight=0.25")
+    if c.separation < 0.0:
+        raise ConfigError(f"confirm.separation={c.separation} must be >= 0 (0: any distinct finalists); "
+                          "e.g. confirm.separation=0.15")
     if not 0.0 <= r.window_kinship <= 1.0:
         raise ConfigError(
             f"refine.window_kinship={r.window_kinship} must lie in [0, 1]; e.g. refine.window_kinship=0.5")

@@ -46,7 +46,7 @@ from tuners.confirm import DEFAULT, REFINED, Margin, Racer, RaceStage, default_c
 from tuners.jobs import DIVERGENCE_SIGNAL, EVENNESS_SIGNAL, TrialRecord
 from tuners.proxy import ProxyStage
 from tuners.refine import RefineStage
-from tuners.scoring import FeatureBank, Scorer
+from tuners.scoring import FeatureBank, Scorer, candidate_seed
 from tuners.space import Candidate, Ranges, design_points
 from tuners.studies import counts_toward_budget, open_study, record_of, study_name
 
@@ -179,10 +179,12 @@ def answer(cfg: SweepConfig, winner: Racer, margin: Margin | None, racers: list[
         default=default_out, cost=cost,
         sampling={"schedule": cfg.guidance.schedule, "schedule_start": cfg.guidance.schedule_start,
                   "schedule_end": cfg.guidance.schedule_end, "top_k": cfg.backbone.top_k, "top_p": cfg.backbone.top_p,
-                  "seed": cfg.seed, "batch_size": cfg.confirm.batch_size, "level": cfg.confirm.level,
+                  "seed": candidate_seed(cfg.seed, c, common=cfg.refine.common_seeds), "sweep_seed": cfg.seed,
+                  "batch_size": cfg.confirm.batch_size, "level": cfg.confirm.level,
                   "patch_nums": list(cfg.backbone.patch_nums),
                   "labels": "image i: class i*P mod C (pipeline.sampling.spread_labels)",
-                  "batch_seeds": "derive_seed(seed, batch index) (tuners.samplers)"},
+                  "batch_seeds": "derive_seed(seed, batch index) (tuners.samplers); seed: the winner's "
+                                 "(tuners.scoring.candidate_seed of sweep_seed)"},
         checkpoints={key: {"path": getattr(cfg.backbone, key), "sha256": file_digest(getattr(cfg.backbone, key))}
                      for key in ("vae_ckpt", "var_ckpt")},
     )
@@ -233,7 +235,8 @@ class Sweep:
                  studies: dict):
         self.cfg, self.tracker, self.studies = cfg, tracker, studies
         bank_dir = Path(cfg.sweep.output_dir) / "features"
-        self.bank = FeatureBank(bank_dir, [0, cfg.refine.num_images, *cfg.confirm.rungs], cfg.seed)
+        self.bank = FeatureBank(bank_dir, [0, cfg.refine.num_images, *cfg.confirm.rungs], cfg.seed,
+                                cfg.refine.common_seeds)
         self.scorer = Scorer(evaluator, reference, cfg.confirm.bootstrap, cfg.confirm.level, cfg.seed)
         self.reference = reference
 
@@ -254,11 +257,12 @@ class Sweep:
                                  cfg.seed, self.tracker, self.bank, self.scorer)
             refine.run(pool)
             racers = [Racer(c, REFINED, refine_fid=rec.value, refine_smoothed=smoothed)
-                      for c, rec, smoothed in refine.finalists(cfg.confirm.finalists, cfg.confirm.decimals)]
+                      for c, rec, smoothed in refine.finalists(cfg.confirm.finalists, cfg.confirm.decimals,
+                                                                cfg.confirm.separation)]
             default = default_candidate(cfg.backbone)
             if all(r.candidate.key(cfg.confirm.decimals) != default.key(cfg.confirm.decimals) for r in racers):
                 racers.append(Racer(default, DEFAULT))
-            race = RaceStage(studies["confirm"], racers, cfg.confirm, cfg.seed, self.tracker, self.bank, self.scorer)
+            race = RaceStage(studies["confirm"], racers, cfg.confirm, self.tracker, self.bank, self.scorer)
             winner, margin = race.run(pool)
         finally:
             pool.close()

@@ -149,7 +149,8 @@ def test_generate_samples_exactly_the_winner_the_sweep_scored(sweep, tmp_path, c
                              batch_size=cfg.confirm.batch_size, progress=False)
     backbone = load_var(cfg.backbone.vae_ckpt, cfg.backbone.var_ckpt)
     again_NF = evaluator.features(generate.images(backbone, cfg))[evaluator.feature_layer]
-    bank = FeatureBank(best_yaml(sweep).parent / "features", [0, 24, 48, 72], best.sampling["seed"])
+    bank = FeatureBank(best_yaml(sweep).parent / "features", [0, 24, 48, 72], best.sampling["sweep_seed"])
+    assert bank.seed_of(winner) == best.sampling["seed"] != best.sampling["sweep_seed"]  # the winner's own seeds
     scored_NF = bank.get(winner, best.num_images, [evaluator.feature_layer])[evaluator.feature_layer]
     torch.testing.assert_close(again_NF, scored_NF, rtol=1e-4, atol=1e-4)  # the images the race scored
 

@@ -2,7 +2,7 @@
 
 The workers are an in-process stub (no model): the proxy signals are closed-form functions of the guidance strength
 whose evenness and divergence cross at a known strength, and an FID job returns per-image features z_i + shift(c),
-z_i drawn from (seed, i) alone (common random numbers), so the FID against a standard-normal reference is about
+z_i drawn from (seed, i) alone (the same for two candidates on one seed), so the FID against a standard-normal reference is about
 |shift(c)|², lowest at a known strength. FID itself is the real code: torch-fidelity through FidEvaluator, the
 bootstrap of pipeline.metrics. Optuna storage is a real SQLite file in tmp_path.
 """
@@ -25,7 +25,7 @@ from tuners.jobs import Done, Evaluation, Job
 from tuners.proxy import ProxyStage, gap_name, gaps_of
 from tuners.refine import RefineStage
 from tuners.samplers import derive_seed, make_sampler
-from tuners.scoring import FeatureBank, Scorer
+from tuners.scoring import FeatureBank, Scorer, candidate_seed
 from tuners.space import Candidate, Ranges, Region, design_points, suggest
 from tuners.studies import RECORD, fail_stale, open_study, record_of, study_name
 from tuners.surrogate import log_weights, posterior_mean
@@ -110,7 +110,7 @@ class Recorder:
 
 SEARCH = SearchConfig(n_trials=12, n_startup_trials=4, w_cfg=[0.0, 6.0], w_igg=[0.0, 6.0], windows=[None, 3])
 PROXY = ProxyConfig(num_images=4, design=[0.5, 1.0])
-REFINE = RefineConfig(n_trials=8, num_images=16, warm_start=1, radius=0.5)
+REFINE = RefineConfig(n_trials=8, num_images=16, warm_start=1)
 CONFIRM = ConfirmConfig(finalists=3, rungs=[32, 64], final_max=2, bootstrap=100, batch_size=16)
 
 
@@ -179,17 +179,36 @@ def test_ranges_grow_at_the_edge_up_to_the_cap():
     assert ranges.bounds(Candidate(20.0, None, None)) == {"w_cfg": "cap"}
 
 
-def test_region_moves_grows_and_shrinks():
-    region = Region({"w_cfg": 3.0}, {"w_cfg": 1.0}, cap=10.0)
-    assert region.box() == {"w_cfg": (2.0, 4.0)}
-    region.update(Candidate(3.95, None, None), True, edge=0.1, grow=2.0, shrink=0.5)
-    assert region.box() == {"w_cfg": (pytest.approx(1.95), pytest.approx(5.95))}
-    region.update(Candidate(3.95, None, None), False, edge=0.1, grow=2.0, shrink=0.5)
-    assert region.radius == {"w_cfg": 1.0} and region.history == ["grew", "shrank"]
-    region.update(Candidate(9.5, None, None), True, edge=0.1, grow=2.0, shrink=0.5)  # beyond the old box
-    assert region.history[-1] == "grew" and region.box()["w_cfg"] == (7.5, 10.0)  # clipped at the cap
-    region.update(Candidate(9.9, None, None), True, edge=0.1, grow=2.0, shrink=0.5)
+def test_region_moves_grows_and_shrinks_in_log_weight():
+    def box_of(centre: float, r: float) -> tuple[float, float]:
+        return (math.expm1(math.log1p(centre) - r), math.expm1(math.log1p(centre) + r))
+
+    region = Region({"w_cfg": 3.0}, {"w_cfg": 0.5}, cap=20.0, floor=0.25)
+    assert region.box()["w_cfg"] == pytest.approx(box_of(3.0, 0.5))  # (1.43, 5.59): a multiplicative box
+    top = region.box()["w_cfg"][1]
+    region.update(Candidate(top * 0.97, None, None), True, edge=0.1, grow=2.0, shrink=0.5)
+    assert region.history == ["grew"] and region.direction == {"w_cfg": 1} and region.radius == {"w_cfg": 1.0}
+    probe = region.probe()  # half the new radius on, in log(1 + w)
+    assert probe is not None and math.log1p(probe.w_cfg) == pytest.approx(math.log1p(top * 0.97) + 0.5)
+    region.update(Candidate(top * 0.97, None, None), False, edge=0.1, grow=2.0, shrink=0.5)
+    assert region.radius == {"w_cfg": 0.5} and region.history == ["grew", "shrank"] and region.probe() is None
+    region.update(Candidate(18.0, None, None), True, edge=0.1, grow=2.0, shrink=0.5)  # beyond the old box
+    assert region.history[-1] == "grew" and region.box()["w_cfg"][1] == 20.0  # clipped at the cap
+    region.update(Candidate(19.9, None, None), True, edge=0.1, grow=2.0, shrink=0.5)
     assert region.history[-1] == "kept"  # the cap is no edge to grow at
+    low = Region({"w_igg": 0.3}, {"w_igg": 1.0}, cap=20.0, floor=0.25)
+    assert low.box()["w_igg"][0] == 0.25  # never below the floor, which is no edge either
+    low.update(Candidate(None, 0.26, None), True, edge=0.1, grow=2.0, shrink=0.5)
+    assert low.history == ["kept"]
+
+
+def test_refined_weights_are_sampled_in_log_scale_inside_the_box():
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    box = {"w_igg": (0.5, 32.0)}
+    picks = [suggest(study.ask(), "igg", box, [None], log=True).w_igg for _ in range(400)]
+    assert all(0.5 <= w <= 32.0 for w in picks)
+    below_4 = sum(w < 4.0 for w in picks) / len(picks)  # log-uniform: half the mass below sqrt(0.5 * 32) = 4
+    assert 0.42 < below_4 < 0.58
 
 
 # ------------------------------------------------------------------------------------------------- proxy
@@ -350,12 +369,38 @@ def test_refinement_leaves_the_starting_range_for_the_optimum(tmp_path, scorer):
     assert abs(strength(best_igg) - W_STAR) < 3.0
     assert "grew" in stage.history()["cfg"]
     assert all(len(s.counted()) == REFINE.n_trials for s in stage.kinds.values())
-    finalists = stage.finalists(3, 2)
+    finalists = stage.finalists(3, 2, 0.0)
     assert {c.kind for c, _, _ in finalists[:2]} == {"cfg", "igg"} and len(finalists) == 3
     assert finalists[0][2] <= finalists[1][2]  # each kind's best by smoothed FID, best kind first
     assert {c for c, _, _ in finalists[:2]} == {best_cfg, best_igg}
     rec = finalists[0][1]
     assert rec.metrics["fid_low"] < rec.metrics["fid"] < rec.metrics["fid_high"] and rec.images == REFINE.num_images
+
+
+def test_finalists_skip_near_neighbours_of_a_chosen_one(tmp_path, scorer):
+    stage = refine_stage(tmp_path, scorer)
+    stage.run(StubPool())
+    every = stage.finalists(16, 2, 0.0)
+    apart = stage.finalists(16, 2, 0.3)
+    assert apart[0] == every[0] and len(apart) < len(every)
+
+    def u(c: Candidate) -> list[float]:
+        return log_weights(torch.tensor(list(c.weights().values()))).tolist()
+
+    for i, (a, _, _) in enumerate(apart):
+        for b, _, _ in apart[:i]:
+            assert a.kind != b.kind or a.window != b.window or math.dist(u(a), u(b)) >= 0.3
+    skipped = [c for c, _, _ in every if all(c != a for a, _, _ in apart)]
+    assert skipped and all(any(c.kind == a.kind and c.window == a.window and math.dist(u(c), u(a)) < 0.3
+                               for a, _, _ in apart) for c in skipped)
+
+
+def test_each_candidate_draws_its_own_images_unless_common():
+    a, b = Candidate(9.0, None, None), Candidate(9.0, 1.0, None)
+    assert candidate_seed(5, a, common=False) == candidate_seed(5, Candidate(9.0, None, None), common=False)
+    assert len({candidate_seed(5, c, common=False) for c in (a, b, Candidate(9.0, 1.0, 3))}) == 3
+    assert candidate_seed(5, a, common=False) != candidate_seed(6, a, common=False)
+    assert candidate_seed(5, a, common=True) == candidate_seed(5, b, common=True) == 5
 
 
 def test_refinement_is_reproducible_and_resumes(tmp_path, scorer):
@@ -374,14 +419,15 @@ def test_refinement_is_reproducible_and_resumes(tmp_path, scorer):
 
 def race_stage(tmp_path, scorer, racers, name="race") -> RaceStage:
     study = open_study(storage(tmp_path), study_name(name, "confirm"))
-    return RaceStage(study, racers, CONFIRM, 0, Recorder(), bank(tmp_path), scorer)
+    return RaceStage(study, racers, CONFIRM, Recorder(), bank(tmp_path), scorer)
 
 
 def test_race_extends_images_eliminates_the_worse_and_measures_the_margin(tmp_path, scorer):
     near, other, far = Candidate(9.0, None, None), Candidate(9.2, None, None), Candidate(1.5, None, None)
     b = bank(tmp_path)
-    for c in (near, other):  # refined candidates already hold their first block
-        b.put(Job(c, REFINE.num_images, 0, fid=True), {"features": features(Job(c, REFINE.num_images, 0, fid=True))})
+    for c in (near, other):  # refined candidates already hold their first block, on their own seeds
+        job = Job(c, REFINE.num_images, b.seed_of(c), fid=True)
+        b.put(job, {"features": features(job)})
     racers = [Racer(near, REFINED), Racer(other, REFINED), Racer(far, DEFAULT)]
     pool = StubPool()
     winner, margin = race_stage(tmp_path, scorer, racers).run(pool)
@@ -394,7 +440,7 @@ def test_race_extends_images_eliminates_the_worse_and_measures_the_margin(tmp_pa
     s = winner.scores[64]
     assert s["fid_low"] < s["fid"] < s["fid_high"]
     # the FID at N of the chained blocks equals the FID of one job of N images
-    whole = {"features": torch.from_numpy(features(Job(near, 64, 0, fid=True)))}
+    whole = {"features": torch.from_numpy(features(Job(near, 64, b.seed_of(near), fid=True)))}
     assert s["fid"] == pytest.approx(scorer.fid(whole)["fid"], rel=1e-9)
     again = StubPool()
     winner2, _ = race_stage(tmp_path, scorer, [Racer(near, REFINED), Racer(other, REFINED), Racer(far, DEFAULT)]
@@ -414,9 +460,9 @@ def test_a_stale_confirm_job_is_redone(tmp_path, scorer):
     c = Candidate(9.0, None, None)
     study = open_study(storage(tmp_path), study_name("race", "confirm"))
     dead = study.ask()
-    dead.set_user_attr("job", job_key(Job(c, 32, 0, fid=True, start=0)))
+    dead.set_user_attr("job", job_key(Job(c, 32, bank(tmp_path).seed_of(c), fid=True, start=0)))
     pool = StubPool()
-    race = RaceStage(study, [Racer(c, REFINED)], ConfirmConfig(**{**CONFIRM.__dict__, "rungs": [32]}), 0,
+    race = RaceStage(study, [Racer(c, REFINED)], ConfirmConfig(**{**CONFIRM.__dict__, "rungs": [32]}),
                      Recorder(), bank(tmp_path), scorer)
     winner, margin = race.run(pool)
     assert study.trials[0].state == TrialState.FAIL and RECORD not in study.trials[0].user_attrs

@@ -1,11 +1,10 @@
 """Stage 3 (confirm): race the finalists at growing N; FID decides, and says how sure it is.
 
 The finalists (each kind's best refined candidate by smoothed FID, then the next best, plus the backbone's
-published default CFG) are scored at every rung N of ``confirm.rungs``. A rung extends each finalist's images (same
+published default CFG) are scored at every rung N of ``confirm.rungs``. A rung extends each finalist's images (its
 labels and sampler seeds: the first N images at a larger N are the same images), so a rung costs only the images it
-adds. After each
-rung the finalist with the lowest FID is the current best; every other finalist whose FID exceeds it beyond noise
-(the lower end of the paired-bootstrap interval of the difference is above 0) leaves. As a cost cap, at most a
+adds. After each rung the finalist with the lowest FID is the current best; every other finalist whose FID exceeds
+it beyond noise (the lower end of the bootstrap interval of the difference is above 0) leaves. As a cost cap, at most a
 ``confirm.keep`` share of the rest (the lowest FIDs) go on to the next rung, and at most ``confirm.final_max`` to the
 last, which decides; a finalist cut by the cap is reported as such, not as worse. Every FID carries its interval;
 the result names the runner-up and the margin, and whether the winner is separated from it. Each (finalist, rung)
@@ -83,7 +82,6 @@ class RaceStage:
     study: optuna.Study
     racers: list[Racer]
     confirm: ConfirmConfig
-    seed: int
     observer: Observer
     bank: FeatureBank
     scorer: Scorer
@@ -91,7 +89,7 @@ class RaceStage:
 
     def _job(self, racer: Racer, num_images: int) -> Job:
         start = self.bank.start_for(racer.candidate, num_images, self.scorer.layers)
-        return Job(racer.candidate, num_images, self.seed, fid=True, start=start)
+        return Job(racer.candidate, num_images, self.bank.seed_of(racer.candidate), fid=True, start=start)
 
     def _finish(self, last: bool):
         def finish(job: Job, done: Done) -> TrialRecord:

@@ -4,9 +4,10 @@ Each kind has its own study (``<sweep>/refine/<kind>``) and :class:`tuners.space
 best so far, which moves with it, grows when the best lies on its edge (so the search can leave the starting
 range, up to ``search.max_weight``) and shrinks when a round finds nothing better. A round after a growth starts
 with a pattern step: the best moved on in the direction it grew (half the new radius), then the sampler's picks.
-The first round is warm-started with the proxy's best candidates of the kind (enqueued). Every trial samples the
-same labels with the same sampler seeds (common random numbers): candidates are compared on the same draws, and the
-race extends these images.
+The region lives in u = log(1 + w) (:class:`tuners.space.Region`) and its weights are sampled uniformly in log w,
+never below ``refine.min_weight``. The first round is warm-started with the proxy's best candidates of the kind
+(enqueued). Every trial samples the same labels; its sampler seeds are the candidate's own
+(:meth:`tuners.scoring.FeatureBank.seed_of`) unless ``refine.common_seeds``, and the race extends these images.
 
 "Best" is by smoothed FID (:mod:`tuners.surrogate`: the posterior mean of log FID given all the kind's trials and
 their bootstrap noise), not by the lowest single FID, which at this N is mostly the luckiest draw. The region
@@ -75,8 +76,8 @@ class RefineStage:
         self.kinds: dict[str, KindSearch] = {}
         for kind, study in self.studies.items():
             warm = self.warm[kind]
-            radius = {w: self.refine.radius * (hi - lo) for w, (lo, hi) in self.ranges.spans[kind].items()}
-            start = Region(dict(warm[0].weights()), radius, self.ranges.cap)
+            radius = dict.fromkeys(self.ranges.spans[kind], self.refine.radius)
+            start = Region(dict(warm[0].weights()), radius, self.ranges.cap, self.refine.min_weight)
             self.kinds[kind] = KindSearch(kind, study, start, warm)
 
     def run(self, pool: Pool) -> None:
@@ -112,7 +113,8 @@ class RefineStage:
     def _replay(self, search: KindSearch) -> None:
         """The region and the best of a kind as a function of its told trials, round by round (so a resumed
         sweep rebuilds them exactly)."""
-        search.region = Region(dict(search.start.centre), dict(search.start.radius), search.start.cap)
+        search.region = Region(dict(search.start.centre), dict(search.start.radius), search.start.cap,
+                               search.start.floor)
         search.best = None
         trials, size = search.counted(), self.per_round
         for end in range(size, len(trials) - len(trials) % size + 1, size):
@@ -162,8 +164,8 @@ class RefineStage:
             trial = search.study.ask()
             with warnings.catch_warnings():  # an enqueued warm start or pattern step may lie outside the box
                 warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range", category=UserWarning)
-                candidate = suggest(trial, search.kind, search.region.box(), self.search.windows)
-            job = Job(candidate, self.refine.num_images, self.seed, fid=True)
+                candidate = suggest(trial, search.kind, search.region.box(), self.search.windows, log=True)
+            job = Job(candidate, self.refine.num_images, self.bank.seed_of(candidate), fid=True)
             running[tag] = (search, trial, job)
             self.observer.started(f"refine/{search.kind}", trial.number, job)
             return tag, job
@@ -199,18 +201,28 @@ class RefineStage:
             self.observer.finished(stage, trial.number, job, done, metrics)
         tell(search.study, trial, record)
 
-    def finalists(self, count: int, decimals: int) -> list[tuple[Candidate, TrialRecord, float]]:
+    def finalists(self, count: int, decimals: int, separation: float) -> list[tuple[Candidate, TrialRecord, float]]:
         """Up to `count` distinct candidates by smoothed FID: each kind's best (best kind first), then the next
-        lowest over all kinds. Each comes with its trial record and its smoothed FID."""
+        lowest over all kinds, skipping any within `separation` (Euclidean, in log(1 + w)) of a chosen one of the
+        same kind and window: the smoothed FID of such a neighbour is nearly the chosen one's, so racing it would
+        spend a finalist on one point twice. Each comes with its trial record and its smoothed FID."""
         scored = sorted(((from_params(t.params), record_of(t), value) for s in self.kinds.values()
                          for t, value in self.smoothed(s.counted())), key=lambda crv: crv[2])
         heads = [next(crv for crv in scored if crv[0].kind == k) for k in self.kinds
                  if any(crv[0].kind == k for crv in scored)]
-        chosen: dict[tuple, tuple[Candidate, TrialRecord, float]] = {}
+
+        def near(a: Candidate, b: Candidate) -> bool:
+            if a.kind != b.kind or a.window != b.window:
+                return False
+            return math.dist(*(log_weights(torch.tensor(list(c.weights().values()))).tolist() for c in (a, b))
+                             ) < separation
+
+        chosen: list[tuple[Candidate, TrialRecord, float]] = []
         for crv in [*sorted(heads, key=lambda crv: crv[2]), *scored]:
-            if len(chosen) < count and crv[0].key(decimals) not in chosen:
-                chosen[crv[0].key(decimals)] = crv
-        return list(chosen.values())
+            if len(chosen) < count and not any(crv[0].key(decimals) == c.key(decimals) or near(crv[0], c)
+                                               for c, _, _ in chosen):
+                chosen.append(crv)
+        return chosen
 
     def history(self) -> dict[str, list[str]]:
         """Per kind, what each round did to the region (grew, kept, shrank)."""

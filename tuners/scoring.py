@@ -4,8 +4,12 @@ Workers return the FID features of the images they sampled; the driver keeps the
 ``.npy`` file per job, written atomically before the trial is told) so a race rung adds images to a candidate
 instead of redrawing them, and a resumed sweep re-reads them. Blocks follow fixed boundaries
 ``[0, refine.num_images, *confirm.rungs]``: the features of a candidate at N are the concatenation of its blocks
-below N. Every candidate is sampled with the same labels and sampler seeds (common random numbers), so image i of
-two candidates pair up, and the bootstrap of their FID difference resamples the same images of both.
+below N. Every candidate is sampled with the same labels; its sampler seeds derive from its own seed
+(:meth:`FeatureBank.seed_of`), so the FID noise of two candidates is independent and a smoothing surrogate can
+average it out. Near-identical candidates on common random numbers would share one draw's luck, and at distinct
+weights common seeds do not shrink the noise of a difference on the embedded backbone (docs/BENCHMARKS.md, Reference
+grid); ``refine.common_seeds=true`` brings them back. The bootstrap of a difference resamples the same image
+indices of both candidates: the paired bootstrap on common seeds, a valid one on independent images.
 """
 
 from __future__ import annotations
@@ -35,6 +39,16 @@ def block_key(job: Job) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def candidate_seed(seed: int, candidate: Candidate, *, common: bool) -> int:
+    """The sampler seed of `candidate`'s images in a sweep seeded `seed`: `seed` itself with `common` (common random
+    numbers), else one derived from `seed` and the candidate's weights and window, so the same candidate always
+    draws the same images and two candidates draw independent ones."""
+    if common:
+        return seed
+    text = json.dumps([candidate.w_cfg, candidate.w_igg, candidate.window])
+    return derive_seed(seed, int(hashlib.sha256(text.encode()).hexdigest()[:15], 16))
+
+
 @dataclass
 class FeatureBank:
     """FID features of every FID job in `folder` (one .npy per job and layer); a job covers images start..N-1
@@ -42,7 +56,12 @@ class FeatureBank:
 
     folder: Path
     boundaries: list[int]  # [0, refine.num_images, *confirm.rungs]
-    seed: int
+    seed: int  # the sweep seed
+    common: bool = False  # every candidate on the sweep seed (common random numbers)
+
+    def seed_of(self, candidate: Candidate) -> int:
+        """The seed of `candidate`'s images (:func:`candidate_seed`)."""
+        return candidate_seed(self.seed, candidate, common=self.common)
 
     def path(self, job: Job, layer: str) -> Path:
         return self.folder / f"{block_key(job)}.{layer}.npy"
@@ -67,9 +86,9 @@ class FeatureBank:
             raise ValueError(f"{num_images} images is not a block boundary {self.boundaries[1:]}")
         pos, jobs = 0, []
         while pos < num_images:
-            found = next((Job(candidate, end, self.seed, fid=True, start=pos) for end in reversed(stops)
-                          if end > pos and self.has(Job(candidate, end, self.seed, fid=True, start=pos), layers)),
-                         None)
+            seed = self.seed_of(candidate)
+            found = next((Job(candidate, end, seed, fid=True, start=pos) for end in reversed(stops)
+                          if end > pos and self.has(Job(candidate, end, seed, fid=True, start=pos), layers)), None)
             if found is None:
                 return None
             jobs.append(found)
@@ -133,7 +152,7 @@ class Scorer:
         return {k: float(v) for k, v in out.items()}
 
     def difference(self, features_a: dict[str, Tensor], features_b: dict[str, Tensor]) -> dict[str, float]:
-        """FID(a) − FID(b) on paired images, with its interval at `level` (paired bootstrap, same resamples)."""
+        """FID(a) − FID(b) with its interval at `level` (bootstrap with the same resampled indices for both)."""
         a_NF, b_NF = features_a[self.evaluator.feature_layer], features_b[self.evaluator.feature_layer]
         if a_NF.shape != b_NF.shape:
             raise ValueError(f"paired features must have one shape, got {tuple(a_NF.shape)} and {tuple(b_NF.shape)}")

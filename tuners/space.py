@@ -107,27 +107,39 @@ class Ranges:
 
 @dataclass
 class Region:
-    """A trust region of one kind: a box around a centre, clipped to [0, cap]; windows are not restricted."""
+    """A trust region of one kind: a box around a centre in u = log(1 + w), clipped to [floor, cap] in w; windows are
+    not restricted.
 
-    centre: dict[str, float]
-    radius: dict[str, float]
+    Guidance weights act multiplicatively (FID changes as much from w=3 to 6 as from 6 to 12 on the embedded
+    backbone; docs/BENCHMARKS.md, Reference grid), so the box, its edges and its steps are measured in u: `radius` is
+    a half-width in log(1 + w) units and the box of centre c is [expm1(log1p(c) - r), expm1(log1p(c) + r)].
+    """
+
+    centre: dict[str, float]  # weight name -> w
+    radius: dict[str, float]  # weight name -> half-width in log(1 + w)
     cap: float
+    floor: float = 0.0  # no weight below this is tried (a term that weak is the kind without it)
     history: list[str] = field(default_factory=list)  # what each update did (grew, kept, shrank)
     direction: dict[str, int] = field(default_factory=dict)  # weight -> side of the last growth (+1 up, -1 down)
     window: int | None = None  # the window of the best candidate (IGG kinds)
 
+    def _clip(self, w: float) -> float:
+        return min(self.cap, max(self.floor, w))
+
     def box(self) -> dict[str, tuple[float, float]]:
-        return {w: (max(0.0, c - self.radius[w]), min(self.cap, c + self.radius[w])) for w, c in self.centre.items()}
+        return {w: (self._clip(math.expm1(math.log1p(c) - self.radius[w])),
+                    self._clip(math.expm1(math.log1p(c) + self.radius[w]))) for w, c in self.centre.items()}
 
     def edges(self, candidate: Candidate, edge: float) -> dict[str, int]:
-        """Weights of `candidate` in the outer `edge` fraction of the box (not at 0 or the cap): +1 high, -1 low."""
+        """Weights of `candidate` in the outer `edge` fraction of the box in u (not at the floor or the cap):
+        +1 high, -1 low."""
         out = {}
         for w, v in candidate.weights().items():
             low, high = self.box()[w]
-            margin = edge * (high - low)
-            if v >= high - margin and high < self.cap:
+            margin = edge * (math.log1p(high) - math.log1p(low))
+            if math.log1p(v) >= math.log1p(high) - margin and high < self.cap:
                 out[w] = 1
-            elif v <= low + margin and low > 0.0:
+            elif math.log1p(v) <= math.log1p(low) + margin and low > self.floor:
                 out[w] = -1
         return out
 
@@ -142,20 +154,21 @@ class Region:
         self.window = best.window
 
     def probe(self) -> Candidate | None:
-        """After a growth, the step the region grew for: the weights on the edge moved half the new radius on."""
+        """After a growth, the step the region grew for: the weights on the edge moved half the new radius on (in u)."""
         if not self.history or self.history[-1] != "grew":
             return None
-        moved = {w: min(self.cap, max(0.0, c + self.direction.get(w, 0) * self.radius[w] / 2))
+        moved = {w: self._clip(math.expm1(math.log1p(c) + self.direction.get(w, 0) * self.radius[w] / 2))
                  for w, c in self.centre.items()}
         return Candidate(w_cfg=moved.get("w_cfg"), w_igg=moved.get("w_igg"),
                          window=self.window if "w_igg" in moved else None)
 
 
-def suggest(trial: optuna.Trial, kind: str, box: dict[str, tuple[float, float]], windows: list[int | None]
-            ) -> Candidate:
-    """Ask the trial for the weights of `kind` inside `box` (weight -> (low, high)) and, with IGG, a window."""
-    w_cfg = trial.suggest_float("w_cfg", *box["w_cfg"]) if "w_cfg" in KIND_PARAMS[kind] else None
-    w_igg = trial.suggest_float("w_igg", *box["w_igg"]) if "w_igg" in KIND_PARAMS[kind] else None
+def suggest(trial: optuna.Trial, kind: str, box: dict[str, tuple[float, float]], windows: list[int | None], *,
+            log: bool = False) -> Candidate:
+    """Ask the trial for the weights of `kind` inside `box` (weight -> (low, high), low > 0 with `log`: sampled
+    uniformly in log w) and, with IGG, a window."""
+    w_cfg = trial.suggest_float("w_cfg", *box["w_cfg"], log=log) if "w_cfg" in KIND_PARAMS[kind] else None
+    w_igg = trial.suggest_float("w_igg", *box["w_igg"], log=log) if "w_igg" in KIND_PARAMS[kind] else None
     window = trial.suggest_categorical("window", list(windows)) if "window" in KIND_PARAMS[kind] else None
     return Candidate(w_cfg=w_cfg, w_igg=w_igg, window=window)
 

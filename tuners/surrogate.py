@@ -1,9 +1,10 @@
 """A smoothed FID surface for one guidance kind: the Gaussian-process posterior mean of log FID at its trials.
 
-At ``refine.num_images`` one FID is noisy (13 % relative std at 512 images on the embedded backbone; see
-docs/BENCHMARKS.md), so the lowest FID observed is largely the luckiest draw. The refinement stage ranks a kind's
-trials by this posterior mean instead: a trial's value is pulled towards its neighbours' in proportion to its
-noise, so a lone lucky draw among poor neighbours ranks below a region that is consistently good.
+At ``refine.num_images`` one FID is noisy (16.7 % relative std between sampler seeds at 512 images on the embedded
+backbone; see docs/BENCHMARKS.md), so the lowest FID observed is largely the luckiest draw. The refinement stage
+ranks a kind's trials by this posterior mean instead: a trial's value is pulled towards its neighbours' in
+proportion to its noise, so a lone lucky draw among poor neighbours ranks below a region that is consistently good.
+The noise terms are independent: each candidate draws its own images (:func:`tuners.scoring.candidate_seed`).
 
 Model, per kind::
 

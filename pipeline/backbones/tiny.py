@@ -46,6 +46,10 @@ from pipeline.files import atomic_write
 
 TINY_VAE = WEIGHTS_DIR / "tiny_vae.pt"
 TINY_VAR = WEIGHTS_DIR / "tiny_var.pt"
+# Transformer sizes of the embedded backbones (one tokenizer and one classifier serve both): name -> (depth, width,
+# heads, weight file). `tiny` is the default; `tiny_small`, the same recipe at a fifth of the parameters, is the
+# second backbone of a per-backbone sweep (`-m backbone=tiny,tiny_small`).
+VAR_SIZES = {"tiny": (4, 192, 3, TINY_VAR), "tiny_small": (2, 128, 2, WEIGHTS_DIR / "tiny_small_var.pt")}
 STAGES = ("classifier", "vqvae", "var")
 EVAL_SEED_OFFSET = 10**9  # evaluation images are drawn from seeds far away from every training batch's
 
@@ -56,11 +60,14 @@ def tiny_vqvae_config(*, test_mode: bool = True) -> VQVAEConfig:
                        patch_nums=(1, 2, 3, 4, 5, 6, 8), test_mode=test_mode)
 
 
-def tiny_var_config() -> VARConfig:
-    """The transformer: 4 AdaLN blocks of width 192 (3 heads of 64), 8 classes + the null class."""
+def tiny_var_config(size: str = "tiny") -> VARConfig:
+    """The transformer of `size` (:data:`VAR_SIZES`; tiny: 4 AdaLN blocks of width 192, 3 heads of 64), 8 classes
+    + the null class."""
     vae = tiny_vqvae_config()
-    return VARConfig(vocab_size=vae.vocab_size, z_channels=vae.z_channels, depth=4, embed_dim=192, num_heads=3,
-                     num_classes=NUM_CLASSES, patch_nums=vae.patch_nums, cond_drop_rate=0.1, drop_path_rate=0.0)
+    depth, width, heads, _ = VAR_SIZES[size]
+    return VARConfig(vocab_size=vae.vocab_size, z_channels=vae.z_channels, depth=depth, embed_dim=width,
+                     num_heads=heads, num_classes=NUM_CLASSES, patch_nums=vae.patch_nums, cond_drop_rate=0.1,
+                     drop_path_rate=0.0)
 
 
 @dataclass
@@ -332,6 +339,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     t.add_argument("stage", choices=(*STAGES, "all"))
     t.add_argument("--seed", type=int, default=TinyConfig.seed)
     t.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="directory of the weight files")
+    t.add_argument("--size", choices=tuple(VAR_SIZES), default="tiny", help="transformer size (stage var)")
     t.add_argument("--steps", type=int, default=None, help="override the stage's step count")
     t.add_argument("--minutes", type=float, default=None, help="override the stage's wall-clock cap")
     t.add_argument("--threads", type=int, default=TinyConfig.threads)
@@ -343,6 +351,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     cfg = TinyConfig(seed=args.seed, threads=args.threads, device=args.device)
+    cfg.var = dataclasses.replace(cfg.var, model=tiny_var_config(args.size))
+    var_file = VAR_SIZES[args.size][3].name
     if (args.steps is not None and args.steps < 1) or (args.minutes is not None and args.minutes <= 0):
         print("error: --steps must be >= 1 and --minutes > 0", file=sys.stderr)
         return 2
@@ -366,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"PSNR {log.metrics['psnr_db']:.2f} dB, codes used {log.metrics['codes_used_pct']:.1f} %")
         elif name == "var":
             vae = load_vqvae(args.out / TINY_VAE.name, cfg.var.model.patch_nums).to(cfg.device)
-            _, log = train_var(cfg, vae, args.out / TINY_VAR.name, progress=progress)
-            print(f"{TINY_VAR.name}: {log.steps_done} steps in {log.seconds:.0f} s, "
+            _, log = train_var(cfg, vae, args.out / var_file, progress=progress)
+            print(f"{var_file}: {log.steps_done} steps in {log.seconds:.0f} s, "
                   f"final loss (mean of the last 50 steps) {sum(log.losses[-50:]) / len(log.losses[-50:]):.4f}")
     return 0
 
