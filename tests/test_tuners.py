@@ -2,9 +2,9 @@
 
 The workers are an in-process stub (no model): the proxy signals are closed-form functions of the guidance strength
 whose evenness and divergence cross at a known strength, and an FID job returns per-image features z_i + shift(c),
-z_i drawn from (seed, i) alone (the same for two candidates on one seed), so the FID against a standard-normal reference is about
-|shift(c)|², lowest at a known strength. FID itself is the real code: torch-fidelity through FidEvaluator, the
-bootstrap of pipeline.metrics. Optuna storage is a real SQLite file in tmp_path.
+z_i drawn from (seed, i) alone (the same for two candidates on one seed), so the FID against a standard-normal
+reference is about |shift(c)|², lowest at a known strength. FID itself is the real code: torch-fidelity through
+FidEvaluator, the bootstrap of pipeline.metrics. Optuna storage is a real SQLite file in tmp_path.
 """
 
 from __future__ import annotations
