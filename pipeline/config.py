@@ -53,6 +53,8 @@ class BackboneConfig:
     top_k: int = 0  # published sampling defaults (0 = no top-k / top-p filtering)
     top_p: float = 0.0
     default_cfg: float = 1.5  # published CFG weight: the baseline candidate of the confirm stage
+    last_scale_temp: float | None = None  # Switti: divides the logits of the scales after the guidance interval
+    drop_uncond: bool = False  # Switti: no unconditional half of the batch once no later scale is guided
     fid_extractor: str = "inception-v3-compat"  # torch-fidelity feature extractor name
     fid_reference: str = MISSING  # ADM .npz, a folder of real images, or "shapes" (the embedded dataset)
 
@@ -426,6 +428,10 @@ def validate(cfg: SweepConfig) -> None:
                 )
     if not p.design or any(not 0.0 <= f <= 1.0 for f in p.design):
         raise ConfigError(f"proxy.design={p.design} must hold fractions in [0, 1]; e.g. proxy.design=[0.25,0.5,1]")
+    temp = cfg.backbone.last_scale_temp
+    if temp is not None and not temp > 0:
+        raise ConfigError(f"backbone.last_scale_temp={temp} must be positive (or null for none); "
+                          "e.g. backbone.last_scale_temp=0.1")
     for key in ("vae_ckpt", "var_ckpt"):
         path = getattr(cfg.backbone, key)
         fix = (

@@ -7,6 +7,13 @@ top-p filtering and one multinomial draw (seeded generator) choose the tokens. T
 
 With ``top_k=1`` and the same weights the tokens equal those of VAR's ``autoregressive_infer_cfg`` (CFG:
 ``w_cfg=cfg, w_igg=None``) and of the IGG authors' fork (IGG and mixed).
+
+A condition is a class label, or a prompt for a text-to-image backbone (Switti). Switti's pipeline guides the scales
+``turn_on_cfg_start_si <= k < turn_off_cfg_start_si`` on VAR's ramp: here ``schedule="interval"`` with
+``interval_start``, ``interval_end``; with ``drop_uncond`` the unconditional half of the batch (and of its caches)
+is dropped once no later scale is guided, and ``last_scale_temp`` divides the logits of the scales after the
+interval, as Switti's pipeline does; its tokens are then reproduced token for token (CFG), and IGG and mixed
+guidance apply inside the same interval.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from pipeline.backbones.base import ScaleWiseBackbone
+from pipeline.backbones.base import ScaleWiseBackbone, TextToImageBackbone
 from pipeline.guidance import guide, schedule_ratio
 from pipeline.metrics import divergence, evenness, vocab_evenness
 from tuners.samplers import derive_seed
@@ -38,6 +45,7 @@ class ScaleSignals:
     div_uncond: Tensor       # (B,) divergence(guided, uncond), bits
     div_cond: Tensor         # (B,) divergence(guided, cond), bits
     magnitude_Bhw: Tensor    # (B, pn, pn) per-token L2 norm of the nudge (guided - uncond)  # noqa: N815
+    # After drop_uncond the unconditional logits are not computed: the signals of those scales take uncond = cond.
 
 
 @dataclass
@@ -55,7 +63,7 @@ class ScaleStep:
     pn: int
     ratio: float | None      # the schedule's value; None: no guidance at this scale
     cond: Tensor             # (B, l, V) conditional logits
-    uncond: Tensor           # (B, l, V) unconditional logits
+    uncond: Tensor           # (B, l, V) unconditional logits (the conditional ones after drop_uncond)
     guided: Tensor           # (B, l, V) float32 guided logits, before top-k / top-p filtering
     idx: Tensor              # (B, l) int64 chosen tokens
     signals: ScaleSignals | None   # None when sampling with_signals=False
@@ -112,6 +120,20 @@ def _labels_tensor(labels: Tensor | Sequence[int], backbone: ScaleWiseBackbone) 
     return labels_B.to(backbone.device, torch.int64)
 
 
+def _conditions(conditions: Tensor | Sequence[int] | Sequence[str],
+                backbone: ScaleWiseBackbone | TextToImageBackbone) -> Tensor | list[str]:
+    """The batch's conditions as the backbone takes them: a list of prompts, or labels (B,) int64 on its device."""
+    if isinstance(backbone, TextToImageBackbone):
+        prompts = [conditions] if isinstance(conditions, str) else list(conditions)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("this backbone is text-to-image: pass one prompt (str) per image")
+        return prompts
+    if isinstance(conditions, str) or (isinstance(conditions, Sequence) and any(isinstance(c, str)
+                                                                                 for c in conditions)):
+        raise ValueError("this backbone is class-conditional: pass class labels, not prompts")
+    return _labels_tensor(conditions, backbone)
+
+
 def check_sampling_args(top_k: int, top_p: float, window: int | None) -> None:
     """ValueError naming the argument if top_k, top_p or window is out of range."""
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
@@ -124,8 +146,8 @@ def check_sampling_args(top_k: int, top_p: float, window: int | None) -> None:
 
 
 def sample(
-    backbone: ScaleWiseBackbone,
-    labels: Tensor | Sequence[int],
+    backbone: ScaleWiseBackbone | TextToImageBackbone,
+    labels: Tensor | Sequence[int] | Sequence[str],
     *,
     w_cfg: float | None,
     w_igg: float | None,
@@ -139,12 +161,15 @@ def sample(
     amp_dtype: torch.dtype = torch.float16,
     with_signals: bool = True,
     callback: Callable[[ScaleStep], None] | None = None,
+    last_scale_temp: float | None = None,
+    drop_uncond: bool = False,
 ) -> SampleResult:
-    """Generate one image per label with guided scale-wise sampling.
+    """Generate one image per label (or prompt) with guided scale-wise sampling.
 
     Args:
-        backbone: a :class:`ScaleWiseBackbone` (e.g. from :func:`pipeline.backbones.var.load_var`).
-        labels: (B,) class labels in 0..num_classes-1.
+        backbone: a :class:`ScaleWiseBackbone` (e.g. from :func:`pipeline.backbones.var.load_var`) or a
+            :class:`TextToImageBackbone` (:func:`pipeline.backbones.switti.load_switti`).
+        labels: (B,) class labels in 0..num_classes-1, or B prompts for a text-to-image backbone.
         w_cfg: CFG weight (VAR's ``cfg``), or None to drop the CFG term.
         w_igg: IGG weight, or None to drop the IGG term.
         window: odd side of IGG's attention window on each scale's token map; None: global.
@@ -157,26 +182,39 @@ def sample(
         amp_dtype: autocast dtype on CUDA (float16 as VAR's evaluation, or bfloat16); CPU runs in float32.
         with_signals: compute the per-scale diagnostics; False leaves ``signals`` empty (FID batches).
         callback: called after each scale with a :class:`ScaleStep`.
+        last_scale_temp: divides the logits of every scale after the last guided one (Switti's
+            ``last_scale_temp``, e.g. 0.1); None: no temperature. With the linear schedule every scale is guided.
+        drop_uncond: once no later scale is guided, run the conditional half of the batch only (Switti's pipeline
+            after its CFG off-scale): less compute, the same conditional logits.
 
     Returns:
         :class:`SampleResult` with images (B, 3, H, W) in [0, 1] on CPU, indices per scale, signals per scale.
     """
     check_sampling_args(top_k, top_p, window)
-    labels_B = _labels_tensor(labels, backbone)
+    if last_scale_temp is not None and not (math.isfinite(last_scale_temp) and last_scale_temp > 0):
+        raise ValueError(f"last_scale_temp={last_scale_temp!r} must be a positive number, or None for no temperature")
+    conditions = _conditions(labels, backbone)
     patch_nums = backbone.patch_nums
     K = len(patch_nums)
     ratios = [schedule_ratio(schedule, k, K, start=interval_start, end=interval_end) for k in range(K)]
+    guided_until = max((k + 1 for k, r in enumerate(ratios) if r is not None), default=0)   # no guidance after
     device = backbone.device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     autocast = torch.autocast("cuda", dtype=amp_dtype) if device.type == "cuda" else nullcontext()
 
     indices, signals = [], []
     with torch.no_grad(), autocast:
-        rollout = backbone.start(labels_B)
+        rollout = backbone.start(conditions)
         for k, (pn, ratio) in enumerate(zip(patch_nums, ratios, strict=True)):
+            if drop_uncond and k >= guided_until:
+                rollout.drop_uncond()
             cond_BlV, uncond_BlV = rollout.logits()
+            if uncond_BlV is None:
+                uncond_BlV = cond_BlV
             if ratio is None:
                 guided_BlV = cond_BlV.float()
+                if last_scale_temp is not None and k >= guided_until:
+                    guided_BlV = guided_BlV / last_scale_temp
             else:
                 guided_BlV = guide(cond_BlV, uncond_BlV, w_cfg=w_cfg, w_igg=w_igg, ratio=ratio, hw=(pn, pn),
                                    window=window)
@@ -213,13 +251,15 @@ class Sampling:
     interval_end: int | None = None
     top_k: int = 0
     top_p: float = 0.0
+    last_scale_temp: float | None = None
+    drop_uncond: bool = False
 
     @classmethod
     def of(cls, cfg: SweepConfig) -> Sampling:
-        """A sweep's: its guidance schedule and interval, its backbone's top-k and top-p."""
+        """A sweep's: its guidance schedule and interval, its backbone's top-k, top-p and Switti controls."""
         g, b = cfg.guidance, cfg.backbone
         return cls(schedule=g.schedule, interval_start=g.schedule_start, interval_end=g.schedule_end,
-                   top_k=b.top_k, top_p=b.top_p)
+                   top_k=b.top_k, top_p=b.top_p, last_scale_temp=b.last_scale_temp, drop_uncond=b.drop_uncond)
 
 
 def seeded_batches(backbone: ScaleWiseBackbone, w_cfg: float | None, w_igg: float | None, window: int | None, *,
@@ -234,4 +274,5 @@ def seeded_batches(backbone: ScaleWiseBackbone, w_cfg: float | None, w_igg: floa
         yield b, sample(backbone, labels_B, w_cfg=w_cfg, w_igg=w_igg, window=window, schedule=sampling.schedule,
                         interval_start=sampling.interval_start, interval_end=sampling.interval_end,
                         top_k=sampling.top_k, top_p=sampling.top_p, seed=derive_seed(seed, b),
-                        with_signals=with_signals(b))
+                        with_signals=with_signals(b), last_scale_temp=sampling.last_scale_temp,
+                        drop_uncond=sampling.drop_uncond)

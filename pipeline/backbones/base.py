@@ -1,13 +1,18 @@
-"""What the scale-wise sampler needs from a backbone (VAR, the embedded tiny model, later Switti).
+"""What the scale-wise sampler needs from a backbone (VAR and the embedded tiny model; Switti, text-to-image).
 
 A backbone generates an image as K token maps of growing side ``patch_nums[k]``. The sampler drives it one scale
 at a time through a :class:`Rollout`: ask for the conditional and unconditional logits of the current scale (one
 forward pass over a 2B batch that shares the KV cache: conditional rows first, unconditional rows after), choose
-the tokens, hand them back, and after the last scale decode the images.
+the tokens, hand them back, and after the last scale decode the images. Once no later scale is guided the sampler
+may call ``drop_uncond``: from then on the backbone runs the B conditional rows only (Switti's pipeline does so
+after its CFG off-scale).
+
+A condition is a class label (:class:`ScaleWiseBackbone`) or a prompt (:class:`TextToImageBackbone`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -17,8 +22,14 @@ from torch import Tensor
 class Rollout(Protocol):
     """One batch of B images being generated; calls alternate ``logits``, ``take``, ... , then ``decode``."""
 
-    def logits(self) -> tuple[Tensor, Tensor]:
-        """Conditional and unconditional logits of the current scale, each (B, pn*pn, V) float32."""
+    def logits(self) -> tuple[Tensor, Tensor | None]:
+        """Conditional and unconditional logits of the current scale, each (B, pn*pn, V) float32; the unconditional
+        ones are None after :meth:`drop_uncond`."""
+        ...
+
+    def drop_uncond(self) -> None:
+        """Before a scale's ``logits``: from now on compute the conditional rows only (the unconditional half of
+        the batch and of its caches is freed). The conditional logits do not change."""
         ...
 
     def take(self, idx_Bl: Tensor) -> None:
@@ -52,4 +63,27 @@ class ScaleWiseBackbone(Protocol):
 
     def start(self, labels_B: Tensor) -> Rollout:
         """Begin generating one image per label (B,) int64 on ``device``."""
+        ...
+
+
+@runtime_checkable
+class TextToImageBackbone(Protocol):
+    """A text-conditioned scale-wise autoregressive image generator (Switti): a condition is a prompt."""
+
+    @property
+    def patch_nums(self) -> tuple[int, ...]: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def null_prompt(self) -> str:
+        """The prompt the unconditional branch encodes (Switti: the empty prompt)."""
+        ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def start(self, prompts: Sequence[str]) -> Rollout:
+        """Begin generating one image per prompt."""
         ...

@@ -94,6 +94,11 @@ class KVCache:
         self.length = end
         return self.k_BHLc[:, :, :end], self.v_BHLc[:, :, :end]
 
+    def keep_rows(self, n: int) -> None:
+        """Keep the first n rows of the batch (the conditional half), freeing the others."""
+        if self.k_BHLc is not None:
+            self.k_BHLc, self.v_BHLc = self.k_BHLc[:n].clone(), self.v_BHLc[:n].clone()
+
 
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
@@ -311,9 +316,26 @@ class VARRollout:
         side = var.patch_nums[-1]
         self.f_hat_BChw = cond_2BD.new_zeros(self.B, vae.Cvae, side, side, dtype=torch.float32)
         self.pending = False     # logits given, tokens not yet taken
+        self.dropped = False     # the unconditional half is gone
 
     @torch.no_grad()
-    def logits(self) -> tuple[Tensor, Tensor]:
+    def drop_uncond(self) -> None:
+        """From the next scale on, run the B conditional rows only (their caches and modulation)."""
+        if self.pending:
+            raise RuntimeError("drop_uncond() between take() and the next logits()")
+        if self.dropped:
+            return
+        B = self.B
+        self.mods = [tuple(m[:B] for m in mod) for mod in self.mods]
+        self.head_mod = tuple(m[:B] for m in self.head_mod)
+        for cache in self.caches:
+            cache.keep_rows(B)
+        if self.x_2BlC is not None:
+            self.x_2BlC = self.x_2BlC[:B]
+        self.dropped = True
+
+    @torch.no_grad()
+    def logits(self) -> tuple[Tensor, Tensor | None]:
         if self.pending or self.x_2BlC is None:
             raise RuntimeError("logits() must alternate with take(), for the K scales")
         x = self.x_2BlC
@@ -321,6 +343,8 @@ class VARRollout:
             x = block(x, mod, cache=cache)
         logits_2BlV = self.var.logits(x, self.head_mod)
         self.pending = True
+        if self.dropped:
+            return logits_2BlV, None
         return logits_2BlV[:self.B], logits_2BlV[self.B:]
 
     @torch.no_grad()
@@ -332,7 +356,11 @@ class VARRollout:
         self.f_hat_BChw, next_BChw = self.vae.get_next_autoregressive_input(self.k, K, self.f_hat_BChw, h_BChw)
         self.k += 1
         self.pending = False
-        self.x_2BlC = self.var.scale_input(self.k, next_BChw).repeat(2, 1, 1) if self.k < K else None
+        if self.k == K:
+            self.x_2BlC = None
+            return
+        x_BlC = self.var.scale_input(self.k, next_BChw)
+        self.x_2BlC = x_BlC if self.dropped else x_BlC.repeat(2, 1, 1)
 
     @torch.no_grad()
     def decode(self) -> Tensor:
