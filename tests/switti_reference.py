@@ -163,6 +163,22 @@ def official_vae(seed: int):
     return vae.eval().requires_grad_(False)
 
 
+def released_layouts() -> dict[str, dict[str, list[int]]]:
+    """Key -> shape of the released classes at full size (built on the meta device, nothing downloaded)."""
+    from models.switti import SwittiHF
+    from models.vqvae import VQVAEHF
+
+    layouts = {}
+    with torch.device("meta"):
+        for depth, reso in ((24, 512), (30, 1024)):
+            for use_ar in (False, True):
+                model = SwittiHF(depth=depth, reso=reso, use_ar=use_ar)
+                layouts[f"switti_d{depth}_{reso}{'_ar' if use_ar else ''}"] = {
+                    k: list(v.shape) for k, v in model.state_dict().items()}
+        layouts["vqvae_1024"] = {k: list(v.shape) for k, v in VQVAEHF(reso=1024).state_dict().items()}
+    return layouts
+
+
 def save_hub(folder: Path, model: nn.Module, config: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -223,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     context, pooled, bias = pipe.encode_prompt(PROMPTS[1])
     torch.save({"patch_nums": list(PATCH_NUMS), "prompts": PROMPTS, "cases": cases, "tokens": tokens,
                 "images": images, "encoding": {"prompts": PROMPTS[1], "context": context, "pooled": pooled,
-                                               "bias": bias}},
+                                               "bias": bias},
+                "layouts": released_layouts()},
                out / "reference.pt")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({size / 1e6:.2f} MB)")

@@ -271,6 +271,15 @@ class FourierFeatures(nn.Module):
         return torch.cat((torch.sin(proj_Nn), torch.cos(proj_Nn)), dim=-1)
 
 
+def scale_buffers(patch_nums: Sequence[int], use_ar: bool) -> tuple[Tensor, Tensor]:
+    """The scale id of every token (1, L) int64, and the training mask (1, 1, L, L): 0 where a token may attend,
+    -inf elsewhere; a token sees its own scale (Switti) or its own and the coarser ones (Switti-AR)."""
+    lvl_L = torch.cat([torch.full((pn * pn,), k) for k, pn in enumerate(patch_nums)])
+    visible_LL = lvl_L[:, None] >= lvl_L[None, :] if use_ar else lvl_L[:, None] == lvl_L[None, :]
+    L = lvl_L.shape[0]
+    return lvl_L[None].clone(), torch.zeros(1, 1, L, L).masked_fill(~visible_LL, float("-inf"))
+
+
 class Switti(nn.Module):
     """The transformer alone (tokenizer and text encoders are separate), in the released key layout."""
 
@@ -297,11 +306,9 @@ class Switti(nn.Module):
         self.head_nm = AdaLNBeforeHead(C, cfg.norm_eps)
         self.head = nn.Linear(C, cfg.vocab_size)
 
-        lvl_L = torch.cat([torch.full((pn * pn,), k) for k, pn in enumerate(cfg.patch_nums)])
-        self.register_buffer("lvl_1L", lvl_L[None].clone())
-        visible_LL = lvl_L[:, None] >= lvl_L[None, :] if cfg.use_ar else lvl_L[:, None] == lvl_L[None, :]
-        self.register_buffer("attn_bias_for_masking",
-                             torch.zeros(1, 1, L, L).masked_fill(~visible_LL, float("-inf")))
+        lvl_1L, attn_bias_for_masking = scale_buffers(cfg.patch_nums, cfg.use_ar)
+        self.register_buffer("lvl_1L", lvl_1L)
+        self.register_buffer("attn_bias_for_masking", attn_bias_for_masking)
         self.register_buffer("freqs_Lc", self.rope_table(), persistent=False)
 
     def rope_table(self) -> Tensor:
@@ -681,11 +688,8 @@ def load_switti_model(folder: str | Path) -> Switti:
     with torch.device("meta"):
         model = Switti(cfg)
     if "lvl_1L" not in sd or "attn_bias_for_masking" not in sd:   # buffers that follow from the config
-        lvl_L = torch.cat([torch.full((pn * pn,), k) for k, pn in enumerate(cfg.patch_nums)])
-        visible_LL = lvl_L[:, None] >= lvl_L[None, :] if cfg.use_ar else lvl_L[:, None] == lvl_L[None, :]
-        sd = {"lvl_1L": lvl_L[None].clone(),
-              "attn_bias_for_masking": torch.zeros(1, 1, cfg.L, cfg.L).masked_fill(~visible_LL, float("-inf")),
-              **sd}
+        lvl_1L, attn_bias_for_masking = scale_buffers(cfg.patch_nums, cfg.use_ar)
+        sd = {"lvl_1L": lvl_1L, "attn_bias_for_masking": attn_bias_for_masking, **sd}
     _check_layout(model, sd, "switti", folder)
     model.load_state_dict(sd, strict=True, assign=True)
     model.freqs_Lc = model.rope_table()
