@@ -132,30 +132,31 @@ def spread_out(model: nn.Module, seed: int, keep: tuple[str, ...] = ()) -> None:
                 p.copy_(0.02 * noise)
 
 
-def official_switti(use_ar: bool, seed: int):
+def official_switti(use_ar: bool, seed: int, *, depth: int = DEPTH, width: int = WIDTH, heads: int = HEADS,
+                    vocab: int = VOCAB, cvae: int = CVAE, patch_nums: tuple[int, ...] = PATCH_NUMS):
     from models.basic_switti import RMSNorm
     from models.switti import Switti
 
     torch.manual_seed(seed)
-    model = Switti(Cvae=CVAE, V=VOCAB, depth=DEPTH, embed_dim=WIDTH, num_heads=HEADS, patch_nums=PATCH_NUMS,
+    model = Switti(Cvae=cvae, V=vocab, depth=depth, embed_dim=width, num_heads=heads, patch_nums=patch_nums,
                    use_ar=use_ar, use_crop_cond=True, use_swiglu_ffn=True, rope=True)
     pooled, context = TEXT_WIDTHS["text_encoder_2"], sum(TEXT_WIDTHS.values())
     model.pooled_embed_size, model.context_dim = pooled, context
     model.text_pooler = nn.Linear(pooled, model.D)
     for block in model.blocks:
-        block.cross_attn.to_kv = nn.Linear(context, 2 * WIDTH)
+        block.cross_attn.to_kv = nn.Linear(context, 2 * width)
         block.attention_y_norm = RMSNorm(context, eps=1e-6)
     spread_out(model, seed, keep=("crop_embed",))
     return model.eval()
 
 
-def official_vae(seed: int):
+def official_vae(seed: int, *, vocab: int = VOCAB, cvae: int = CVAE, patch_nums: tuple[int, ...] = PATCH_NUMS):
     from models.basic_vae import Decoder, Encoder
     from models.vqvae import VQVAE
 
     torch.manual_seed(seed)
-    vae = VQVAE(vocab_size=VOCAB, z_channels=CVAE, ch=32, v_patch_nums=PATCH_NUMS, test_mode=True)
-    small = dict(ch=32, ch_mult=(1,), num_res_blocks=1, dropout=0.0, z_channels=CVAE, using_sa=True,
+    vae = VQVAE(vocab_size=vocab, z_channels=cvae, ch=32, v_patch_nums=patch_nums, test_mode=True)
+    small = dict(ch=32, ch_mult=(1,), num_res_blocks=1, dropout=0.0, z_channels=cvae, using_sa=True,
                  using_mid_sa=True)
     vae.encoder, vae.decoder = Encoder(double_z=False, **small), Decoder(**small)
     with torch.no_grad():
