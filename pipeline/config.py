@@ -35,6 +35,7 @@ SAMPLERS = ("tpe", "gp", "random")
 EVENNESS_KINDS = ("vocab", "tokens")
 DIVERGENCE_REFERENCES = ("uncond", "cond")
 FID_METRICS = ("fid", "isc", "kid", "prc")
+BACKBONE_KINDS = ("var", "switti")  # pipeline.backbones.load.KINDS
 EMBEDDED_REFERENCE = "shapes"
 
 
@@ -47,8 +48,12 @@ class BackboneConfig:
     """A scale-wise generator: checkpoints, patch schedule, published sampling defaults, FID setup."""
 
     name: str = MISSING
-    vae_ckpt: str = MISSING  # tokenizer state dict (official VAR layout)
-    var_ckpt: str = MISSING  # transformer state dict (official VAR layout)
+    kind: str = "var"  # var: class-conditional VAR state dicts; switti: text-to-image Hub folders
+    vae_ckpt: str = MISSING  # tokenizer state dict (official VAR layout); switti: the VQVAE-Switti folder
+    var_ckpt: str = MISSING  # transformer state dict (official VAR layout); switti: the Switti folder
+    text_encoder: str | None = None  # switti: the openai/clip-vit-large-patch14 folder
+    text_encoder_2: str | None = None  # switti: the laion/CLIP-ViT-bigG-14-laion2B-39B-b160k folder
+    prompts: str | None = None  # switti: CSV of the prompt set (Switti's eval_prompts format, column `captions`)
     patch_nums: list[int] = MISSING  # side of the token map at each scale; checked against the checkpoint
     top_k: int = 0  # published sampling defaults (0 = no top-k / top-p filtering)
     top_p: float = 0.0
@@ -432,7 +437,18 @@ def validate(cfg: SweepConfig) -> None:
     if temp is not None and not temp > 0:
         raise ConfigError(f"backbone.last_scale_temp={temp} must be positive (or null for none); "
                           "e.g. backbone.last_scale_temp=0.1")
-    for key in ("vae_ckpt", "var_ckpt"):
+    _choice("backbone.kind", cfg.backbone.kind, BACKBONE_KINDS)
+    if cfg.backbone.kind == "switti":
+        for key in ("vae_ckpt", "var_ckpt", "text_encoder", "text_encoder_2"):
+            path = getattr(cfg.backbone, key)
+            if path is None or not Path(path).is_dir():
+                raise ConfigError(f"backbone.{key}: {path} is not a folder; download the Hub repository into it or "
+                                  f"set backbone.{key}=FOLDER (see conf/backbone/{cfg.backbone.name}.yaml)")
+        if cfg.backbone.prompts is None:
+            raise ConfigError("backbone.prompts is not set; give a CSV of prompts, e.g. "
+                              "backbone.prompts=switti/eval_prompts/coco.csv")
+        _existing_file("backbone.prompts", cfg.backbone.prompts, "give a CSV of prompts (Switti's eval_prompts)")
+    for key in ("vae_ckpt", "var_ckpt") if cfg.backbone.kind == "var" else ():
         path = getattr(cfg.backbone, key)
         fix = (
             "the embedded weights are missing: reinstall guidetune or run `python -m pipeline.backbones.tiny train`"

@@ -31,7 +31,7 @@ from ray._private import ray_constants
 from ray.exceptions import RayActorError, RayTaskError
 from torch import Tensor
 
-from pipeline.backbones.var import load_var
+from pipeline.backbones.load import checkpoint_keys, load_backbone
 from pipeline.config import ConfigError, LauncherConfig, SweepConfig
 from pipeline.fid import FidEvaluator, Reference
 from pipeline.metrics import trial_mean
@@ -65,7 +65,9 @@ def _start_failure(err: RayActorError) -> str:
 def worker_files(cfg: SweepConfig, reference: Reference | None) -> list[tuple[str, str]]:
     """(config key, path) of every file a worker reads on its own node: the checkpoints, and with a reference the
     FID extractor's weights when configured. The reference statistics travel from the driver."""
-    files = [("backbone.vae_ckpt", cfg.backbone.vae_ckpt), ("backbone.var_ckpt", cfg.backbone.var_ckpt)]
+    files = [(f"backbone.{key}", getattr(cfg.backbone, key)) for key in checkpoint_keys(cfg.backbone)]
+    if cfg.backbone.prompts is not None:
+        files.append(("backbone.prompts", cfg.backbone.prompts))
     if reference is not None and cfg.confirm.extractor_weights is not None:
         files.append(("confirm.extractor_weights", cfg.confirm.extractor_weights))
     return [(key, str(path)) for key, path in files]
@@ -83,7 +85,7 @@ class Worker:
         self.cfg = cfg
         self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         self.hostname = socket.gethostname()
-        missing = [f"{key}={path}" for key, path in worker_files(cfg, reference) if not Path(path).is_file()]
+        missing = [f"{key}={path}" for key, path in worker_files(cfg, reference) if not Path(path).exists()]
         if missing:
             raise FileNotFoundError(
                 f"the worker on Ray node {self.node_id} (host {self.hostname}) finds no {', '.join(missing)}; "
@@ -92,7 +94,7 @@ class Worker:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(cfg.launcher.cpus_per_worker)
-        self.backbone = load_var(cfg.backbone.vae_ckpt, cfg.backbone.var_ckpt, device=self.device)
+        self.backbone = load_backbone(cfg.backbone, device=self.device)
         self.reference = reference
         self.fid = None
         if reference is not None:

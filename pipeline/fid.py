@@ -324,7 +324,12 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
 
 
 def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (memoised per path, size and mtime within the process)."""
+    """SHA-256 of a file's bytes (memoised per path, size and mtime within the process); of a folder (a Hub
+    checkpoint), SHA-256 of the sorted lines ``<relative path> <file sha256>`` of the files under it."""
+    if Path(path).is_dir():
+        root = Path(path)
+        lines = [f"{p.relative_to(root).as_posix()} {file_digest(p)}" for p in sorted(root.rglob("*")) if p.is_file()]
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
     stat = os.stat(path)
     return _file_digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
 

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 from torchvision.utils import save_image
 
-from pipeline.backbones.base import ScaleWiseBackbone
-from pipeline.backbones.var import load_var
+from pipeline.backbones.base import ScaleWiseBackbone, TextToImageBackbone
+from pipeline.backbones.load import load_backbone
 from pipeline.config import ConfigError, SweepConfig, compose_config, to_schema
 from pipeline.fid import NpzWriter, file_digest
 from pipeline.report import Best, read_best
@@ -58,7 +58,9 @@ def winner_overrides(best: Best) -> list[str]:
               "generate.w_cfg": best.w_cfg, "generate.w_igg": best.w_igg, "generate.window": best.window,
               "guidance.schedule": s["schedule"], "guidance.schedule_start": s["schedule_start"],
               "guidance.schedule_end": s["schedule_end"], "backbone.top_k": s["top_k"], "backbone.top_p": s["top_p"],
-              "seed": s["seed"], "confirm.batch_size": s["batch_size"]}
+              "seed": s["seed"], "confirm.batch_size": s["batch_size"],
+              **{f"backbone.{k}": ckpt[k]["path"] for k in ("text_encoder", "text_encoder_2") if k in ckpt},
+              **{f"backbone.{k}": s[k] for k in ("last_scale_temp", "drop_uncond") if k in s}}
     patch_nums = ",".join(map(str, s["patch_nums"]))
     return [f"backbone={best.backbone}", f"backbone.patch_nums=[{patch_nums}]",
             *(f"{k}={_value(v)}" for k, v in values.items())]
@@ -89,16 +91,16 @@ def configure(argv: list[str]) -> tuple[SweepConfig, Best | None]:
     except ValueError as err:
         raise ConfigError(f"{err}; e.g. generate.window=null") from None
     if best is not None:
-        for key in ("vae_ckpt", "var_ckpt"):
+        for key in best.checkpoints:
             path = getattr(cfg.backbone, key)
-            digest = file_digest(path) if Path(path).is_file() else "missing"
+            digest = file_digest(path) if Path(path).exists() else "missing"
             if digest != best.checkpoints[key]["sha256"]:
                 raise ConfigError(f"backbone.{key}={path} (sha256 {digest[:12]}) is not the checkpoint the sweep "
                                   f"used (sha256 {best.checkpoints[key]['sha256'][:12]}); give that file")
     return cfg, best
 
 
-def images(backbone: ScaleWiseBackbone, cfg: SweepConfig) -> Iterator[Tensor]:
+def images(backbone: ScaleWiseBackbone | TextToImageBackbone, cfg: SweepConfig) -> Iterator[Tensor]:
     """The first generate.num_images images of the configured candidate, in batches (B, 3, H, W) in [0, 1]."""
     g = cfg.generate
     for _, result in seeded_batches(backbone, g.w_cfg, g.w_igg, g.window, num_images=g.num_images,
@@ -110,7 +112,7 @@ def generate(cfg: SweepConfig) -> tuple[Path, Path]:
     """Sample and write; the paths of grid.png and samples.npz."""
     g = cfg.generate
     device = g.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    backbone = load_var(cfg.backbone.vae_ckpt, cfg.backbone.var_ckpt, device=device)
+    backbone = load_backbone(cfg.backbone, device=device)
     side = backbone.vae.cfg.image_size
     out = Path(g.out)
     out.mkdir(parents=True, exist_ok=True)

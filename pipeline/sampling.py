@@ -230,6 +230,12 @@ def sample(
     return SampleResult(images=images, indices=indices, signals=signals)
 
 
+def spread_prompts(num_images: int, prompts: Sequence[str]) -> list[str]:
+    """The prompts of images 0 .. num_images-1 of a text-to-image sweep: image i gets ``prompts[i·P mod N]``, the
+    N prompts spread as :func:`spread_labels` spreads classes (N images use every prompt once)."""
+    return [prompts[i] for i in spread_labels(num_images, len(prompts)).tolist()]
+
+
 def spread_labels(num_images: int, num_classes: int) -> Tensor:
     """(N,) labels, label i = i·P mod C with P ≈ 0.618·C coprime to C.
 
@@ -253,25 +259,43 @@ class Sampling:
     top_p: float = 0.0
     last_scale_temp: float | None = None
     drop_uncond: bool = False
+    prompts: str | None = None     # text-to-image: the CSV of the prompt set (pipeline.prompts)
 
     @classmethod
     def of(cls, cfg: SweepConfig) -> Sampling:
         """A sweep's: its guidance schedule and interval, its backbone's top-k, top-p and Switti controls."""
         g, b = cfg.guidance, cfg.backbone
         return cls(schedule=g.schedule, interval_start=g.schedule_start, interval_end=g.schedule_end,
-                   top_k=b.top_k, top_p=b.top_p, last_scale_temp=b.last_scale_temp, drop_uncond=b.drop_uncond)
+                   top_k=b.top_k, top_p=b.top_p, last_scale_temp=b.last_scale_temp, drop_uncond=b.drop_uncond,
+                   prompts=b.prompts)
 
 
-def seeded_batches(backbone: ScaleWiseBackbone, w_cfg: float | None, w_igg: float | None, window: int | None, *,
-                   num_images: int, batch_size: int, seed: int, sampling: Sampling, start: int = 0,
-                   with_signals: Callable[[int], bool] = lambda b: False) -> Iterator[tuple[int, SampleResult]]:
-    """Images ``start`` .. ``num_images``-1 of one candidate as a sweep draws them: labels :func:`spread_labels`,
-    batch b of ``batch_size`` images seeded ``derive_seed(seed, b)``; so images 0..N-1 are the same at any larger
-    N, and a candidate's images pair with another's. Yields (b, result) from batch ``start // batch_size`` on."""
-    labels_N = spread_labels(num_images, backbone.num_classes)
-    first = start // batch_size
-    for b, labels_B in enumerate(labels_N.split(batch_size)[first:], start=first):
-        yield b, sample(backbone, labels_B, w_cfg=w_cfg, w_igg=w_igg, window=window, schedule=sampling.schedule,
+def sweep_conditions(backbone: ScaleWiseBackbone | TextToImageBackbone, num_images: int,
+                     sampling: Sampling) -> Tensor | list[str]:
+    """The conditions of images 0 .. num_images-1 of a sweep: :func:`spread_labels` of the backbone's classes, or
+    for a text-to-image backbone :func:`spread_prompts` of ``sampling.prompts``."""
+    if isinstance(backbone, TextToImageBackbone):
+        if sampling.prompts is None:
+            raise ValueError("a text-to-image backbone needs a prompt set: set backbone.prompts=CSV "
+                             "(e.g. Switti's eval_prompts/coco.csv)")
+        from pipeline.prompts import read_prompts
+
+        return spread_prompts(num_images, read_prompts(sampling.prompts))
+    return spread_labels(num_images, backbone.num_classes)
+
+
+def seeded_batches(backbone: ScaleWiseBackbone | TextToImageBackbone, w_cfg: float | None, w_igg: float | None,
+                   window: int | None, *, num_images: int, batch_size: int, seed: int, sampling: Sampling,
+                   start: int = 0, with_signals: Callable[[int], bool] = lambda b: False,
+                   ) -> Iterator[tuple[int, SampleResult]]:
+    """Images ``start`` .. ``num_images``-1 of one candidate as a sweep draws them: conditions
+    :func:`sweep_conditions`, batch b of ``batch_size`` images seeded ``derive_seed(seed, b)``; so images 0..N-1 are
+    the same at any larger N, and a candidate's images pair with another's. Yields (b, result) from batch
+    ``start // batch_size`` on."""
+    conditions_N = sweep_conditions(backbone, num_images, sampling)
+    for b in range(start // batch_size, math.ceil(num_images / batch_size)):
+        conditions_B = conditions_N[b * batch_size:(b + 1) * batch_size]
+        yield b, sample(backbone, conditions_B, w_cfg=w_cfg, w_igg=w_igg, window=window, schedule=sampling.schedule,
                         interval_start=sampling.interval_start, interval_end=sampling.interval_end,
                         top_k=sampling.top_k, top_p=sampling.top_p, seed=derive_seed(seed, b),
                         with_signals=with_signals(b), last_scale_temp=sampling.last_scale_temp,

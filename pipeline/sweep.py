@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline.app import job_overrides, parse_args, run_app
-from pipeline.backbones.var import load_var
+from pipeline.backbones.load import checkpoint_keys, load_backbone
 from pipeline.config import (
     CONF_DIR,
     GROUPS,
@@ -99,7 +99,7 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def check_backbone(cfg: SweepConfig) -> None:
     """Load the checkpoint pair once (weights_only) and check it matches the configured patch schedule."""
-    backbone = load_var(cfg.backbone.vae_ckpt, cfg.backbone.var_ckpt, device="cpu")
+    backbone = load_backbone(cfg.backbone, device="cpu")
     found = list(backbone.patch_nums)
     del backbone
     if found != list(cfg.backbone.patch_nums):
@@ -182,11 +182,14 @@ def answer(cfg: SweepConfig, winner: Racer, margin: Margin | None, racers: list[
                   "seed": candidate_seed(cfg.seed, c, common=cfg.refine.common_seeds), "sweep_seed": cfg.seed,
                   "batch_size": cfg.confirm.batch_size, "level": cfg.confirm.level,
                   "patch_nums": list(cfg.backbone.patch_nums),
-                  "labels": "image i: class i*P mod C (pipeline.sampling.spread_labels)",
+                  "last_scale_temp": cfg.backbone.last_scale_temp, "drop_uncond": cfg.backbone.drop_uncond,
+                  "labels": ("image i: class i*P mod C (pipeline.sampling.spread_labels)" if cfg.backbone.kind == "var"
+                             else f"image i: prompt i*P mod N of {cfg.backbone.prompts} "
+                                  "(pipeline.sampling.spread_prompts)"),
                   "batch_seeds": "derive_seed(seed, batch index) (tuners.samplers); seed: the winner's "
                                  "(tuners.scoring.candidate_seed of sweep_seed)"},
         checkpoints={key: {"path": getattr(cfg.backbone, key), "sha256": file_digest(getattr(cfg.backbone, key))}
-                     for key in ("vae_ckpt", "var_ckpt")},
+                     for key in checkpoint_keys(cfg.backbone)},
     )
 
 

@@ -26,6 +26,9 @@ FAST = [  # one sweep in seconds: no proxy, 2 FID trials of 24 images, a race of
     "launcher.workers=1", "sweep.grid_images=4", "sweep.grid_nrow=2", "sweep.heatmap_images=2",
 ]
 
+BACKBONE_OPTIONS = "switti, switti_1024, switti_1024_ar, switti_ar, tiny, var_d16, var_d20, var_d24, var_d30, var_d36"
+BACKBONES_LINE = f"backbone: {BACKBONE_OPTIONS}"
+
 
 def sweep_process(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
     """`python -m pipeline.sweep ARGS` from `cwd`, importing this checkout."""
@@ -53,7 +56,7 @@ def multirun(tmp_path_factory, ckpt):
 def test_help_lists_the_groups_and_the_common_keys(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for line in ("backbone: tiny, var_d16, var_d20, var_d24, var_d30, var_d36", "guidance: auto, cfg, igg, mixed",
+    for line in (BACKBONES_LINE, "guidance: auto, cfg, igg, mixed",
                  "launcher: cluster, local", "search: default", "tracking: default"):
         assert line in out
     assert "-m backbone=tiny guidance=cfg,igg,mixed" in out and "summary: <path to summary.yaml>" in out
@@ -87,7 +90,7 @@ def test_shell_completion_completes_groups_and_options(monkeypatch, capsys):
 
 
 BAD = [
-    (["backbone=nope"], "backbone=nope is unknown; choose one of tiny, var_d16"),
+    (["backbone=nope"], f"backbone=nope is unknown; choose one of {BACKBONE_OPTIONS}"),
     (["nosuchkey=1"], "Could not override 'nosuchkey'"),
     (["search.w_cfg=[0,6"], "search.w_cfg=[0,6: no viable alternative"),
     (["guidance=cfg,igg"], "guidance=cfg,igg gives several values: add -m"),

@@ -39,6 +39,9 @@ from tuners.studies import study_name
 
 REPO = Path(__file__).resolve().parent.parent
 
+BACKBONE_OPTIONS = "switti, switti_1024, switti_1024_ar, switti_ar, tiny, var_d16, var_d20, var_d24, var_d30, var_d36"
+BACKBONES_LINE = f"backbone: {BACKBONE_OPTIONS}"
+
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> dict[str, Path]:
@@ -70,6 +73,11 @@ def test_every_group_option_composes(group, option):
             assert (node.top_k, node.top_p, node.default_cfg) == (900, 0.96, 1.5)
             assert node.patch_nums[-1] == (32 if option == "var_d36" else 16)
             assert node.var_ckpt.endswith(f"{option}.pth") and node.fid_extractor == "inception-v3-compat"
+        elif option.startswith("switti"):
+            assert (node.kind, node.top_k, node.top_p, node.default_cfg, node.drop_uncond) == (
+                "switti", 400, 0.95, 6.0, True)
+            assert node.patch_nums[-1] == (64 if "1024" in option else 32)
+            assert node.text_encoder and node.text_encoder_2 and node.prompts.endswith(".csv")
         else:
             assert Path(node.var_ckpt).parent == WEIGHTS_DIR and node.fid_reference == "shapes"
         assert cfg.confirm.reference == node.fid_reference  # interpolated default
@@ -80,7 +88,8 @@ def test_every_group_option_composes(group, option):
 
 
 def test_group_options_are_the_yaml_files():
-    assert group_options("backbone") == ["tiny", "var_d16", "var_d20", "var_d24", "var_d30", "var_d36"]
+    assert group_options("backbone") == ["switti", "switti_1024", "switti_1024_ar", "switti_ar", "tiny", "var_d16",
+                                         "var_d20", "var_d24", "var_d30", "var_d36"]
     assert group_options("guidance") == ["auto", "cfg", "igg", "mixed"]
     assert all((CONF_DIR / g).is_dir() and group_options(g) for g in GROUPS)
 
@@ -114,7 +123,7 @@ def test_command_line_keys(ckpt, tmp_path):
 
 
 BAD = [
-    (["backbone=var_d99"], "backbone=var_d99 is unknown; choose one of tiny, var_d16"),
+    (["backbone=var_d99"], f"backbone=var_d99 is unknown; choose one of {BACKBONE_OPTIONS}"),
     (["guidance=clip"], "guidance=clip is unknown; choose one of auto, cfg, igg, mixed"),
     (["guidance.kinds=[cfg,clip]"], "guidance.kinds=clip is unknown; choose one of cfg, igg, mixed"),
     (["guidance.kinds=[cfg,cfg]"], "guidance.kinds=['cfg', 'cfg'] must list distinct kinds"),
@@ -203,7 +212,7 @@ def test_resume_with_other_settings_is_refused(ckpt, tmp_path, capsys):
 
 def test_help_and_cfg(capsys):
     assert main(["--help"]) == 0
-    assert "backbone: tiny, var_d16, var_d20, var_d24, var_d30, var_d36" in capsys.readouterr().out
+    assert BACKBONES_LINE in capsys.readouterr().out
     assert main(["--cfg", "job", "--resolve", "seed=3", "guidance=igg"]) == 0
     out = capsys.readouterr().out
     assert "seed: 3" in out and "name: tiny-igg" in out and "rungs:" in out

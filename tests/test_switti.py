@@ -257,3 +257,83 @@ def test_rollout_order_is_enforced():
         rollout.drop_uncond()
     with pytest.raises(RuntimeError, match="decode"):
         rollout.decode()
+
+
+# ---- sweep plumbing: prompt sets, configuration, the generate command -----------------------------------------
+
+def write_prompts(path: Path, prompts: list[str]) -> Path:
+    """A CSV in the format of Switti's eval_prompts (index, id, captions)."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        rows = csv.writer(f)
+        rows.writerow(["", "id", "captions"])
+        rows.writerows([i, i, p] for i, p in enumerate(prompts))
+    return path
+
+
+def test_prompt_sets_are_read_and_spread_deterministically(tmp_path):
+    from pipeline.prompts import read_prompts
+    from pipeline.sampling import Sampling, spread_prompts, sweep_conditions
+
+    prompts = ["a cat", 'a "quoted", comma prompt', "a dog", "snow", "the sea"]
+    path = write_prompts(tmp_path / "p.csv", prompts)
+    assert read_prompts(path) == tuple(prompts)
+    spread = spread_prompts(10, read_prompts(path))
+    assert sorted(spread[:5]) == sorted(prompts) and spread[5:] == spread[:5]    # every prompt once per 5 images
+    assert spread_prompts(3, prompts) == spread[:3]                               # a prefix of a larger draw
+    assert sweep_conditions(BACKBONES["switti"], 4, Sampling(prompts=str(path))) == spread[:4]
+    with pytest.raises(ValueError, match=r"needs a prompt set: set backbone\.prompts"):
+        sweep_conditions(BACKBONES["switti"], 4, Sampling())
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match=r"bad\.csv: no prompt column"):
+        read_prompts(tmp_path / "bad.csv")
+    with pytest.raises(ValueError, match="not found"):
+        read_prompts(tmp_path / "none.csv")
+
+
+def switti_overrides(tmp_path: Path) -> list[str]:
+    import numpy as np
+
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(4), sigma=np.eye(4))
+    prompts = write_prompts(tmp_path / "prompts.csv", ["a red cube", "a dog", "green", "two cats"])
+    return ["backbone=switti", f"backbone.var_ckpt={DATA / 'switti'}", f"backbone.vae_ckpt={DATA / 'vae'}",
+            f"backbone.text_encoder={DATA / 'text_encoder'}", f"backbone.text_encoder_2={DATA / 'text_encoder_2'}",
+            f"backbone.prompts={prompts}", f"backbone.patch_nums=[{','.join(map(str, REF['patch_nums']))}]",
+            f"backbone.fid_reference={tmp_path / 'stats.npz'}", f"root={tmp_path / 'runs'}"]
+
+
+def test_switti_configuration_validates_and_loads(tmp_path):
+    from pipeline.backbones.load import checkpoint_keys, load_backbone
+    from pipeline.config import ConfigError, load_config
+    from pipeline.sampling import Sampling
+
+    overrides = switti_overrides(tmp_path)
+    cfg = load_config([*overrides, "backbone.last_scale_temp=0.5", "guidance.schedule=interval",
+                       "guidance.schedule_end=3"])
+    assert checkpoint_keys(cfg.backbone) == ("vae_ckpt", "var_ckpt", "text_encoder", "text_encoder_2")
+    sampling = Sampling.of(cfg)
+    assert (sampling.interval_end, sampling.last_scale_temp, sampling.drop_uncond) == (3, 0.5, True)
+    assert sampling.prompts == cfg.backbone.prompts
+    bb = load_backbone(cfg.backbone)
+    assert isinstance(bb, TextToImageBackbone) and bb.patch_nums == tuple(REF["patch_nums"])
+    with pytest.raises(ConfigError, match=r"backbone\.text_encoder_2: .*nowhere is not a folder"):
+        load_config([*overrides, f"backbone.text_encoder_2={tmp_path / 'nowhere'}"])
+    with pytest.raises(ConfigError, match=r"backbone\.last_scale_temp=0\.0 must be positive"):
+        load_config([*overrides, "backbone.last_scale_temp=0"])
+    with pytest.raises(ConfigError, match=r"backbone\.kind=dit is unknown"):
+        load_config([*overrides, "backbone.kind=dit"])
+
+
+def test_generate_command_samples_a_switti_candidate(tmp_path, capsys):
+    import numpy as np
+
+    from pipeline import generate
+
+    out = tmp_path / "out"
+    code = generate.main([*switti_overrides(tmp_path), "generate.w_cfg=6", "generate.w_igg=1", "generate.num_images=3",
+                          "generate.grid=3", "confirm.batch_size=2", "generate.device=cpu", f"generate.out={out}",
+                          "guidance.schedule=interval", "guidance.schedule_end=3", "backbone.last_scale_temp=0.5"])
+    assert code == 0, capsys.readouterr().err
+    arr = np.load(out / "samples.npz")["arr_0"]
+    assert arr.shape == (3, 6, 6, 3) and arr.dtype == np.uint8 and (out / "grid.png").is_file()

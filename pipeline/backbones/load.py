@@ -1,0 +1,33 @@
+"""One entry point from a backbone's configuration to a loaded backbone, whatever its kind (VAR or Switti)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from pipeline.backbones.base import ScaleWiseBackbone, TextToImageBackbone
+
+if TYPE_CHECKING:
+    from pipeline.config import BackboneConfig
+
+KINDS = ("var", "switti")   # backbone.kind: class-conditional VAR state dicts | text-to-image Switti Hub folders
+
+
+def checkpoint_keys(b: BackboneConfig) -> tuple[str, ...]:
+    """The ``backbone.*`` keys naming what the backbone reads from disk (files or Hub folders)."""
+    return ("vae_ckpt", "var_ckpt") if b.kind == "var" else ("vae_ckpt", "var_ckpt", "text_encoder", "text_encoder_2")
+
+
+def load_backbone(b: BackboneConfig, device: str | torch.device = "cpu") -> ScaleWiseBackbone | TextToImageBackbone:
+    """VAR from ``vae_ckpt`` + ``var_ckpt`` state dicts, or Switti from the Hub folders ``var_ckpt`` (the
+    transformer), ``vae_ckpt`` (VQVAE-Switti), ``text_encoder`` (CLIP-L) and ``text_encoder_2`` (bigG)."""
+    if b.kind == "switti":
+        from pipeline.backbones.switti import load_switti
+
+        return load_switti(b.var_ckpt, b.vae_ckpt, b.text_encoder, b.text_encoder_2, device=device)
+    if b.kind != "var":
+        raise ValueError(f"backbone.kind={b.kind!r} is unknown; choose one of {', '.join(KINDS)}")
+    from pipeline.backbones.var import load_var
+
+    return load_var(b.vae_ckpt, b.var_ckpt, device=device)
