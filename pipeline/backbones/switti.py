@@ -174,7 +174,9 @@ class CrossAttention(nn.Module):
     def forward(self, x_BlC: Tensor, kv: tuple[Tensor, Tensor], bias_B11T: Tensor | None) -> Tensor:
         B, l, C = x_BlC.shape
         q_BHlc = _heads(_qk_norm(self.to_q(x_BlC)), self.num_heads)
-        out_BHlc = F.scaled_dot_product_attention(q_BHlc, *kv, attn_mask=bias_B11T, scale=self.scale)
+        k_BHTc, v_BHTc = (t.to(q_BHlc.dtype) for t in kv)
+        mask = None if bias_B11T is None else bias_B11T.to(q_BHlc.dtype)
+        out_BHlc = F.scaled_dot_product_attention(q_BHlc, k_BHTc, v_BHTc, attn_mask=mask, scale=self.scale)
         return self.proj(out_BHlc.transpose(1, 2).reshape(B, l, C))
 
 
