@@ -337,3 +337,72 @@ def test_generate_command_samples_a_switti_candidate(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     arr = np.load(out / "samples.npz")["arr_0"]
     assert arr.shape == (3, 6, 6, 3) and arr.dtype == np.uint8 and (out / "grid.png").is_file()
+
+
+def upsampling_vae(folder: Path) -> Path:
+    """The fixture's quantizer with a random decoder that upsamples 4x (24 px images: the FID extractor's minimum)."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(DATA / "vae" / "model.safetensors")
+    cfg = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
+                      patch_nums=tuple(REF["patch_nums"]), using_sa=False, using_mid_sa=False)
+    torch.manual_seed(0)
+    state = VQVAE(cfg).state_dict()
+    state.update({k: v for k, v in sd.items() if k.startswith(("quantize.", "quant_conv.", "post_quant_conv."))})
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors")
+    return folder
+
+
+def sweep_overrides(tmp_path: Path) -> list[str]:
+    """A small Switti sweep (random weights: the numbers mean nothing) with the micro sweep's FID extractor."""
+    import numpy as np
+    from sweep_fixtures import FEATURE_DIM, SMALL_SWEEP, write_micro_backbone
+
+    cls = write_micro_backbone(tmp_path / "micro")["cls"]        # the small random FID feature extractor
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(FEATURE_DIM), sigma=np.eye(FEATURE_DIM))
+    return [*switti_overrides(tmp_path), f"backbone.vae_ckpt={upsampling_vae(tmp_path / 'vae24')}",
+            "sweep.name=switti-e2e", "backbone.fid_extractor=guidetune-tiny", f"confirm.extractor_weights={cls}",
+            f"confirm.reference={tmp_path / 'ref.npz'}", "confirm.metrics=[fid]", "launcher.workers=1",
+            "guidance.schedule=interval", "guidance.schedule_end=4", "backbone.last_scale_temp=0.5", *SMALL_SWEEP]
+
+
+def test_the_sweep_worker_runs_proxy_and_fid_jobs_on_switti(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.distributed import Worker, worker_files
+    from pipeline.sampling import Sampling, seeded_batches
+    from pipeline.sweep import fid_reference
+    from tuners.jobs import Job
+    from tuners.space import Candidate
+
+    cfg = load_config(sweep_overrides(tmp_path))
+    reference = fid_reference(cfg)[1]
+    assert {k for k, _ in worker_files(cfg, reference)} >= {"backbone.text_encoder", "backbone.prompts"}
+    worker = Worker(cfg, reference)
+    proxy = worker.evaluate(Job(Candidate(4.0, 1.0, None), num_images=8, seed=2))
+    assert proxy.error is None and proxy.num_images == 8
+    fid = worker.evaluate(Job(Candidate(4.0, None, None), num_images=24, seed=3, fid=True))
+    assert fid.error is None and fid.features["features"].shape == (24, 16)
+    images = torch.cat([r.images for _, r in seeded_batches(worker.backbone, 4.0, None, None, num_images=24,
+                                                            batch_size=24, seed=3, sampling=Sampling.of(cfg))])
+    assert images.shape == (24, 3, 24, 24)
+
+
+def test_a_whole_sweep_runs_on_the_tiny_switti(tmp_path):
+    """Plumbing only (random weights: the numbers mean nothing): proxy signals, FID refinement and race, best.yaml."""
+    import contextlib
+    import io
+
+    import yaml
+
+    from pipeline.sweep import main
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(sweep_overrides(tmp_path)) == 0
+    best_path = Path(stdout.getvalue().splitlines()[-1].removeprefix("best: "))
+    best = yaml.safe_load(best_path.read_text())
+    assert best["backbone"] == "switti" and best["guidance"] == "cfg" and math.isfinite(best["fid"])
+    assert best["sampling"]["drop_uncond"] is True and best["sampling"]["last_scale_temp"] == 0.5
+    assert set(best["checkpoints"]) == {"vae_ckpt", "var_ckpt", "text_encoder", "text_encoder_2"}
+    assert "prompts.csv" in best["sampling"]["labels"]
