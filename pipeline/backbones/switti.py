@@ -716,6 +716,9 @@ def load_switti_vae(folder: str | Path, patch_nums: Sequence[int]) -> VQVAE:
 def load_text_encoder(role: str, folder: str | Path):
     """A ``CLIPTokenizer`` and ``CLIPTextModel`` (float32, eval) from a local Hub folder; never the network."""
     from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()     # one bar per load would clutter every sweep worker's log
 
     folder = _hub_folder(role, folder, required=("config.json",))
     if not (folder / "tokenizer.json").is_file():
@@ -724,7 +727,7 @@ def load_text_encoder(role: str, folder: str | Path):
                 raise _missing(role, folder, f"{name} (or tokenizer.json)")
     try:
         tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
-        encoder = CLIPTextModel.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32)
+        encoder = CLIPTextModel.from_pretrained(folder, local_files_only=True).float()
     except (OSError, ValueError) as e:
         raise ValueError(f"{role} {folder}: transformers cannot load it ({_first_line(e)})") from None
     return tokenizer, encoder.eval().requires_grad_(False)
