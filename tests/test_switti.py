@@ -406,3 +406,38 @@ def test_a_whole_sweep_runs_on_the_tiny_switti(tmp_path):
     assert best["sampling"]["drop_uncond"] is True and best["sampling"]["last_scale_temp"] == 0.5
     assert set(best["checkpoints"]) == {"vae_ckpt", "var_ckpt", "text_encoder", "text_encoder_2"}
     assert "prompts.csv" in best["sampling"]["labels"]
+
+
+def tiny_clip(folder: Path) -> Path:
+    """A random CLIPModel (vision + text, width 32) with the fixtures' tokenizer and a 16 px image processor."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(DATA / "text_encoder", local_files_only=True)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8),
+        projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(folder)
+    return folder
+
+
+def test_clip_score_of_prompt_image_pairs(tmp_path):
+    from pipeline.clip_score import ClipScorer
+
+    scorer = ClipScorer(tiny_clip(tmp_path / "clip"))
+    prompts = ["a red cube", "a dog", "green"]
+    images = sample(BACKBONES["switti"], prompts, w_cfg=6.0, w_igg=None, seed=0).images
+    scores = scorer(images, prompts)
+    assert scores.shape == (3,) and scores.dtype == torch.float32
+    assert ((scores >= 0) & (scores <= 100)).all()
+    torch.testing.assert_close(scorer(images[:1], prompts[:1]), scores[:1], rtol=1e-4, atol=1e-4)  # per image
+    with pytest.raises(ValueError, match="one prompt per image"):
+        scorer(images, prompts[:2])
+    with pytest.raises(ValueError, match=r"missing preprocessor_config\.json"):
+        ClipScorer(DATA / "text_encoder")
