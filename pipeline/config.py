@@ -109,7 +109,7 @@ class RefineConfig:
     n_trials: int = 8  # FID trials per kind (in rounds of launcher.workers trials per kind)
     num_images: int = 512  # images per trial; the same labels for every candidate
     common_seeds: bool = False  # true: every candidate on the sweep's sampler seeds (else each its own seeds)
-    warm_start: int = 2  # best distinct proxy candidates of each kind, enqueued first
+    warm_start: int = 1  # best distinct proxy candidates of each kind, enqueued first
     radius: float = 0.9  # starting trust-region half-width in log(1 + weight) units
     min_weight: float = 0.25  # no weight below this is refined (sampled uniformly in log weight)
     edge: float = 0.25  # a best in the outer `edge` fraction of the region (in log(1 + weight)) is on its edge

@@ -272,12 +272,15 @@ def write_summary(folder: Path, summary: Mapping[str, Any]) -> list[Path]:
 
 
 def log_summary(uri: str, folder: Path, summary: Mapping[str, Any], files: Sequence[Path]) -> str:
-    """One MLflow run in the experiment guidetune-summaries: per-sweep metrics, the table, the files; its id."""
+    """One MLflow run per summary folder in the experiment guidetune-summaries: per-sweep metrics, the table, the
+    files; its id. A summary built again for the same folder replaces that folder's earlier run."""
     with store_lock(uri):  # the client creates a fresh SQLite store; concurrent creators would crash
         client = MlflowClient(tracking_uri=uri)
         found = client.get_experiment_by_name(EXPERIMENT)
         experiment = found.experiment_id if found else client.create_experiment(
             EXPERIMENT, artifact_location=artifact_root(uri))
+    for old in client.search_runs([experiment], f"tags.`{FOLDER_TAG}` = '{folder.resolve()}'"):
+        client.delete_run(old.info.run_id)
     run_id = client.create_run(experiment, run_name=folder.name,
                                tags={ROLE_TAG: "summary", FOLDER_TAG: str(folder.resolve())}).info.run_id
     rows = summary["jobs"]

@@ -174,7 +174,11 @@ def test_summary_command_rebuilds_the_same_summary(multirun, tmp_path, capsys):
     assert (tmp_path / "s" / "summary.yaml").read_text() == before  # the sweep folders' names are the job names
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name(summary.EXPERIMENT).experiment_id])
-    assert sorted(r.info.run_name for r in runs) == sorted([folder.name, "s"])  # one run per summary built
+    assert sorted(r.info.run_name for r in runs) == sorted([folder.name, "s"])  # one run per summary folder
+    assert summary.main(args) == 0  # built again: it replaces the folder's run
+    again = client.search_runs([client.get_experiment_by_name(summary.EXPERIMENT).experiment_id])
+    assert sorted(r.info.run_name for r in again) == sorted([folder.name, "s"])
+    assert {r.info.run_id for r in again} != {r.info.run_id for r in runs}
 
 
 def test_summary_command_refuses_what_is_not_a_sweep(multirun, tmp_path, capsys):

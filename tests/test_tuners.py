@@ -188,8 +188,8 @@ def test_region_moves_grows_and_shrinks_in_log_weight():
     top = region.box()["w_cfg"][1]
     region.update(Candidate(top * 0.97, None, None), True, edge=0.1, grow=2.0, shrink=0.5)
     assert region.history == ["grew"] and region.direction == {"w_cfg": 1} and region.radius == {"w_cfg": 1.0}
-    probe = region.probe()  # half the new radius on, in log(1 + w)
-    assert probe is not None and math.log1p(probe.w_cfg) == pytest.approx(math.log1p(top * 0.97) + 0.5)
+    probe = region.probe()  # half the radius before the growth on, in log(1 + w)
+    assert probe is not None and math.log1p(probe.w_cfg) == pytest.approx(math.log1p(top * 0.97) + 0.25)
     region.update(Candidate(top * 0.97, None, None), False, edge=0.1, grow=2.0, shrink=0.5)
     assert region.radius == {"w_cfg": 0.5} and region.history == ["grew", "shrank"] and region.probe() is None
     region.update(Candidate(18.0, None, None), True, edge=0.1, grow=2.0, shrink=0.5)  # beyond the old box

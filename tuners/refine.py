@@ -3,10 +3,10 @@
 Each kind has its own study (``<sweep>/refine/<kind>``) and :class:`tuners.space.Region`: a box around the kind's
 best so far, which moves with it, grows when the best lies on its edge (so the search can leave the starting
 range, up to ``search.max_weight``) and shrinks when a round finds nothing better. A round after a growth starts
-with a pattern step: the best moved on in the direction it grew (half the new radius), then the sampler's picks.
-The region lives in u = log(1 + w) (:class:`tuners.space.Region`) and its weights are sampled uniformly in log w,
-never below ``refine.min_weight``. The first round is warm-started with the proxy's best candidates of the kind
-(enqueued). Every trial samples the same labels; its sampler seeds are the candidate's own
+with a pattern step: the best moved on in the direction it grew (half the radius before the growth), then the
+sampler's picks. The region lives in u = log(1 + w) (:class:`tuners.space.Region`) and its weights are sampled
+uniformly in log w, never below ``refine.min_weight``. The first round is warm-started with the proxy's best
+candidates of the kind (enqueued). Every trial samples the same labels; its sampler seeds are the candidate's own
 (:meth:`tuners.scoring.FeatureBank.seed_of`) unless ``refine.common_seeds``, and the race extends these images.
 
 "Best" is by smoothed FID (:mod:`tuners.surrogate`: the posterior mean of log FID given all the kind's trials and

@@ -122,6 +122,7 @@ class Region:
     history: list[str] = field(default_factory=list)  # what each update did (grew, kept, shrank)
     direction: dict[str, int] = field(default_factory=dict)  # weight -> side of the last growth (+1 up, -1 down)
     window: int | None = None  # the window of the best candidate (IGG kinds)
+    step: dict[str, float] = field(default_factory=dict)  # weight -> half the radius before the last update
 
     def _clip(self, w: float) -> float:
         return min(self.cap, max(self.floor, w))
@@ -149,15 +150,17 @@ class Region:
         action = "grew" if self.direction else "kept" if improved else "shrank"
         factor = {"grew": grow, "kept": 1.0, "shrank": shrink}[action]
         self.centre = dict(best.weights())
+        self.step = {w: r / 2 for w, r in self.radius.items()}
         self.radius = {w: r * factor for w, r in self.radius.items()}
         self.history.append(action)
         self.window = best.window
 
     def probe(self) -> Candidate | None:
-        """After a growth, the step the region grew for: the weights on the edge moved half the new radius on (in u)."""
+        """After a growth, the step the region grew for: the weights on the edge moved on by half the radius before
+        the growth (in u), just past the old box; a longer step overshoots a basin the best has only just reached."""
         if not self.history or self.history[-1] != "grew":
             return None
-        moved = {w: self._clip(math.expm1(math.log1p(c) + self.direction.get(w, 0) * self.radius[w] / 2))
+        moved = {w: self._clip(math.expm1(math.log1p(c) + self.direction.get(w, 0) * self.step[w]))
                  for w, c in self.centre.items()}
         return Candidate(w_cfg=moved.get("w_cfg"), w_igg=moved.get("w_igg"),
                          window=self.window if "w_igg" in moved else None)
