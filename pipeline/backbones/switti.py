@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.backbones.var import KVCache, _check_layout
+from pipeline.backbones.var import KVCache, ScaleRollout, _check_layout
 from pipeline.backbones.vqvae import VQVAE, count_indexed, vqvae_config_from_state_dict
 from pipeline.files import load_weights
 
@@ -430,80 +430,30 @@ class TextEncoders:
         return PromptEncoding(context_BTX, out.pooler_output, bias_BT.masked_fill_(mask_BT == 0, float("-inf")))
 
 
-class SwittiRollout:
-    """Sampling state of one batch (implements :class:`pipeline.backbones.base.Rollout`)."""
+class SwittiRollout(ScaleRollout):
+    """Sampling state of one batch of encoded prompts (2B rows: the prompts, then the null prompt)."""
 
     def __init__(self, vae: VQVAE, switti: Switti, enc_2B: PromptEncoding):
-        self.vae, self.switti = vae, switti
-        B2 = enc_2B.pooled_BP.shape[0]
-        self.B = B2 // 2
         cond_2BD = switti.text_pooler(enc_2B.pooled_BP)
-        crop_2BD = switti.crop_condition(B2)
-        blocks = switti.blocks
-        self.mods = [block.modulation(cond_2BD, crop_2BD) for block in blocks]    # the condition is fixed: once
-        self.head_mod = switti.head_nm.modulation(cond_2BD)
-        self.text_kvs = [block.text_kv(enc_2B.context_BTX) for block in blocks]
+        crop_2BD = switti.crop_condition(cond_2BD.shape[0])
+        super().__init__(vae, switti, cond_2BD, [block.modulation(cond_2BD, crop_2BD) for block in switti.blocks],
+                         switti.head_nm.modulation(cond_2BD), switti.first_input(cond_2BD))
+        self.text_kvs = [block.text_kv(enc_2B.context_BTX) for block in switti.blocks]
         self.bias_2B11T: Tensor = enc_2B.bias_BT[:, None, None, :]
-        self.caches = [KVCache(switti.L) for _ in blocks] if switti.cfg.use_ar else [None] * len(blocks)
-        self.x_BlC: Tensor | None = switti.first_input(cond_2BD)
-        self.k = 0
-        side = switti.patch_nums[-1]
-        self.f_hat_BChw = cond_2BD.new_zeros(self.B, vae.Cvae, side, side, dtype=torch.float32)
-        self.pending = False     # logits given, tokens not yet taken
-        self.dropped = False     # the unconditional half is gone
+        self.caches = [KVCache(switti.L) if switti.cfg.use_ar else None for _ in switti.blocks]
 
-    @torch.no_grad()
-    def drop_uncond(self) -> None:
-        """From the next scale on, run the B conditional rows only (their text, caches and modulation)."""
-        if self.pending:
-            raise RuntimeError("drop_uncond() between take() and the next logits()")
-        if self.dropped:
-            return
-        B = self.B
-        self.mods = [tuple(m[:B] for m in mod) for mod in self.mods]
-        self.head_mod = tuple(m[:B] for m in self.head_mod)
+    def _forward(self, x_BlC: Tensor) -> Tensor:
+        freqs = self.model.freqs(self.k)
+        for block, mod, kv, cache in zip(self.model.blocks, self.mods, self.text_kvs, self.caches, strict=True):
+            x_BlC = block(x_BlC, mod, kv, self.bias_2B11T, freqs, cache=cache)
+        return x_BlC
+
+    def _keep_rows(self, B: int) -> None:
         self.text_kvs = [(k[:B], v[:B]) for k, v in self.text_kvs]
         self.bias_2B11T = self.bias_2B11T[:B]
         for cache in self.caches:
             if cache is not None:
                 cache.keep_rows(B)
-        if self.x_BlC is not None:
-            self.x_BlC = self.x_BlC[:B]
-        self.dropped = True
-
-    @torch.no_grad()
-    def logits(self) -> tuple[Tensor, Tensor | None]:
-        if self.pending or self.x_BlC is None:
-            raise RuntimeError("logits() must alternate with take(), for the K scales")
-        x, freqs = self.x_BlC, self.switti.freqs(self.k)
-        for block, mod, kv, cache in zip(self.switti.blocks, self.mods, self.text_kvs, self.caches, strict=True):
-            x = block(x, mod, kv, self.bias_2B11T, freqs, cache=cache)
-        logits_BlV = self.switti.logits(x, self.head_mod)
-        self.pending = True
-        if self.dropped:
-            return logits_BlV, None
-        return logits_BlV[:self.B], logits_BlV[self.B:]
-
-    @torch.no_grad()
-    def take(self, idx_Bl: Tensor) -> None:
-        if not self.pending:
-            raise RuntimeError("take() needs the logits of the current scale first")
-        K = len(self.switti.patch_nums)
-        h_BChw = self.vae.quantize.code_map(idx_Bl)
-        self.f_hat_BChw, next_BChw = self.vae.get_next_autoregressive_input(self.k, K, self.f_hat_BChw, h_BChw)
-        self.k += 1
-        self.pending = False
-        if self.k == K:
-            self.x_BlC = None
-            return
-        x_BlC = self.switti.scale_input(self.k, next_BChw)
-        self.x_BlC = x_BlC if self.dropped else x_BlC.repeat(2, 1, 1)
-
-    @torch.no_grad()
-    def decode(self) -> Tensor:
-        if self.k < len(self.switti.patch_nums):
-            raise RuntimeError(f"decode() after all {len(self.switti.patch_nums)} scales; at scale {self.k}")
-        return self.vae.fhat_to_img(self.f_hat_BChw).add(1).mul(0.5)
 
 
 class SwittiBackbone:

@@ -300,23 +300,35 @@ class VAR(nn.Module):
         return self.logits(x_BLC, self.head_nm.modulation(cond_BD))
 
 
-class VARRollout:
-    """KV-cached sampling state of one batch (implements :class:`pipeline.backbones.base.Rollout`)."""
+class ScaleRollout:
+    """The scale-by-scale bookkeeping of a rollout over a 2B batch (B conditional rows, then B unconditional):
+    logits / take alternation, the VQVAE's running f_hat, the next scale's input and dropping the unconditional half.
+    Shared by VAR and Switti (implements :class:`pipeline.backbones.base.Rollout`); a subclass runs its transformer
+    in :meth:`_forward` and drops its own per-row state (caches, text) in :meth:`_keep_rows`.
 
-    def __init__(self, vae: VQVAE, var: VAR, labels_B: Tensor):
-        self.vae, self.var = vae, var
-        self.B = labels_B.shape[0]
-        cond_2BD = var.class_emb(torch.cat((labels_B, torch.full_like(labels_B, var.num_classes))))
-        shared = var.shared_ada_lin(cond_2BD)
-        self.mods = [block.modulation(shared) for block in var.blocks]     # the condition is fixed: once
-        self.head_mod = var.head_nm.modulation(cond_2BD)
-        self.caches = [KVCache(var.L) for _ in var.blocks]
-        self.x_2BlC: Tensor | None = var.first_input(cond_2BD)
+    ``model`` has ``patch_nums``, ``scale_input(k, next_BChw)`` and ``logits(x, head_mod)``; ``mods`` (per block)
+    and ``head_mod`` are tuples of (2B, ...) modulation tensors; ``first_2BlC`` is the first scale's input.
+    """
+
+    def __init__(self, vae: VQVAE, model: nn.Module, cond_2BD: Tensor, mods: list[tuple[Tensor, ...]],
+                 head_mod: tuple[Tensor, ...], first_2BlC: Tensor):
+        self.vae, self.model = vae, model
+        self.B = cond_2BD.shape[0] // 2
+        self.mods, self.head_mod = mods, head_mod   # the condition is fixed: computed once
+        self.x_BlC: Tensor | None = first_2BlC      # the next scale's input: 2B rows, B after drop_uncond
         self.k = 0
-        side = var.patch_nums[-1]
+        side = model.patch_nums[-1]
         self.f_hat_BChw = cond_2BD.new_zeros(self.B, vae.Cvae, side, side, dtype=torch.float32)
         self.pending = False     # logits given, tokens not yet taken
         self.dropped = False     # the unconditional half is gone
+
+    def _forward(self, x_BlC: Tensor) -> Tensor:
+        """The transformer's blocks on the current scale's input (rows, l, C) -> hidden states (rows, l, C)."""
+        raise NotImplementedError
+
+    def _keep_rows(self, B: int) -> None:
+        """Keep the first B rows of the subclass's per-row state (KV caches, text)."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def drop_uncond(self) -> None:
@@ -328,45 +340,61 @@ class VARRollout:
         B = self.B
         self.mods = [tuple(m[:B] for m in mod) for mod in self.mods]
         self.head_mod = tuple(m[:B] for m in self.head_mod)
-        for cache in self.caches:
-            cache.keep_rows(B)
-        if self.x_2BlC is not None:
-            self.x_2BlC = self.x_2BlC[:B]
+        self._keep_rows(B)
+        if self.x_BlC is not None:
+            self.x_BlC = self.x_BlC[:B]
         self.dropped = True
 
     @torch.no_grad()
     def logits(self) -> tuple[Tensor, Tensor | None]:
-        if self.pending or self.x_2BlC is None:
+        if self.pending or self.x_BlC is None:
             raise RuntimeError("logits() must alternate with take(), for the K scales")
-        x = self.x_2BlC
-        for block, mod, cache in zip(self.var.blocks, self.mods, self.caches, strict=True):
-            x = block(x, mod, cache=cache)
-        logits_2BlV = self.var.logits(x, self.head_mod)
+        logits_BlV = self.model.logits(self._forward(self.x_BlC), self.head_mod)
         self.pending = True
         if self.dropped:
-            return logits_2BlV, None
-        return logits_2BlV[:self.B], logits_2BlV[self.B:]
+            return logits_BlV, None
+        return logits_BlV[:self.B], logits_BlV[self.B:]
 
     @torch.no_grad()
     def take(self, idx_Bl: Tensor) -> None:
         if not self.pending:
             raise RuntimeError("take() needs the logits of the current scale first")
-        K = len(self.var.patch_nums)
+        K = len(self.model.patch_nums)
         h_BChw = self.vae.quantize.code_map(idx_Bl)
         self.f_hat_BChw, next_BChw = self.vae.get_next_autoregressive_input(self.k, K, self.f_hat_BChw, h_BChw)
         self.k += 1
         self.pending = False
         if self.k == K:
-            self.x_2BlC = None
+            self.x_BlC = None
             return
-        x_BlC = self.var.scale_input(self.k, next_BChw)
-        self.x_2BlC = x_BlC if self.dropped else x_BlC.repeat(2, 1, 1)
+        x_BlC = self.model.scale_input(self.k, next_BChw)
+        self.x_BlC = x_BlC if self.dropped else x_BlC.repeat(2, 1, 1)
 
     @torch.no_grad()
     def decode(self) -> Tensor:
-        if self.k < len(self.var.patch_nums):
-            raise RuntimeError(f"decode() after all {len(self.var.patch_nums)} scales; at scale {self.k}")
+        if self.k < len(self.model.patch_nums):
+            raise RuntimeError(f"decode() after all {len(self.model.patch_nums)} scales; at scale {self.k}")
         return self.vae.fhat_to_img(self.f_hat_BChw).add(1).mul(0.5)
+
+
+class VARRollout(ScaleRollout):
+    """KV-cached sampling state of one batch of class labels."""
+
+    def __init__(self, vae: VQVAE, var: VAR, labels_B: Tensor):
+        cond_2BD = var.class_emb(torch.cat((labels_B, torch.full_like(labels_B, var.num_classes))))
+        shared = var.shared_ada_lin(cond_2BD)
+        super().__init__(vae, var, cond_2BD, [block.modulation(shared) for block in var.blocks],
+                         var.head_nm.modulation(cond_2BD), var.first_input(cond_2BD))
+        self.caches = [KVCache(var.L) for _ in var.blocks]
+
+    def _forward(self, x_BlC: Tensor) -> Tensor:
+        for block, mod, cache in zip(self.model.blocks, self.mods, self.caches, strict=True):
+            x_BlC = block(x_BlC, mod, cache=cache)
+        return x_BlC
+
+    def _keep_rows(self, B: int) -> None:
+        for cache in self.caches:
+            cache.keep_rows(B)
 
 
 class VARBackbone:
