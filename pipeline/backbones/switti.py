@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.backbones.var import KVCache, ScaleRollout, _check_layout
+from pipeline.backbones.var import AdaLNBeforeHead, KVCache, Modulation, ScaleRollout, _check_layout
 from pipeline.backbones.vqvae import VQVAE, count_indexed, vqvae_config_from_state_dict
 from pipeline.files import load_weights
 
@@ -49,7 +49,6 @@ PATCH_NUMS = {  # Switti's resolutions and their scales (``reso`` in a Hub confi
 MAX_TEXT_TOKENS = 77               # CLIP's context: prompts are truncated or padded to it
 CROP_CONDITION = (512, 512, 0, 0)  # original height, width, crop top, left of an uncropped 512 px training image
 QK_NORM_EPS = 1e-6
-Modulation = tuple[Tensor, ...]    # AdaLN vectors of one block (or the head), each (B, 1, C)
 
 
 @dataclass(frozen=True)
@@ -242,23 +241,6 @@ class SelfCrossBlock(nn.Module):
         x_BlC = x_BlC + self.cross_attention_norm2(self.cross_attn(self.cross_attention_norm1(x_BlC), kv, bias_B11T))
         ffn = self.ffn(self.ffn_norm1(x_BlC).mul(scale2p).add(shift2))
         return x_BlC + self.ffn_norm2(ffn).mul(gamma2)
-
-
-class AdaLNBeforeHead(nn.Module):
-    def __init__(self, C: int, eps: float):
-        super().__init__()
-        self.C = C
-        self.ln_wo_grad = nn.LayerNorm(C, eps=eps, elementwise_affine=False)
-        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
-
-    def modulation(self, cond_BD: Tensor) -> Modulation:
-        """1 + scale, shift, each (B, 1, C)."""
-        scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
-        return scale.add(1), shift
-
-    def forward(self, x_BlC: Tensor, mod: Modulation) -> Tensor:
-        scale_p, shift = mod
-        return self.ln_wo_grad(x_BlC).mul(scale_p).add_(shift)
 
 
 class FourierFeatures(nn.Module):
