@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.backbones.var import AdaLNBeforeHead, KVCache, Modulation, ScaleRollout, _check_layout
+from pipeline.backbones.var import AdaLNBeforeHead, KVCache, Modulation, ScaleRollout, _check_layout, check_fit
 from pipeline.backbones.vqvae import VQVAE, count_indexed, vqvae_config_from_state_dict
 from pipeline.files import load_weights
 
@@ -442,11 +442,7 @@ class SwittiBackbone:
     """A VQVAE, a Switti transformer and its text encoders (implements ``TextToImageBackbone``)."""
 
     def __init__(self, vae: VQVAE, switti: Switti, text: TextEncoders, null_prompt: str = ""):
-        cfg = switti.cfg
-        if (vae.vocab_size, vae.Cvae, vae.patch_nums) != (cfg.vocab_size, cfg.z_channels, cfg.patch_nums):
-            raise ValueError(
-                f"VAE (vocab {vae.vocab_size}, Cvae {vae.Cvae}, patch_nums {vae.patch_nums}) and Switti (vocab "
-                f"{cfg.vocab_size}, Cvae {cfg.z_channels}, patch_nums {cfg.patch_nums}) do not fit")
+        check_fit(vae, "Switti", switti.cfg.vocab_size, switti.cfg.z_channels, switti.cfg.patch_nums)
         self.vae, self.switti, self.text, self._null_prompt = vae, switti, text, null_prompt
         self._null: PromptEncoding | None = None
 

@@ -397,14 +397,19 @@ class VARRollout(ScaleRollout):
             cache.keep_rows(B)
 
 
+def check_fit(vae: VQVAE, name: str, vocab_size: int, z_channels: int, patch_nums: tuple[int, ...]) -> None:
+    """ValueError unless the tokenizer `vae` fits the transformer `name` (its vocabulary, Cvae and scales)."""
+    if (vae.vocab_size, vae.Cvae, tuple(vae.patch_nums)) != (vocab_size, z_channels, tuple(patch_nums)):
+        raise ValueError(
+            f"VAE (vocab {vae.vocab_size}, Cvae {vae.Cvae}, patch_nums {vae.patch_nums}) and {name} (vocab "
+            f"{vocab_size}, Cvae {z_channels}, patch_nums {patch_nums}) do not fit")
+
+
 class VARBackbone:
     """A VQVAE and a VAR transformer that fit each other (implements ``ScaleWiseBackbone``)."""
 
     def __init__(self, vae: VQVAE, var: VAR):
-        if (vae.vocab_size, vae.Cvae, vae.patch_nums) != (var.cfg.vocab_size, var.cfg.z_channels, var.patch_nums):
-            raise ValueError(
-                f"VAE (vocab {vae.vocab_size}, Cvae {vae.Cvae}, patch_nums {vae.patch_nums}) and VAR (vocab "
-                f"{var.cfg.vocab_size}, Cvae {var.cfg.z_channels}, patch_nums {var.patch_nums}) do not fit")
+        check_fit(vae, "VAR", var.cfg.vocab_size, var.cfg.z_channels, var.patch_nums)
         self.vae, self.var = vae, var
 
     @property
