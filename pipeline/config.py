@@ -106,7 +106,7 @@ class ProxyConfig:
 class RefineConfig:
     """Stage 2: FID refinement, one seeded Optuna search per kind inside a trust region around its best."""
 
-    n_trials: int = 8  # FID trials per kind (in rounds of launcher.workers trials per kind)
+    n_trials: int = 6  # FID trials per kind (in rounds of launcher.workers trials per kind)
     num_images: int = 512  # images per trial; the same labels for every candidate
     common_seeds: bool = False  # true: every candidate on the sweep's sampler seeds (else each its own seeds)
     warm_start: int = 1  # best distinct proxy candidates of each kind, enqueued first
@@ -125,11 +125,12 @@ class RefineConfig:
 class ConfirmConfig:
     """Stage 3: a race of the finalists at growing N; a finalist worse than the best beyond noise leaves."""
 
-    finalists: int = 5  # best distinct refined candidates (each kind's best first), plus the published default
+    finalists: int = 4  # best distinct refined candidates (each kind's best first), plus the published default
     separation: float = 0.15  # finalists of one kind and window at least this far apart in log(1 + weight)
     rungs: list[int] = field(default_factory=lambda: [1024, 2048, 4096])  # image counts; the last decides
     keep: float = 0.5  # cost cap: at most this share of the finalists left (lowest FIDs) go on to the next rung
     final_max: int = 2  # and at most this many to the last rung
+    stop_when_decided: bool = True  # a rung that leaves one finalist ends the race (its FID is at that N)
     bootstrap: int = 200  # paired bootstrap resamples over images per comparison
     level: float = 0.95  # confidence of every interval and of "worse beyond noise"
     reference: str = MISSING  # FID reference; defaults to backbone.fid_reference

@@ -448,6 +448,23 @@ def test_race_extends_images_eliminates_the_worse_and_measures_the_margin(tmp_pa
     assert again.seen == [] and winner2.scores == winner.scores  # resumed from the ledger: nothing redone
 
 
+@pytest.mark.parametrize("stop", [True, False])
+def test_a_race_left_with_one_finalist_is_decided(tmp_path, scorer, stop):
+    best, worse = Candidate(9.0, None, None), Candidate(1.5, None, None)
+    confirm = ConfirmConfig(**{**CONFIRM.__dict__, "stop_when_decided": stop})
+    study = open_study(storage(tmp_path), study_name("race", "confirm"))
+    race = RaceStage(study, [Racer(best, REFINED), Racer(worse, DEFAULT)], confirm, Recorder(), bank(tmp_path),
+                     scorer)
+    pool = StubPool()
+    winner, margin = race.run(pool)
+    assert winner.candidate == best and margin is not None and margin.separated and margin.num_images == 32
+    if stop:  # the default left at the first rung: nothing more is sampled, the winner's FID is at N=32
+        assert race.decided_at == 32 and winner.reached == 32 and max(j.num_images for j in pool.seen) == 32
+        assert {"fid", "fid_low", "fid_high", "fid_se"} <= set(winner.scores[32])
+    else:
+        assert race.decided_at is None and winner.reached == 64
+
+
 def test_common_random_numbers_shrink_the_noise_of_a_difference(scorer):
     a, b = Candidate(8.0, None, None), Candidate(8.5, None, None)
     paired = scorer.difference(*({"features": torch.from_numpy(features(Job(c, 256, 0, fid=True)))} for c in (a, b)))

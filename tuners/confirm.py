@@ -6,7 +6,9 @@ labels and sampler seeds: the first N images at a larger N are the same images),
 adds. After each rung the finalist with the lowest FID is the current best; every other finalist whose FID exceeds
 it beyond noise (the lower end of the bootstrap interval of the difference is above 0) leaves. As a cost cap, at most a
 ``confirm.keep`` share of the rest (the lowest FIDs) go on to the next rung, and at most ``confirm.final_max`` to the
-last, which decides; a finalist cut by the cap is reported as such, not as worse. Every FID carries its interval;
+last, which decides; a finalist cut by the cap is reported as such, not as worse. When a rung leaves one finalist
+(every other one worse beyond noise), the race is decided there and stops (``confirm.stop_when_decided``): the
+winner's FID and interval are at that N. Every FID carries its interval;
 the result names the runner-up and the margin, and whether the winner is separated from it. Each (finalist, rung)
 is one trial of the ``confirm`` ledger study.
 """
@@ -86,6 +88,7 @@ class RaceStage:
     bank: FeatureBank
     scorer: Scorer
     eliminations: list[tuple[Racer, int, dict[str, float]]] = field(default_factory=list)
+    decided_at: int | None = None  # the rung after which one finalist was left (confirm.stop_when_decided)
 
     def _job(self, racer: Racer, num_images: int) -> Job:
         start = self.bank.start_for(racer.candidate, num_images, self.scorer.layers)
@@ -120,13 +123,19 @@ class RaceStage:
             if last:
                 break
             alive = self._eliminate(alive, n)
+            if len(alive) == 1 and self.confirm.stop_when_decided:
+                self.decided_at = n  # every other finalist is worse beyond noise: more images change nothing
+                [winner] = alive  # its every metric (the last rung's scoring), from the features it has
+                winner.scores[n] = self.scorer.fid(self.bank.get(winner.candidate, n, self.scorer.layers),
+                                                   all_metrics=True)
+                break
             cap = self.confirm.final_max if r == len(rungs) - 2 else max(
                 self.confirm.final_max, math.ceil(self.confirm.keep * len(alive)))
             alive.sort(key=lambda x: x.scores[n]["fid"])
             for racer in alive[cap:]:
                 racer.left = f"cut at N={n} by the cost cap (not separated)"
             alive = alive[:cap]
-        winner = min(alive, key=lambda x: x.scores[rungs[-1]]["fid"])
+        winner = min(alive, key=lambda x: x.fid)
         return winner, self._margin(winner)
 
     def _eliminate(self, alive: list[Racer], n: int) -> list[Racer]:
