@@ -164,12 +164,13 @@ def best_of_kinds(fids: dict[Point, float], per_kind: int) -> list[Point]:
 _W: dict = {}
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, vae: str | None = None, var: str | None = None) -> None:
+    """A pool worker's backbone (the embedded one unless `vae` and `var` name other checkpoints) and extractor."""
     torch.set_num_threads(threads)
     from pipeline.backbones.tiny import TINY_VAE, TINY_VAR
     from pipeline.backbones.var import load_var
     from pipeline.fid import TINY_EXTRACTOR, FidEvaluator
-    _W["backbone"] = load_var(TINY_VAE, TINY_VAR)
+    _W["backbone"] = load_var(vae or TINY_VAE, var or TINY_VAR)
     _W["evaluator"] = FidEvaluator(TINY_EXTRACTOR, metrics=["fid"], batch_size=BATCH, progress=False)
 
 

@@ -39,7 +39,8 @@ from tuners.studies import study_name
 
 REPO = Path(__file__).resolve().parent.parent
 
-BACKBONE_OPTIONS = "switti, switti_1024, switti_1024_ar, switti_ar, tiny, var_d16, var_d20, var_d24, var_d30, var_d36"
+BACKBONE_OPTIONS = ("switti, switti_1024, switti_1024_ar, switti_ar, tiny, tiny_small, var_d16, var_d20, var_d24, "
+                    "var_d30, var_d36")
 BACKBONES_LINE = f"backbone: {BACKBONE_OPTIONS}"
 
 
@@ -88,8 +89,8 @@ def test_every_group_option_composes(group, option):
 
 
 def test_group_options_are_the_yaml_files():
-    assert group_options("backbone") == ["switti", "switti_1024", "switti_1024_ar", "switti_ar", "tiny", "var_d16",
-                                         "var_d20", "var_d24", "var_d30", "var_d36"]
+    assert group_options("backbone") == ["switti", "switti_1024", "switti_1024_ar", "switti_ar", "tiny", "tiny_small",
+                                         "var_d16", "var_d20", "var_d24", "var_d30", "var_d36"]
     assert group_options("guidance") == ["auto", "cfg", "igg", "mixed"]
     assert all((CONF_DIR / g).is_dir() and group_options(g) for g in GROUPS)
 

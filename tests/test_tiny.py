@@ -8,7 +8,6 @@ import torch
 from pipeline.backbones import tiny
 from pipeline.backbones.tiny import (
     TINY_VAE,
-    TINY_VAR,
     ClassifierStage,
     TinyConfig,
     VARStage,
@@ -135,10 +134,13 @@ def test_cli_rejects_bad_budget(capsys):
     assert "--steps" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not (TINY_VAE.is_file() and TINY_VAR.is_file()), reason="tiny weights not trained yet")
-def test_shipped_tiny_checkpoint_loads_and_samples():
-    backbone = load_var(TINY_VAE, TINY_VAR)
-    assert backbone.patch_nums == tiny.tiny_var_config().patch_nums
+@pytest.mark.parametrize("size", list(tiny.VAR_SIZES))
+def test_shipped_tiny_checkpoint_loads_and_samples(size):
+    """Both embedded backbones (tiny, tiny_small) are shipped, load on the one tokenizer, and sample."""
+    depth, width, _, path = tiny.VAR_SIZES[size]
+    backbone = load_var(TINY_VAE, path)
+    assert (backbone.var.cfg.depth, backbone.var.cfg.embed_dim) == (depth, width)
+    assert backbone.patch_nums == tiny.tiny_var_config(size).patch_nums
     assert backbone.num_classes == NUM_CLASSES and backbone.vocab_size == tiny.tiny_var_config().vocab_size
     result = sample(backbone, list(range(NUM_CLASSES)), w_cfg=2.0, w_igg=None, seed=0)
     assert result.images.shape == (NUM_CLASSES, 3, 32, 32)
