@@ -127,7 +127,7 @@ class ConfirmConfig:
 
     finalists: int = 4  # best distinct refined candidates (each kind's best first), plus the published default
     separation: float = 0.15  # finalists of one kind and window at least this far apart in log(1 + weight)
-    rungs: list[int] = field(default_factory=lambda: [1024, 2048, 4096])  # image counts; the last decides
+    rungs: list[int] = field(default_factory=lambda: [1024, 2048])  # image counts; the last decides
     keep: float = 0.5  # cost cap: at most this share of the finalists left (lowest FIDs) go on to the next rung
     final_max: int = 2  # and at most this many to the last rung
     stop_when_decided: bool = True  # a rung that leaves one finalist ends the race (its FID is at that N)

@@ -432,6 +432,7 @@ def test_race_extends_images_eliminates_the_worse_and_measures_the_margin(tmp_pa
     pool = StubPool()
     winner, margin = race_stage(tmp_path, scorer, racers).run(pool)
     assert winner.candidate == near
+    assert pool.seen[0].candidate == far  # the longest job of a rung goes first (the others extend their images)
     starts = {(j.candidate, j.num_images): j.start for j in pool.seen}
     assert starts[(near, 32)] == 16 and starts[(far, 32)] == 0 and starts[(near, 64)] == 32  # only new images
     assert racers[2].left.startswith("worse at N=32") and racers[2].reached == 32

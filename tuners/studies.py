@@ -84,7 +84,8 @@ def run_ledger(
     finish: Callable[[Job, Done], TrialRecord],
     observer: Observer,
 ) -> dict[str, TrialRecord]:
-    """Evaluate the jobs not yet COMPLETE in the ledger study; return the record of every job that has one.
+    """Evaluate the jobs not yet COMPLETE in the ledger study, the longest first; return the record of every job
+    that has one.
 
     Args:
         jobs: ledger key -> job; a key identifies the job across runs (user attr ``job``).
@@ -96,7 +97,8 @@ def run_ledger(
         return {t.user_attrs["job"]: record_of(t) for t in trials}
 
     fail_stale(study)
-    todo = [key for key in jobs if key not in completed()]
+    # the longest jobs first (a stable sort: ties keep their order), so the workers finish the batch together
+    todo = sorted((key for key in jobs if key not in completed()), key=lambda key: -jobs[key].sampled)
     running: dict[int, tuple[optuna.Trial, Job]] = {}
 
     def next_job() -> tuple[int, Job] | None:
