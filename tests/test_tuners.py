@@ -466,6 +466,16 @@ def test_a_race_left_with_one_finalist_is_decided(tmp_path, scorer, stop):
         assert race.decided_at is None and winner.reached == 64
 
 
+def test_bootstrap_replicates_are_computed_once_per_features(scorer):
+    from pipeline.metrics import bootstrap_fid
+    x = torch.from_numpy(features(Job(Candidate(8.0, None, None), 64, 3, fid=True)))
+    first = scorer._replicates(x)
+    assert scorer._replicates(x.clone()) is first  # the same features: the cached replicates
+    mu, sigma = torch.from_numpy(scorer.reference.mu), torch.from_numpy(scorer.reference.sigma)
+    assert torch.equal(first, bootstrap_fid(x, mu, sigma, scorer._counts(64)))
+    assert not torch.equal(scorer._replicates(x[:48]), first[:1].expand(100))
+
+
 def test_common_random_numbers_shrink_the_noise_of_a_difference(scorer):
     a, b = Candidate(8.0, None, None), Candidate(8.5, None, None)
     paired = scorer.difference(*({"features": torch.from_numpy(features(Job(c, 256, 0, fid=True)))} for c in (a, b)))

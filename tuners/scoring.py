@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +128,7 @@ class Scorer:
     replicates: int
     level: float
     seed: int
+    _cache: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False)  # features digest -> replicates
 
     @property
     def layers(self) -> list[str]:
@@ -138,8 +139,13 @@ class Scorer:
         return resample_counts(num_images, self.replicates, derive_seed(self.seed, num_images))
 
     def _replicates(self, features_NF: Tensor) -> Tensor:
-        mu, sigma = torch.from_numpy(self.reference.mu), torch.from_numpy(self.reference.sigma)
-        return bootstrap_fid(features_NF, mu, sigma, self._counts(len(features_NF)))
+        """The bootstrap FIDs of these features (computed once per distinct features: a race compares its current
+        best with every other finalist, and scores each finalist before that)."""
+        key = hashlib.sha256(features_NF.contiguous().numpy().tobytes()).hexdigest()
+        if key not in self._cache:
+            mu, sigma = torch.from_numpy(self.reference.mu), torch.from_numpy(self.reference.sigma)
+            self._cache[key] = bootstrap_fid(features_NF, mu, sigma, self._counts(len(features_NF)))
+        return self._cache[key]
 
     def fid(self, features: dict[str, Tensor], *, all_metrics: bool = False) -> dict[str, float]:
         """``fid``, ``fid_low``, ``fid_high`` (the interval at `level`) and ``fid_se``; every metric of the
