@@ -106,8 +106,8 @@ class ProxyConfig:
 class RefineConfig:
     """Stage 2: FID refinement, one seeded Optuna search per kind inside a trust region around its best."""
 
-    n_trials: int = 6  # FID trials per kind (in rounds of launcher.workers trials per kind)
-    num_images: int = 384  # images per trial; the same labels for every candidate
+    n_trials: int = 8  # FID trials per kind (in rounds of launcher.workers trials per kind)
+    num_images: int = 512  # images per trial; the same labels for every candidate
     common_seeds: bool = False  # true: every candidate on the sweep's sampler seeds (else each its own seeds)
     warm_start: int = 1  # best distinct proxy candidates of each kind, enqueued first
     radius: float = 0.9  # starting trust-region half-width in log(1 + weight) units
@@ -125,9 +125,9 @@ class RefineConfig:
 class ConfirmConfig:
     """Stage 3: a race of the finalists at growing N; a finalist worse than the best beyond noise leaves."""
 
-    finalists: int = 4  # best distinct refined candidates (each kind's best first), plus the published default
+    finalists: int = 5  # best distinct refined candidates (each kind's best first), plus the published default
     separation: float = 0.15  # finalists of one kind and window at least this far apart in log(1 + weight)
-    rungs: list[int] = field(default_factory=lambda: [1024, 2048, 3072])  # image counts; the last decides
+    rungs: list[int] = field(default_factory=lambda: [1024, 2048, 4096])  # image counts; the last decides
     keep: float = 0.5  # cost cap: at most this share of the finalists left (lowest FIDs) go on to the next rung
     final_max: int = 2  # and at most this many to the last rung
     stop_when_decided: bool = True  # a rung that leaves one finalist ends the race (its FID is at that N)

@@ -146,7 +146,7 @@ BAD = [
     (["refine.n_trials=0"], "refine.n_trials must be positive (got 0)"),
     (["confirm.level=1"], "confirm.level=1.0 must lie strictly between 0 and 1"),
     (["confirm.bootstrap=1"], "confirm.bootstrap=1 must be >= 2"),
-    (["confirm.rungs=[1024,256]"], "confirm.rungs=[1024, 256] must rise above refine.num_images=384"),
+    (["confirm.rungs=[1024,256]"], "confirm.rungs=[1024, 256] must rise above refine.num_images=512"),
     (["confirm.rungs=[1000]"], "must be multiples of confirm.batch_size=64"),
     (["proxy.num_images=-4"], "proxy.num_images must be positive (got -4)"),
     (["confirm.finalists=0"], "confirm.finalists must be positive"),
