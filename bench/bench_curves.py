@@ -27,6 +27,7 @@ from bench_grid import BATCH, GRID_SEEDS, REF_SEED, Point, _init_worker, load_fe
 from benchdoc import ROOT, provenance, publish
 from matplotlib.figure import Figure
 
+from pipeline.backbones.var import load_var
 from pipeline.config import load_config
 from pipeline.fid import TINY_EXTRACTOR, FidEvaluator, shapes_source
 
@@ -79,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         ckpts, seconds = sample_backbone(name, args.cache / name, args.n, seed, args.workers)
         fids[name] = {q: float(evaluator.metrics_of({evaluator.feature_layer: torch.from_numpy(
             load_features(args.cache / name, q, seed)[:args.n])}, reference)["fid"]) for q in curve_points()}
-        params = sum(t.numel() for t in torch.load(ckpts["var_ckpt"], weights_only=True).values())
+        params = sum(t.numel() for t in load_var(ckpts["vae_ckpt"], ckpts["var_ckpt"]).var.parameters())
         lines.append(f"- `{name}`: {params / 1e6:.2f} M transformer parameters, {provenance(ckpts['var_ckpt'])}; "
-                     f"sampled in this run: {seconds / 60:.1f} min")
+                     + (f"sampled in this run: {seconds / 60:.1f} min" if seconds > 1 else "features from the cache"))
     command = "python bench/bench_curves.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
     body = [f"Command: `{command.strip()}`  ",
             f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {args.workers} workers x 1 thread on this machine's CPU.", "",
