@@ -473,7 +473,8 @@ def test_bootstrap_replicates_are_computed_once_per_features(scorer):
     assert scorer._replicates(x.clone()) is first  # the same features: the cached replicates
     mu, sigma = torch.from_numpy(scorer.reference.mu), torch.from_numpy(scorer.reference.sigma)
     assert torch.equal(first, bootstrap_fid(x, mu, sigma, scorer._counts(64)))
-    assert not torch.equal(scorer._replicates(x[:48]), first[:1].expand(100))
+    other = scorer._replicates(x[:48])  # other features: their own replicates
+    assert other is not first and torch.equal(other, bootstrap_fid(x[:48], mu, sigma, scorer._counts(48)))
 
 
 def test_common_random_numbers_shrink_the_noise_of_a_difference(scorer):

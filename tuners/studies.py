@@ -98,7 +98,8 @@ def run_ledger(
 
     fail_stale(study)
     # the longest jobs first (a stable sort: ties keep their order), so the workers finish the batch together
-    todo = sorted((key for key in jobs if key not in completed()), key=lambda key: -jobs[key].sampled)
+    told = completed()
+    todo = sorted((key for key in jobs if key not in told), key=lambda key: -jobs[key].sampled)
     running: dict[int, tuple[optuna.Trial, Job]] = {}
 
     def next_job() -> tuple[int, Job] | None:
