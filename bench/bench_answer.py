@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from bench_grid import DEFAULT_CACHE, GRID_SEEDS, RUNGS, Grid, Point
+from bench_grid import DEFAULT_CACHE, GRID_SEEDS, NUM_CLASSES, RUNGS, Grid, Point, make_point
 from benchdoc import ROOT, publish
 
 from pipeline.metrics import bootstrap_fid, resample_counts
@@ -54,19 +54,30 @@ def point_of(best: dict) -> Point:
 
 
 def noise_check(grid: Grid, points: list[Point], n_full: int, replicates: int = 200) -> list[str]:
-    """Table rows: at each rung N, the std of FID over the grid seeds vs the sweep's bootstrap std (mean over
-    points and seeds), relative to the FID: the interval the sweep prints is ±1.96 of the latter."""
+    """Table rows: at each rung N, the std of FID over the grid seeds and over disjoint blocks of N images vs the
+    sweep's bootstrap std, over all images and inside each class (stratified, the sweep's default), relative to the
+    FID (mean over points and seeds): the interval the sweep prints is ±1.96 of the bootstrap's."""
     mu, sigma = torch.from_numpy(grid.reference.mu), torch.from_numpy(grid.reference.sigma)
     rows = []
     for n in [r for r in RUNGS if r <= n_full]:
-        seed_rel, boot_rel = [], []
+        seed_rel, block_rel, plain_rel, strat_rel = [], [], [], []
         for p in points:
             fids = [grid.fid(p, s, n) for s in GRID_SEEDS]
             seed_rel.append(statistics.stdev(fids) / statistics.mean(fids))
+            blocks = [grid.fid(p, s, n, start) for s in GRID_SEEDS for start in range(0, n_full - n + 1, n)]
+            if len(blocks) > len(GRID_SEEDS):
+                block_rel.append(statistics.stdev(blocks) / statistics.mean(blocks))
             for s, fid in zip(GRID_SEEDS, fids, strict=True):
                 feats = torch.from_numpy(grid.features(p, s)[:n])
-                boot_rel.append(float(bootstrap_fid(feats, mu, sigma, resample_counts(n, replicates, s)).std()) / fid)
-        rows.append(f"| {n} | {100 * statistics.mean(seed_rel):.1f} % | {100 * statistics.mean(boot_rel):.1f} % |")
+                labels = torch.arange(n) % NUM_CLASSES  # the grid's labels
+                for strata, out in ((None, plain_rel), (labels, strat_rel)):
+                    counts = resample_counts(n, replicates, s, strata)
+                    out.append(float(bootstrap_fid(feats, mu, sigma, counts).std()) / fid)
+
+        def pct(values: list[float]) -> str:
+            return f"{100 * statistics.mean(values):.1f} %" if values else "-"
+
+        rows.append(f"| {n} | {pct(seed_rel)} | {pct(block_rel)} | {pct(plain_rel)} | {pct(strat_rel)} |")
     return rows
 
 
@@ -101,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also re-measure the answers of finished sweeps under this folder (earlier settings), as is")
     p.add_argument("--answer-seeds", type=int, nargs="+", default=list(GRID_SEEDS[:1]),
                    help=f"grid seeds each answer is re-measured at (of {GRID_SEEDS})")
+    p.add_argument("--grid-best", default=None, metavar="KIND:W[:W']",
+                   help="the grid best as the Reference grid found it (e.g. 'igg global:10'), sampled at every grid "
+                        "seed when the cache lacks it; default: the cache's own best three-seed point")
     p.add_argument("--write", action="store_true", help=f'write docs/BENCHMARKS.md "## {SECTION}"')
     args = p.parse_args(argv)
     command = "python bench/bench_answer.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
@@ -119,7 +133,11 @@ def main(argv: list[str] | None = None) -> int:
             answers[f"earlier {path.parent.name}"] = (best["sampling"]["seed"], "earlier settings", best, math.nan)
     grid_args = argparse.Namespace(ref_cache=None, reference=8000, n_broad=512, n_full=args.n, workers=2, threads=1)
     grid = Grid(args.cache, grid_args, command)
+    named = None if args.grid_best is None else make_point(*[
+        x if i == 0 else float(x) for i, x in enumerate(args.grid_best.split(":"))])
     try:
+        if named is not None:
+            grid.sample("grid best", [(named, s, args.n) for s in GRID_SEEDS])
         grid.sample("answers", [(point_of(b), s, args.n) for _, _, b, _ in answers.values() for s in args.answer_seeds])
         summary = grid.summary()
     finally:
@@ -128,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         raise RuntimeError(f"{args.cache} has no point at {args.n} images yet; run bench/bench_grid.py first")
     answer_keys = {point_of(b).key for _, _, b, _ in answers.values()}
     grid_points = [r for r in summary["full"] if Point(**r["point"]).key not in answer_keys]
-    g = summary.get("grid_best") or min(grid_points, key=lambda r: r["mean"])  # 3 seeds, else the first seed
+    if named is not None:
+        g = next(r for r in summary["full"] if Point(**r["point"]).key == named.key)
+    else:
+        g = summary.get("grid_best") or min(grid_points, key=lambda r: r["mean"])  # 3 seeds, else the first seed
     gp = Point(**g["point"])
     three = [Point(**r["point"]) for r in summary["full"] if r["seeds"] == len(GRID_SEEDS)]
     noise_rows = noise_check(grid, three, args.n) if len(three) else ["| - | no three-seed points yet | |"]
@@ -149,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     baseline_1d = kinds_1d * len(BASELINE_WEIGHTS) * BASELINE_N + BASELINE_BEST_N
     baseline_all = (kinds_1d * len(BASELINE_WEIGHTS) + mixed_2d ** 2) * BASELINE_N + BASELINE_BEST_N
     sweep_images = statistics.mean(a[2]["cost"]["total"]["images"] for a in answers.values() if a[1] == "default")
-    three_seeds = "grid_best" in summary
+    three_seeds = g.get("seeds", len(GRID_SEEDS)) == len(GRID_SEEDS) and "grid_best" in summary
     grid_desc = f"{'3 seeds' if three_seeds else f'seed {GRID_SEEDS[0]} only'} x {args.n} images"
     grid_spread = f" ± {g['std']:.3f}" if three_seeds else ""
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -183,12 +204,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{sweep_images / baseline_all:.1%} of all three kinds. The grid's answer can be no better than the grid "
         f"best above; where that lies outside 2..8 the baseline misses it.",
         "",
-        f"Noise model: the sweep's interval is FID ± 1.96 x the bootstrap std over images. Over the grid's "
-        f"{len(three)} three-seed points, the relative std of FID between the {len(GRID_SEEDS)} seeds and the "
-        "bootstrap's (mean over points and seeds), at each N:",
+        f"Noise model: the sweep's interval is FID ± 1.96 x the bootstrap std over images. Over the "
+        f"{len(three)} three-seed points of this run, the relative std of FID between the {len(GRID_SEEDS)} seeds, "
+        f"between disjoint blocks of N of their {args.n} images, and the bootstrap's over all images and inside "
+        "each class (`confirm.stratify`, the default), mean over points and seeds, at each N:",
         "",
-        "| N | std over seeds | bootstrap std |",
-        "|---:|---:|---:|",
+        "| N | std over seeds | std over blocks | bootstrap std, all images | bootstrap std, inside classes |",
+        "|---:|---:|---:|---:|---:|",
         *noise_rows,
     ])
     publish(body, SECTION, args.write)

@@ -132,6 +132,7 @@ class ConfirmConfig:
     final_max: int = 2  # and at most this many to the last rung
     stop_when_decided: bool = True  # a rung that leaves one finalist ends the race (its FID is at that N)
     bootstrap: int = 200  # paired bootstrap resamples over images per comparison
+    stratify: bool = True  # resample inside each condition (class or prompt): the conditions are fixed by design
     level: float = 0.95  # confidence of every interval and of "worse beyond noise"
     reference: str = MISSING  # FID reference; defaults to backbone.fid_reference
     reference_num_images: int = 2000  # images of the embedded dataset when reference is "shapes"

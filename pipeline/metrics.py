@@ -147,7 +147,10 @@ def equilibrium_gap(e: Tensor, d: Tensor) -> Tensor:
 # torch-fidelity's tr sqrtm(Σ Σ_r) (similar matrices) and is the sum of the square roots of the eigenvalues of a
 # symmetric PSD matrix. Its noise is the bootstrap over the generated images: a resample is a row of counts
 # c (N,) summing to N; two candidates sampled with the same labels and sampler seeds (common random numbers) are
-# resampled with the same counts, so the bootstrap of their FID difference keeps the pairing.
+# resampled with the same counts, so the bootstrap of their FID difference keeps the pairing. A sweep fixes the
+# conditions of its images (every candidate samples the same classes or prompts), so the bootstrap is stratified by
+# condition: only the sampler's noise is redrawn. Over all images it would also redraw the class mix, which on the
+# embedded backbone doubles the spread against what FID moves by between sampler seeds (docs/BENCHMARKS.md).
 
 
 def psd_sqrt(sigma_FF: Tensor) -> Tensor:
@@ -174,12 +177,26 @@ def bootstrap_fid_from_stats(mu_RF: Tensor, sigma_RFF: Tensor, mu_ref_F: Tensor,
     return (diff_RF * diff_RF).sum(-1) + trace_RF + trace_ref - 2 * eig_RF.sqrt().sum(-1)
 
 
-def resample_counts(num_images: int, replicates: int, seed: int) -> Tensor:
-    """Bootstrap resamples of N images as counts: (R, N) int64, each row a multinomial draw summing to N."""
+def resample_counts(num_images: int, replicates: int, seed: int, strata_N: Tensor | None = None) -> Tensor:
+    """Bootstrap resamples of N images as counts: (R, N) int64, each row summing to N.
+
+    Args:
+        strata_N: (N,) int64 stratum of each image (its condition: class label or prompt index), or None for one
+            stratum. Stratified, a resample draws as many images from each stratum as it holds, with replacement
+            inside the stratum: the conditions of a sweep's images are fixed by its design (every candidate samples
+            the same ones), so only the sampler's noise is resampled, not the mixture of conditions.
+    """
     if num_images < 2 or replicates < 1:
         raise ValueError(f"a bootstrap needs >= 2 images and >= 1 replicate, got {num_images} and {replicates}")
     generator = torch.Generator().manual_seed(seed)
-    picks_RN = torch.randint(num_images, (replicates, num_images), generator=generator)
+    if strata_N is None:
+        picks_RN = torch.randint(num_images, (replicates, num_images), generator=generator)
+    else:
+        if strata_N.shape != (num_images,):
+            raise ValueError(f"strata_N has shape {tuple(strata_N.shape)}; give one stratum per image ({num_images},)")
+        members = [torch.nonzero(strata_N == h).flatten() for h in torch.unique(strata_N)]
+        picks_RN = torch.cat([m[torch.randint(len(m), (replicates, len(m)), generator=generator)] for m in members],
+                             dim=1)
     counts_RN = torch.zeros(replicates, num_images, dtype=torch.int64)
     return counts_RN.scatter_add_(1, picks_RN, torch.ones_like(picks_RN))
 

@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline.app import job_overrides, parse_args, run_app
-from pipeline.backbones.load import checkpoint_keys, load_backbone
+from pipeline.backbones.load import checkpoint_keys, load_backbone, num_conditions
 from pipeline.config import (
     CONF_DIR,
     GROUPS,
@@ -181,6 +181,8 @@ def answer(cfg: SweepConfig, winner: Racer, margin: Margin | None, racers: list[
                   "schedule_end": cfg.guidance.schedule_end, "top_k": cfg.backbone.top_k, "top_p": cfg.backbone.top_p,
                   "seed": candidate_seed(cfg.seed, c, common=cfg.refine.common_seeds), "sweep_seed": cfg.seed,
                   "batch_size": cfg.confirm.batch_size, "level": cfg.confirm.level,
+                  "bootstrap": f"{cfg.confirm.bootstrap} resamples, "
+                               + ("inside each condition" if cfg.confirm.stratify else "over all images"),
                   "patch_nums": list(cfg.backbone.patch_nums),
                   "last_scale_temp": cfg.backbone.last_scale_temp, "drop_uncond": cfg.backbone.drop_uncond,
                   "labels": ("image i: class i*P mod C (pipeline.sampling.spread_labels)" if cfg.backbone.kind == "var"
@@ -240,7 +242,8 @@ class Sweep:
         bank_dir = Path(cfg.sweep.output_dir) / "features"
         self.bank = FeatureBank(bank_dir, [0, cfg.refine.num_images, *cfg.confirm.rungs], cfg.seed,
                                 cfg.refine.common_seeds)
-        self.scorer = Scorer(evaluator, reference, cfg.confirm.bootstrap, cfg.confirm.level, cfg.seed)
+        self.scorer = Scorer(evaluator, reference, cfg.confirm.bootstrap, cfg.confirm.level, cfg.seed,
+                             num_conditions(cfg.backbone) if cfg.confirm.stratify else None)
         self.reference = reference
 
     def run(self) -> Path:

@@ -175,6 +175,41 @@ def test_bootstrap_spread_matches_the_spread_between_seeds():
     assert se == pytest.approx(float(np.std(draws)), rel=0.5)
 
 
+def test_stratified_resamples_keep_each_condition_s_count():
+    strata = torch.arange(90) * 5 % 9  # 9 conditions, 10 images each, interleaved as a sweep's labels
+    counts = resample_counts(90, 50, seed=3, strata_N=strata)
+    assert counts.shape == (50, 90) and (counts.sum(1) == 90).all()
+    for h in range(9):  # every resample holds each condition's 10 images, drawn among that condition's only
+        assert (counts[:, strata == h].sum(1) == 10).all()
+    assert torch.equal(counts, resample_counts(90, 50, seed=3, strata_N=strata))
+    assert not torch.equal(counts[:, strata == 0], torch.ones(50, 10, dtype=torch.int64))  # still resampled
+    picks = torch.randint(90, (50, 90), generator=torch.Generator().manual_seed(3))  # None: the plain bootstrap
+    plain = torch.zeros(50, 90, dtype=torch.int64).scatter_add_(1, picks, torch.ones_like(picks))
+    assert torch.equal(resample_counts(90, 50, seed=3), plain)
+    with pytest.raises(ValueError, match="one stratum per image"):
+        resample_counts(90, 5, seed=0, strata_N=strata[:80])
+
+
+def test_stratified_bootstrap_leaves_out_the_mix_of_conditions():
+    """Images of fixed conditions (class means far apart, small noise around them; the reference spreads wider):
+    the spread of FID between redraws of the noise is what the stratified bootstrap measures; the plain one also
+    redraws the class mix."""
+    means = torch.randn(4, 6, generator=torch.Generator().manual_seed(7)) * 3
+    labels = torch.arange(400) % 4
+
+    def draw(seed: int, n: int = 400, spread: float = 0.3) -> torch.Tensor:
+        return means[torch.arange(n) % 4] + spread * torch.randn(n, 6, generator=torch.Generator().manual_seed(seed))
+
+    s_ref = fid_features_to_statistics(draw(10_000, 4000, 0.8))
+    mu, sigma = torch.from_numpy(s_ref["mu"]), torch.from_numpy(s_ref["sigma"])
+    draws = [fid_statistics_to_metric(fid_features_to_statistics(draw(s)), s_ref, verbose=False)[
+        "frechet_inception_distance"] for s in range(40)]
+    stratified = float(bootstrap_fid(draw(1000), mu, sigma, resample_counts(400, 300, 0, labels)).std())
+    plain = float(bootstrap_fid(draw(1000), mu, sigma, resample_counts(400, 300, 0)).std())
+    assert stratified == pytest.approx(float(np.std(draws)), rel=0.3)
+    assert plain > 3 * stratified
+
+
 def test_normal_interval():
     reps = torch.tensor([1.0, 2.0, 3.0, 4.0])
     low, high = normal_interval(10.0, reps, 0.95)

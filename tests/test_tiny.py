@@ -153,3 +153,12 @@ def test_shipped_tiny_checkpoint_loads_and_samples(size):
 def test_shipped_weights_fit_the_size_budget():
     total = sum(p.stat().st_size for p in TINY_VAE.parent.glob("*.pt"))
     assert total <= 20 * 2**20
+
+
+def test_num_conditions_is_the_checkpoint_s_class_count():
+    from pipeline.backbones.load import load_backbone, num_conditions
+    from pipeline.config import load_config
+
+    for size in tiny.VAR_SIZES:
+        b = load_config([f"backbone={size}"]).backbone
+        assert num_conditions(b) == load_backbone(b).num_classes == 8

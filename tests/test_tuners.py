@@ -477,6 +477,25 @@ def test_bootstrap_replicates_are_computed_once_per_features(scorer):
     assert other is not first and torch.equal(other, bootstrap_fid(x[:48], mu, sigma, scorer._counts(48)))
 
 
+def test_a_scorer_with_conditions_resamples_inside_each(scorer):
+    from dataclasses import replace
+
+    from pipeline.metrics import bootstrap_fid, resample_counts
+    from pipeline.sampling import spread_labels
+    x = torch.from_numpy(features(Job(Candidate(8.0, None, None), 64, 3, fid=True)))
+    strat = replace(scorer, conditions=8)  # 8 images per condition: stratified, widened by sqrt(8 / 7)
+    mu, sigma = torch.from_numpy(scorer.reference.mu), torch.from_numpy(scorer.reference.sigma)
+    inside = bootstrap_fid(x, mu, sigma, resample_counts(64, scorer.replicates, derive_seed(0, 64),
+                                                          spread_labels(64, 8)))
+    reps = strat._replicates(x)
+    assert torch.allclose(reps - reps.mean(), (inside - inside.mean()) * math.sqrt(8 / 7))
+    se = strat.fid({scorer.evaluator.feature_layer: x})["fid_se"]
+    assert se == pytest.approx(float(inside.std()) * math.sqrt(8 / 7), rel=1e-9)
+    few = replace(scorer, conditions=40)  # fewer than 2 images per condition: the plain bootstrap
+    assert torch.equal(few._replicates(x), bootstrap_fid(x, mu, sigma, resample_counts(64, scorer.replicates,
+                                                                                      derive_seed(0, 64))))
+
+
 def test_common_random_numbers_shrink_the_noise_of_a_difference(scorer):
     a, b = Candidate(8.0, None, None), Candidate(8.5, None, None)
     paired = scorer.difference(*({"features": torch.from_numpy(features(Job(c, 256, 0, fid=True)))} for c in (a, b)))

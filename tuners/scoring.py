@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from torch import Tensor
 from pipeline.fid import FidEvaluator, Reference
 from pipeline.files import atomic_write
 from pipeline.metrics import bootstrap_fid, normal_interval, resample_counts
+from pipeline.sampling import spread_labels
 from tuners.jobs import Job
 from tuners.samplers import derive_seed
 from tuners.space import Candidate
@@ -121,6 +123,10 @@ class Scorer:
         replicates: bootstrap resamples per estimate.
         level: confidence of the intervals (e.g. 0.95).
         seed: the sweep seed; resamples at N are the same for every candidate (pairing).
+        conditions: the number of conditions the images cycle through (image i has condition
+            ``spread_labels(i)``, :func:`pipeline.sampling.sweep_conditions`): the bootstrap resamples inside each
+            condition (stratified, :func:`pipeline.metrics.resample_counts`) once every condition has at least two
+            images, with the small-stratum correction below; None: a plain bootstrap over all images.
     """
 
     evaluator: FidEvaluator
@@ -128,6 +134,7 @@ class Scorer:
     replicates: int
     level: float
     seed: int
+    conditions: int | None = None
     _cache: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False)  # features digest -> replicates
 
     @property
@@ -135,8 +142,14 @@ class Scorer:
         return list(dict.fromkeys([self.evaluator.feature_layer, *(
             [self.evaluator.isc_layer] if "isc" in self.evaluator.metrics else [])]))
 
+    def _strata(self, num_images: int) -> Tensor | None:
+        if self.conditions is None or num_images < 2 * self.conditions:
+            return None
+        return spread_labels(num_images, self.conditions)
+
     def _counts(self, num_images: int) -> Tensor:
-        return resample_counts(num_images, self.replicates, derive_seed(self.seed, num_images))
+        return resample_counts(num_images, self.replicates, derive_seed(self.seed, num_images),
+                               self._strata(num_images))
 
     def _replicates(self, features_NF: Tensor) -> Tensor:
         """The bootstrap FIDs of these features (computed once per distinct features: a race compares its current
@@ -144,7 +157,14 @@ class Scorer:
         key = hashlib.sha256(features_NF.contiguous().numpy().tobytes()).hexdigest()
         if key not in self._cache:
             mu, sigma = torch.from_numpy(self.reference.mu), torch.from_numpy(self.reference.sigma)
-            self._cache[key] = bootstrap_fid(features_NF, mu, sigma, self._counts(len(features_NF)))
+            replicates_R = bootstrap_fid(features_NF, mu, sigma, self._counts(len(features_NF)))
+            strata_N = self._strata(len(features_NF))
+            if strata_N is not None:
+                # inside a stratum of m images the bootstrap's variance is (m - 1) / m of the sampling variance:
+                # widen the spread by the smallest stratum's factor
+                m = int(torch.bincount(strata_N).min())
+                replicates_R = replicates_R.mean() + (replicates_R - replicates_R.mean()) * math.sqrt(m / (m - 1))
+            self._cache[key] = replicates_R
         return self._cache[key]
 
     def fid(self, features: dict[str, Tensor], *, all_metrics: bool = False) -> dict[str, float]:

@@ -31,3 +31,17 @@ def load_backbone(b: BackboneConfig, device: str | torch.device = "cpu") -> Scal
     from pipeline.backbones.var import load_var
 
     return load_var(b.vae_ckpt, b.var_ckpt, device=device)
+
+
+def num_conditions(b: BackboneConfig) -> int | None:
+    """How many conditions a sweep's images cycle through (:func:`pipeline.sampling.sweep_conditions`): the classes
+    of a VAR checkpoint (read from its class embedding, memory-mapped: no weights are loaded), or the prompts of a
+    text-to-image backbone's prompt set (None without one)."""
+    if b.kind == "switti":
+        if b.prompts is None:
+            return None
+        from pipeline.prompts import read_prompts
+
+        return len(read_prompts(b.prompts))
+    state = torch.load(b.var_ckpt, map_location="cpu", weights_only=True, mmap=True)
+    return int(state["class_emb.weight"].shape[0]) - 1
