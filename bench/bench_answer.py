@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="sweep seeds (default variant)")
     p.add_argument("--variant", action="append", default=[], choices=sorted(set(VARIANTS) - {"default"}),
-                   help="also run this variant at the first seed")
+                   help="also run this variant (at --variant-seeds)")
+    p.add_argument("--variant-seeds", type=int, nargs="+", default=None,
+                   help="sweep seeds of the variants (default: the first of --seeds)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="bench_grid.py results")
     p.add_argument("--runs", type=Path, default=Path("/work/answercache"), help="sweep roots (kept)")
     p.add_argument("--n", type=int, default=4096, help="images per grid seed for the re-measurement")
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     command = "python bench/bench_answer.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     jobs = [(f"answer-s{s}", s, "default") for s in args.seeds]
-    jobs += [(f"answer-{v}-s{args.seeds[0]}", args.seeds[0], v) for v in args.variant]
+    jobs += [(f"answer-{v}-s{s}", s, v) for v in args.variant for s in args.variant_seeds or args.seeds[:1]]
     answers = {}
     for name, seed, variant in jobs:
         best, wall = run_sweep(args.runs, name, seed, VARIANTS[variant])
@@ -155,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     noise_rows = noise_check(grid, three, args.n) if len(three) else ["| - | no three-seed points yet | |"]
     best_fid = {s: grid.fid(gp, s, args.n) for s in GRID_SEEDS}
     rows, ratios = [], []
+    by_variant: dict[str, dict[int, tuple[float, int]]] = {}  # variant -> seed -> (ratio, images)
     for name, (seed, variant, b, wall) in answers.items():
         pt = point_of(b)
         fids = {s: grid.fid(pt, s, args.n) for s in args.answer_seeds}
@@ -163,9 +166,21 @@ def main(argv: list[str] | None = None) -> int:
         if variant == "default":
             ratios.append(ratio)
         c = b["cost"]["total"]
+        by_variant.setdefault(variant, {})[seed] = (ratio, c["images"])
         rows.append(f"| {name} | {variant} | {seed} | {pt.label()} | {b['fid']:.2f} [{b['fid_low']:.2f}, "
                     f"{b['fid_high']:.2f}] | {statistics.mean(fids.values()):.3f} | {ratio:.3f} | {worst:.3f} | "
                     f"{c['images']} | {c['worker_s']:.0f} | {f'{wall / 60:.1f}' if math.isfinite(wall) else '-'} |")
+    variant_lines = []
+    for variant, runs in by_variant.items():
+        if variant in ("default", "earlier settings"):
+            continue
+        paired = {s: by_variant.get("default", {}).get(s) for s in runs}
+        variant_lines.append(
+            f"- {variant} (seeds {', '.join(map(str, runs))}): answer ÷ grid best "
+            f"{', '.join(f'{r:.3f}' for r, _ in runs.values())}, images {', '.join(str(i) for _, i in runs.values())}"
+            + ("; the default sweep at the same seeds: " + ", ".join(f"{d[0]:.3f} ({d[1]} images)"
+                                                                  for d in paired.values())
+               if all(paired.values()) else "") + ".")
     kinds_1d, mixed_2d = 2, len(BASELINE_WEIGHTS)
     baseline_1d = kinds_1d * len(BASELINE_WEIGHTS) * BASELINE_N + BASELINE_BEST_N
     baseline_all = (kinds_1d * len(BASELINE_WEIGHTS) + mixed_2d ** 2) * BASELINE_N + BASELINE_BEST_N
@@ -197,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f" The grid best's own FID has a std of {g['std']:.3f} ({g['std'] / g['mean']:.1%}) between seeds, so a "
            "ratio a few percent either side of 1 is inside the noise of this re-measurement." if three_seeds else ""),
         "",
+        *([*variant_lines, ""] if variant_lines else []),
         f"Cost baseline, a RandAR-style grid scaled to this backbone (w from 2 to 8 in steps of 0.5 at "
         f"{BASELINE_N} images per point, the best rerun at {BASELINE_BEST_N}): CFG and IGG alone "
         f"{baseline_1d:,} images; with mixed guidance on the same 13 x 13 grid {baseline_all:,} images. The default "
