@@ -85,10 +85,17 @@ class SearchConfig:
     w_cfg: list[float] = field(default_factory=lambda: [0.0, 6.0])  # starting [low, high]
     w_igg: list[float] = field(default_factory=lambda: [0.0, 6.0])  # starting [low, high]
     windows: list[int | None] = field(default_factory=lambda: [None])  # odd sizes; null = global
+    # guidance intervals searched (guidance.schedule=interval): [start, end] pairs, the scales start <= k < end
+    # (end null: to the last); null: every candidate guides guidance.schedule_start .. schedule_end
+    intervals: list[Any] | None = None
     max_weight: float = 30.0  # cap: a range grows up to here, never past it
     edge: float = 0.1  # a best candidate in the top `edge` fraction of a range is at its edge: the range grows
     grow: float = 2.0  # factor on the range's span when it grows
     max_grows: int = 3  # proxy rounds that may grow the ranges (each adds n_trials // 2 trials)
+
+    def interval_choices(self) -> list[tuple[int, int | None]] | None:
+        """search.intervals as (start, end) tuples, or None when the interval is not searched."""
+        return None if self.intervals is None else [(int(a), None if b is None else int(b)) for a, b in self.intervals]
 
 
 @dataclass
@@ -433,6 +440,8 @@ def validate(cfg: SweepConfig) -> None:
                 raise ConfigError(
                     f"search.windows: {window} is not an odd size >= 1; use e.g. search.windows=[null,3,5]"
                 )
+    if s.intervals is not None:
+        _intervals(s.intervals, g.schedule, K)
     if not p.design or any(not 0.0 <= f <= 1.0 for f in p.design):
         raise ConfigError(f"proxy.design={p.design} must hold fractions in [0, 1]; e.g. proxy.design=[0.25,0.5,1]")
     temp = cfg.backbone.last_scale_temp
@@ -470,6 +479,24 @@ def validate(cfg: SweepConfig) -> None:
         if db is not None:
             _writable_root(key, db.parent)
     _writable_root("sweep.output_dir", Path(cfg.sweep.output_dir))
+
+
+def _intervals(intervals: list[Any], schedule: str, K: int) -> None:
+    """ConfigError unless search.intervals is a list of distinct [start, end] with 0 <= start < end <= K."""
+    example = "e.g. search.intervals=[[0,null],[2,null]]"
+    if schedule != "interval":
+        raise ConfigError(f"search.intervals needs guidance.schedule=interval (it is {schedule}); {example}")
+    if not intervals:
+        raise ConfigError(f"search.intervals is empty; give [start, end] pairs or null, {example}")
+    seen = set()
+    for item in intervals:
+        ok = isinstance(item, list | tuple) and len(item) == 2 and all(
+            v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in item) and item[0] is not None
+        end = (K if item[1] is None else item[1]) if ok else None
+        if not ok or not 0 <= item[0] < end <= K or tuple(item) in seen:
+            raise ConfigError(f"search.intervals: {item} is not a new [start, end] with 0 <= start < end <= {K} (the "
+                              f"backbone's scales; end null: to the last); {example}")
+        seen.add(tuple(item))
 
 
 def validated(cfg: DictConfig) -> SweepConfig:

@@ -138,7 +138,8 @@ class Worker:
 
         def batches() -> Iterator[Tensor]:
             for b, result in seeded_batches(self.backbone, c.w_cfg, c.w_igg, c.window, num_images=job.num_images,
-                                            batch_size=batch_size, seed=job.seed, sampling=Sampling.of(cfg),
+                                            batch_size=batch_size, seed=job.seed,
+                                            sampling=Sampling.of(cfg).guiding(c.interval),
                                             start=job.start, with_signals=lambda b: b == first or not job.fid):
                 for k, signals in enumerate(result.signals):
                     for name in SIGNALS:

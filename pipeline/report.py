@@ -6,6 +6,7 @@ atomic (temp file in the same folder, fsync, os.replace): a crash never leaves a
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from torchvision.utils import make_grid
 
 from pipeline.files import atomic_write
 from tuners.confirm import Margin, Racer
+from tuners.space import interval_code
 
 BEST_KEYS = ("backbone", "guidance", "w_cfg", "w_igg", "window", "fid", "gap", "spearman_rho")
 
@@ -104,6 +106,7 @@ class Best:
     cost: dict  # stage -> images sampled, worker seconds, trials; and the total
     sampling: dict  # schedule, interval, top_k, top_p, seed, labels: what reproduces the winner's images
     checkpoints: dict  # file -> sha256
+    interval: list | None = None  # the winner's guidance interval [start, end] when search.intervals searched it
 
     def as_dict(self) -> dict:
         def clean(x):
@@ -127,11 +130,11 @@ def write_best(path: str | Path, best: Best) -> Path:
 def read_best(path: str | Path) -> Best:
     """Load and check a best.yaml; ValueError naming the problem if it is not one."""
     data = yaml.safe_load(Path(path).read_text())
-    if not isinstance(data, dict) or set(data) != set(BEST_KEYS):
+    required = {k for k, f in Best.__dataclass_fields__.items() if f.default is dataclasses.MISSING}
+    if not isinstance(data, dict) or not required <= set(data) <= set(BEST_KEYS):
         keys = sorted(data) if isinstance(data, dict) else data
         raise ValueError(f"{path} is not a guidetune best.yaml (keys {keys}); rerun the sweep to write it")
-    return Best(**{k: (math.nan if data[k] is None and k in ("fid", "fid_low", "fid_high") else data[k])
-                   for k in BEST_KEYS})
+    return Best(**{k: (math.nan if v is None and k in ("fid", "fid_low", "fid_high") else v) for k, v in data.items()})
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -141,12 +144,14 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 def race_table(racers: list[Racer], winner: Racer) -> dict[str, list]:
     """The race as columns (for ``MlflowClient.log_table``): one row per finalist and rung it reached, with the FID
     and its interval at that rung, its refinement FID (raw and smoothed), and how it left."""
-    columns: dict[str, list] = {k: [] for k in ("candidate", "kind", "role", "w_cfg", "w_igg", "window", "refine_fid",
-                                                "refine_smoothed", "num_images", "fid", "fid_low", "fid_high",
-                                                "outcome")}
+    columns: dict[str, list] = {k: [] for k in ("candidate", "kind", "role", "w_cfg", "w_igg", "window", "interval",
+                                                "refine_fid", "refine_smoothed", "num_images", "fid", "fid_low",
+                                                "fid_high", "outcome")}
     for r in racers:
+        c = r.candidate
         for n, score in sorted(r.scores.items()):
-            row = {"candidate": r.candidate.label(), "kind": r.candidate.kind, "role": r.role, **r.candidate.as_dict(),
+            row = {"candidate": c.label(), "kind": c.kind, "role": r.role, "w_cfg": c.w_cfg, "w_igg": c.w_igg,
+                   "window": c.window, "interval": None if c.interval is None else interval_code(c.interval),
                    "refine_fid": r.refine_fid, "refine_smoothed": r.refine_smoothed, "num_images": n,
                    "fid": score["fid"], "fid_low": score["fid_low"], "fid_high": score["fid_high"],
                    "outcome": "winner" if r is winner else r.left or "-"}

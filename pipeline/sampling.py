@@ -18,6 +18,7 @@ guidance apply inside the same interval.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
@@ -260,6 +261,12 @@ class Sampling:
     last_scale_temp: float | None = None
     drop_uncond: bool = False
     prompts: str | None = None     # text-to-image: the CSV of the prompt set (pipeline.prompts)
+
+    def guiding(self, interval: tuple[int, int | None] | None) -> Sampling:
+        """This sampling with its guidance interval set to `interval` (start, end); None: unchanged."""
+        if interval is None:
+            return self
+        return dataclasses.replace(self, interval_start=interval[0], interval_end=interval[1])
 
     @classmethod
     def of(cls, cfg: SweepConfig) -> Sampling:

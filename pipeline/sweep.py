@@ -177,8 +177,11 @@ def answer(cfg: SweepConfig, winner: Racer, margin: Margin | None, racers: list[
         margin=None if margin is None else {"diff": margin.diff, "low": margin.low, "high": margin.high,
                                             "num_images": margin.num_images, "separated": margin.separated},
         default=default_out, cost=cost,
-        sampling={"schedule": cfg.guidance.schedule, "schedule_start": cfg.guidance.schedule_start,
-                  "schedule_end": cfg.guidance.schedule_end, "top_k": cfg.backbone.top_k, "top_p": cfg.backbone.top_p,
+        interval=None if c.interval is None else list(c.interval),
+        sampling={"schedule": cfg.guidance.schedule,
+                  "schedule_start": cfg.guidance.schedule_start if c.interval is None else c.interval[0],
+                  "schedule_end": cfg.guidance.schedule_end if c.interval is None else c.interval[1],
+                  "top_k": cfg.backbone.top_k, "top_p": cfg.backbone.top_p,
                   "seed": candidate_seed(cfg.seed, c, common=cfg.refine.common_seeds), "sweep_seed": cfg.seed,
                   "batch_size": cfg.confirm.batch_size, "level": cfg.confirm.level,
                   "bootstrap": f"{cfg.confirm.bootstrap} resamples, "
@@ -285,7 +288,7 @@ class Sweep:
         c = winner.candidate
         metrics = {"best_fid": best.fid, "best_fid_low": best.fid_low, "best_fid_high": best.fid_high,
                    **{f"cost_{stage}_{k}": float(v) for stage, cs in cost.items() for k, v in cs.items()}}
-        metrics.update({f"best_{k}": float(v) for k, v in c.as_dict().items() if v is not None})
+        metrics.update({f"best_{k}": float(v) for k, v in c.as_dict().items() if v is not None and k != "interval"})
         if margin is not None:
             metrics.update({"margin": margin.diff, "margin_low": margin.low, "margin_high": margin.high})
         tags = {"guidetune.best": c.label(), "guidetune.best_kind": c.kind,

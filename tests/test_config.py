@@ -104,6 +104,9 @@ def test_defaults_and_derived_paths():
     assert cfg.storage == "sqlite:///mlruns/optuna.db"
     assert cfg.sweep.output_dir == "mlruns/sweeps/tiny-auto"
     assert cfg.search.windows == [None] and cfg.search.sampler == "tpe"
+    assert cfg.search.intervals is None and cfg.search.interval_choices() is None
+    searched = load_config(["guidance.schedule=interval", "search.intervals=[[0,null],[2,5]]"]).search
+    assert searched.interval_choices() == [(0, None), (2, 5)]
     other = to_schema(compose_config(["root=/x", "sweep.name=abc"]))
     assert (other.storage, other.tracking.uri, other.sweep.output_dir) == (
         "sqlite:////x/optuna.db", "sqlite:////x/mlflow.db", "/x/sweeps/abc")
@@ -138,6 +141,12 @@ BAD = [
     (["search.windows=[0]"], "search.windows: 0 is not an odd size"),
     (["search.windows=[-3]"], "search.windows: -3 is not an odd size"),
     (["search.windows=[]"], "search.windows is empty"),
+    (["search.intervals=[[0,null]]"], "search.intervals needs guidance.schedule=interval"),
+    (["guidance.schedule=interval", "search.intervals=[]"], "search.intervals is empty"),
+    (["guidance.schedule=interval", "search.intervals=[[3,2]]"], "search.intervals: [3, 2] is not a new"),
+    (["guidance.schedule=interval", "search.intervals=[[0,9]]"], "search.intervals: [0, 9] is not a new"),
+    (["guidance.schedule=interval", "search.intervals=[[1,null],[1,null]]"], "search.intervals: [1, None] is not"),
+    (["guidance.schedule=interval", "search.intervals=[4]"], "search.intervals: 4 is not a new"),
     (["search.n_trials=-1"], "search.n_trials and search.max_grows must be >= 0"),
     (["search.w_igg=[0,40]"], "search.w_igg=[0.0, 40.0] reaches past search.max_weight=30.0"),
     (["search.edge=1.5"], "search.edge=1.5 must lie strictly between 0 and 1"),

@@ -5,6 +5,7 @@ and the official pipeline's tokens and images) were made by tests/switti_referen
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import shutil
@@ -364,10 +365,13 @@ def sweep_overrides(tmp_path: Path) -> list[str]:
     return [*switti_overrides(tmp_path), f"backbone.vae_ckpt={upsampling_vae(tmp_path / 'vae24')}",
             "sweep.name=switti-e2e", "backbone.fid_extractor=guidetune-tiny", f"confirm.extractor_weights={cls}",
             f"confirm.reference={tmp_path / 'ref.npz'}", "confirm.metrics=[fid]", "launcher.workers=1",
-            "guidance.schedule=interval", "guidance.schedule_end=4", "backbone.last_scale_temp=0.5", *SMALL_SWEEP]
+            "guidance.schedule=interval", "guidance.schedule_end=4", "backbone.last_scale_temp=0.5",
+            "search.intervals=[[0,4],[1,null]]", *SMALL_SWEEP]
 
 
 def test_the_sweep_worker_runs_proxy_and_fid_jobs_on_switti(tmp_path):
+    import numpy as np
+
     from pipeline.config import load_config
     from pipeline.distributed import Worker, worker_files
     from pipeline.sampling import Sampling, seeded_batches
@@ -383,6 +387,12 @@ def test_the_sweep_worker_runs_proxy_and_fid_jobs_on_switti(tmp_path):
     assert proxy.error is None and proxy.num_images == 8
     fid = worker.evaluate(Job(Candidate(4.0, None, None), num_images=24, seed=3, fid=True))
     assert fid.error is None and fid.features["features"].shape == (24, 16)
+    on = [worker.evaluate(Job(Candidate(4.0, None, None, interval=(1, 3)), num_images=24, seed=3, fid=True))
+          for _ in range(2)]  # the candidate's own on/off scales (the first unguided), the same draws twice
+    assert np.array_equal(on[0].features["features"], on[1].features["features"])
+    assert not np.array_equal(on[0].features["features"], fid.features["features"])
+    assert Sampling.of(cfg).guiding((1, 3)) == dataclasses.replace(Sampling.of(cfg), interval_start=1, interval_end=3)
+    assert Sampling.of(cfg).guiding(None) == Sampling.of(cfg)
     images = torch.cat([r.images for _, r in seeded_batches(worker.backbone, 4.0, None, None, num_images=24,
                                                             batch_size=24, seed=3, sampling=Sampling.of(cfg))])
     assert images.shape == (24, 3, 24, 24)
@@ -406,6 +416,8 @@ def test_a_whole_sweep_runs_on_the_tiny_switti(tmp_path):
     assert best["sampling"]["drop_uncond"] is True and best["sampling"]["last_scale_temp"] == 0.5
     assert set(best["checkpoints"]) == {"vae_ckpt", "var_ckpt", "text_encoder", "text_encoder_2"}
     assert "prompts.csv" in best["sampling"]["labels"]
+    assert best["interval"] in ([0, 4], [1, None])  # searched: the winner's on/off scales, which generate replays
+    assert [best["sampling"]["schedule_start"], best["sampling"]["schedule_end"]] == best["interval"]
 
 
 def tiny_clip(folder: Path) -> Path:

@@ -9,6 +9,7 @@ FidEvaluator, the bootstrap of pipeline.metrics. Optuna storage is a real SQLite
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import deque
 
@@ -26,7 +27,7 @@ from tuners.proxy import ProxyStage, gap_name, gaps_of
 from tuners.refine import RefineStage
 from tuners.samplers import derive_seed, make_sampler
 from tuners.scoring import FeatureBank, Scorer, candidate_seed
-from tuners.space import Candidate, Ranges, Region, design_points, suggest
+from tuners.space import Candidate, Ranges, Region, design_points, from_params, suggest, trial_params
 from tuners.studies import RECORD, fail_stale, open_study, record_of, study_name
 from tuners.surrogate import log_weights, posterior_mean
 
@@ -163,6 +164,28 @@ def test_suggest_only_the_kind_parameters_inside_the_box():
         assert c.w_cfg is None or 1.0 <= c.w_cfg <= 2.0
         assert c.w_igg is None or 3.0 <= c.w_igg <= 4.0
         assert c.window in (None, 5)
+
+
+def test_an_interval_is_a_categorical_that_round_trips():
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=2))
+    intervals = [(0, None), (2, None), (2, 5)]
+    asked = set()
+    for _ in range(12):
+        trial = study.ask()
+        c = suggest(trial, "cfg", {"w_cfg": (1.0, 2.0)}, [None], intervals=intervals)
+        assert c.interval in intervals and set(trial.params) == {"w_cfg", "interval"}
+        assert from_params(trial.params) == c
+        asked.add(c.interval)
+        study.tell(trial, 1.0)
+    assert asked == set(intervals)
+    c = Candidate(None, 3.0, 5, interval=(2, 5))
+    study.enqueue_trial({"kind": "igg", **trial_params(c)})  # asked again exactly (the refine's warm start)
+    trial = study.ask()
+    trial.suggest_categorical("kind", ["igg"])
+    assert suggest(trial, "igg", {"w_igg": (1.0, 2.0)}, [None, 5], intervals=intervals) == c
+    assert Candidate(3.0, None, None, interval=[2, None]).interval == (2, None)  # as a stored record holds it
+    assert "scales 2:5" in c.label() and c.as_dict()["interval"] == [2, 5]
+    assert c.key(2) != Candidate(None, 3.0, 5).key(2) and "interval" not in Candidate(None, 3.0, 5).as_dict()
 
 
 def test_ranges_grow_at_the_edge_up_to_the_cap():
@@ -401,6 +424,11 @@ def test_each_candidate_draws_its_own_images_unless_common():
     assert len({candidate_seed(5, c, common=False) for c in (a, b, Candidate(9.0, 1.0, 3))}) == 3
     assert candidate_seed(5, a, common=False) != candidate_seed(6, a, common=False)
     assert candidate_seed(5, a, common=True) == candidate_seed(5, b, common=True) == 5
+    # a candidate without an interval keeps the seed it always had; another interval draws other images
+    assert candidate_seed(5, a, common=False) == derive_seed(5, int(hashlib.sha256(b"[9.0, null, null]").hexdigest()
+                                                                    [:15], 16))
+    assert candidate_seed(5, Candidate(9.0, None, None, interval=(2, None)), common=False) != candidate_seed(
+        5, a, common=False)
 
 
 def test_refinement_is_reproducible_and_resumes(tmp_path, scorer):

@@ -33,7 +33,7 @@ REFINED, DEFAULT = "refined", "default"
 def job_key(job: Job) -> str:
     """Ledger identity of a job: its candidate, image range and seed."""
     c = job.candidate
-    return json.dumps([c.w_cfg, c.w_igg, c.window, job.start, job.num_images, job.seed, job.fid])
+    return json.dumps([*c.identity(), job.start, job.num_images, job.seed, job.fid])
 
 
 def default_candidate(backbone: BackboneConfig) -> Candidate:

@@ -22,7 +22,7 @@ from pipeline.metrics import equilibrium_gap
 from tuners.driver import drive
 from tuners.jobs import DIVERGENCE_SIGNAL, EVENNESS_SIGNAL, Done, Job, Observer, Pool, TrialRecord
 from tuners.samplers import derive_seed, make_sampler
-from tuners.space import Candidate, Ranges, design_points, from_params, suggest
+from tuners.space import Candidate, Ranges, design_points, from_params, suggest, trial_params
 from tuners.studies import counts_toward_budget, fail_stale, reason_of, record_of, tell
 
 STATE = "state"  # proxy-study user attr: ProxyState
@@ -67,11 +67,10 @@ class ProxyStage:
             self.state = ProxyState(**stored)
             self.ranges.spans = self.state.spans
         else:
-            points = design_points(self.kinds, self.ranges, self.proxy.design)
+            intervals = self.search.interval_choices()
+            points = design_points(self.kinds, self.ranges, self.proxy.design, intervals[0] if intervals else None)
             for c in dict.fromkeys(points):
-                self.study.enqueue_trial({"kind": c.kind, **{k: v for k, v in c.as_dict().items()
-                                                             if k in ("w_cfg", "w_igg") and v is not None},
-                                          **({"window": None} if c.w_igg is not None else {})})
+                self.study.enqueue_trial({"kind": c.kind, **trial_params(c)})
             self.state = ProxyState(len(dict.fromkeys(points)) + self.search.n_trials, 0, self.ranges.spans)
             self._save()
 
@@ -139,7 +138,8 @@ class ProxyStage:
             trial = self.study.ask()
             kind = trial.suggest_categorical("kind", list(self.kinds))
             box = {w: tuple(span) for w, span in self.ranges.spans[kind].items()}
-            job = Job(suggest(trial, kind, box, self.search.windows), self.proxy.num_images, self.seed)
+            job = Job(suggest(trial, kind, box, self.search.windows, intervals=self.search.interval_choices()),
+                      self.proxy.num_images, self.seed)
             running[trial.number] = (asked, trial, job)
             asked += 1
             self.observer.started("proxy", trial.number, job)

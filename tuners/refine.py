@@ -33,7 +33,7 @@ from tuners.driver import drive
 from tuners.jobs import Done, Job, Observer, Pool, TrialRecord
 from tuners.samplers import derive_seed, make_sampler
 from tuners.scoring import FeatureBank, Scorer
-from tuners.space import WEIGHTS, Candidate, Ranges, Region, from_params, suggest
+from tuners.space import WEIGHTS, Candidate, Ranges, Region, from_params, suggest, trial_params
 from tuners.studies import counts_toward_budget, fail_stale, reason_of, record_of, tell
 from tuners.surrogate import log_weights, posterior_mean
 
@@ -86,7 +86,7 @@ class RefineStage:
         for search in self.kinds.values():
             replay = fail_stale(search.study)
             if not search.study.get_trials(deepcopy=False):  # a fresh study: the warm start goes first
-                replay = [self._params(c) for c in search.warm[: self.refine.warm_start]]
+                replay = [trial_params(c) for c in search.warm[: self.refine.warm_start]]
             for params in replay:
                 search.study.enqueue_trial(params)
             self._replay(search)
@@ -99,16 +99,11 @@ class RefineStage:
                 probe = search.region.probe()
                 waiting = search.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
                 if probe is not None and not waiting and len(search.counted()) < self.refine.n_trials:
-                    search.study.enqueue_trial(self._params(probe))  # pattern step along the growth
+                    search.study.enqueue_trial(trial_params(probe))  # pattern step along the growth
             self._round(pool, todo)
             for search in self.kinds.values():
                 self._close_round(search)
                 self._replay(search)
-
-    @staticmethod
-    def _params(c: Candidate) -> dict:
-        params = {k: v for k, v in c.as_dict().items() if k in ("w_cfg", "w_igg") and v is not None}
-        return {**params, "window": c.window} if c.w_igg is not None else params
 
     def _replay(self, search: KindSearch) -> None:
         """The region and the best of a kind as a function of its told trials, round by round (so a resumed
@@ -127,7 +122,9 @@ class RefineStage:
         if not done:
             return []
         weights_Nd = torch.tensor([[t.params[w] for w in WEIGHTS if w in t.params] for t in done])
-        window_N = torch.tensor([-1 if t.params.get("window") is None else t.params["window"] for t in done])
+        arms: dict[tuple, int] = {}  # (window, interval) -> a code: the kernel's categorical
+        window_N = torch.tensor([arms.setdefault((t.params.get("window"), t.params.get("interval")), len(arms))
+                                 for t in done])
         fid_N = torch.tensor([t.value for t in done], dtype=torch.float64)
         se_N = torch.tensor([record_of(t).metrics["fid_se"] for t in done], dtype=torch.float64)
         mean_N = posterior_mean(log_weights(weights_Nd.double()), window_N, fid_N.log(), (se_N / fid_N).square(),
@@ -164,7 +161,8 @@ class RefineStage:
             trial = search.study.ask()
             with warnings.catch_warnings():  # an enqueued warm start or pattern step may lie outside the box
                 warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range", category=UserWarning)
-                candidate = suggest(trial, search.kind, search.region.box(), self.search.windows, log=True)
+                candidate = suggest(trial, search.kind, search.region.box(), self.search.windows, log=True,
+                                    intervals=self.search.interval_choices())
             job = Job(candidate, self.refine.num_images, self.bank.seed_of(candidate), fid=True)
             running[tag] = (search, trial, job)
             self.observer.started(f"refine/{search.kind}", trial.number, job)
@@ -212,7 +210,7 @@ class RefineStage:
                  if any(crv[0].kind == k for crv in scored)]
 
         def near(a: Candidate, b: Candidate) -> bool:
-            if a.kind != b.kind or a.window != b.window:
+            if a.kind != b.kind or a.window != b.window or a.interval != b.interval:
                 return False
             return math.dist(*(log_weights(torch.tensor(list(c.weights().values()))).tolist() for c in (a, b))
                              ) < separation

@@ -37,7 +37,7 @@ from tuners.space import Candidate
 def block_key(job: Job) -> str:
     """File stem of a job's features: a hash of its candidate, seed and image range."""
     c = job.candidate
-    text = json.dumps([c.w_cfg, c.w_igg, c.window, job.seed, job.start, job.num_images])
+    text = json.dumps([*c.identity(), job.seed, job.start, job.num_images])
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -47,7 +47,7 @@ def candidate_seed(seed: int, candidate: Candidate, *, common: bool) -> int:
     draws the same images and two candidates draw independent ones."""
     if common:
         return seed
-    text = json.dumps([candidate.w_cfg, candidate.w_igg, candidate.window])
+    text = json.dumps(candidate.identity())
     return derive_seed(seed, int(hashlib.sha256(text.encode()).hexdigest()[:15], 16))
 
 

@@ -2,12 +2,15 @@
 
 A candidate's kind follows from which terms it has: ``cfg`` (w only), ``igg`` (w′ and a window), ``mixed`` (both).
 Every kind has its own weights and ranges; a range starts where the configuration says and grows, up to
-``search.max_weight``, while the best candidate found lies at its upper edge (:class:`Ranges`).
+``search.max_weight``, while the best candidate found lies at its upper edge (:class:`Ranges`). With
+``search.intervals`` a candidate also has its guidance interval: the scales ``start <= k < end`` it guides
+(``guidance.schedule=interval``, Switti's CFG on/off scales), a categorical like the window.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,13 +22,35 @@ KIND_PARAMS = {"cfg": ("w_cfg",), "igg": ("w_igg", "window"), "mixed": ("w_cfg",
 WEIGHTS = ("w_cfg", "w_igg")
 
 
+Interval = tuple[int, int | None]  # guided scales start <= k < end; end None: to the last scale
+
+
+def interval_code(interval: Sequence[int | None]) -> str:
+    """An interval as an Optuna categorical choice: ``"2:7"``, ``"2:"`` (to the last scale)."""
+    start, end = interval
+    return f"{start}:{'' if end is None else end}"
+
+
+def parse_interval(code: str) -> Interval:
+    """The interval of :func:`interval_code`'s string."""
+    start, end = code.split(":")
+    return int(start), None if end == "" else int(end)
+
+
 @dataclass(frozen=True)
 class Candidate:
-    """One guidance setting. A weight of None drops its term; window None is global IGG attention."""
+    """One guidance setting. A weight of None drops its term; window None is global IGG attention; interval None
+    guides the sweep's own schedule (``guidance.schedule_start`` .. ``schedule_end``)."""
 
     w_cfg: float | None
     w_igg: float | None
     window: int | None
+    interval: Interval | None = None
+
+    def __post_init__(self) -> None:
+        if self.interval is not None:  # a stored record holds a list
+            start, end = self.interval
+            object.__setattr__(self, "interval", (int(start), None if end is None else int(end)))
 
     @property
     def kind(self) -> str:
@@ -34,20 +59,29 @@ class Candidate:
             return "mixed"
         return "cfg" if self.w_cfg is not None else "igg" if self.w_igg is not None else "unguided"
 
-    def key(self, decimals: int) -> tuple[float | None, float | None, int | None]:
+    def key(self, decimals: int) -> tuple[float | None, float | None, int | None, Interval | None]:
         """Identity after rounding the weights: candidates with equal keys are the same candidate."""
 
         def r(w: float | None) -> float | None:
             return None if w is None else round(w, decimals)
 
-        return (r(self.w_cfg), r(self.w_igg), self.window if self.w_igg is not None else None)
+        return (r(self.w_cfg), r(self.w_igg), self.window if self.w_igg is not None else None, self.interval)
 
     def weights(self) -> dict[str, float]:
         """The weights this candidate sets (w_cfg and/or w_igg)."""
         return {name: w for name in WEIGHTS if (w := getattr(self, name)) is not None}
 
     def as_dict(self) -> dict[str, Any]:
-        return {"w_cfg": self.w_cfg, "w_igg": self.w_igg, "window": self.window}
+        """w_cfg, w_igg, window; and interval [start, end] when the candidate has its own."""
+        out: dict[str, Any] = {"w_cfg": self.w_cfg, "w_igg": self.w_igg, "window": self.window}
+        if self.interval is not None:
+            out["interval"] = list(self.interval)
+        return out
+
+    def identity(self) -> list:
+        """What names the candidate in seeds and file names: its weights and window, and its interval if it has
+        one (so a sweep without intervals keeps the seeds and files it always had)."""
+        return [self.w_cfg, self.w_igg, self.window, *([list(self.interval)] if self.interval is not None else [])]
 
     def label(self) -> str:
         """Short human-readable form, e.g. ``w=2.50 w'=1.00 win=3``."""
@@ -56,6 +90,8 @@ class Candidate:
             parts.append(f"w={self.w_cfg:.2f}")
         if self.w_igg is not None:
             parts.append(f"w'={self.w_igg:.2f} win={'global' if self.window is None else self.window}")
+        if self.interval is not None:
+            parts.append(f"scales {interval_code(self.interval)}")
         return " ".join(parts) if parts else "unguided"
 
 
@@ -122,6 +158,7 @@ class Region:
     history: list[str] = field(default_factory=list)  # what each update did (grew, kept, shrank)
     direction: dict[str, int] = field(default_factory=dict)  # weight -> side of the last growth (+1 up, -1 down)
     window: int | None = None  # the window of the best candidate (IGG kinds)
+    interval: Interval | None = None  # and its interval
     step: dict[str, float] = field(default_factory=dict)  # weight -> half the radius before the last update
 
     def _clip(self, w: float) -> float:
@@ -153,7 +190,7 @@ class Region:
         self.step = {w: r / 2 for w, r in self.radius.items()}
         self.radius = {w: r * factor for w, r in self.radius.items()}
         self.history.append(action)
-        self.window = best.window
+        self.window, self.interval = best.window, best.interval
 
     def probe(self) -> Candidate | None:
         """After a growth, the step the region grew for: the weights on the edge moved on by half the radius before
@@ -163,26 +200,42 @@ class Region:
         moved = {w: self._clip(math.expm1(math.log1p(c) + self.direction.get(w, 0) * self.step[w]))
                  for w, c in self.centre.items()}
         return Candidate(w_cfg=moved.get("w_cfg"), w_igg=moved.get("w_igg"),
-                         window=self.window if "w_igg" in moved else None)
+                         window=self.window if "w_igg" in moved else None, interval=self.interval)
 
 
 def suggest(trial: optuna.Trial, kind: str, box: dict[str, tuple[float, float]], windows: list[int | None], *,
-            log: bool = False) -> Candidate:
+            log: bool = False, intervals: list[Interval] | None = None) -> Candidate:
     """Ask the trial for the weights of `kind` inside `box` (weight -> (low, high), low > 0 with `log`: sampled
-    uniformly in log w) and, with IGG, a window."""
+    uniformly in log w), with IGG a window, and with `intervals` one of them (categorical ``interval``)."""
     w_cfg = trial.suggest_float("w_cfg", *box["w_cfg"], log=log) if "w_cfg" in KIND_PARAMS[kind] else None
     w_igg = trial.suggest_float("w_igg", *box["w_igg"], log=log) if "w_igg" in KIND_PARAMS[kind] else None
     window = trial.suggest_categorical("window", list(windows)) if "window" in KIND_PARAMS[kind] else None
-    return Candidate(w_cfg=w_cfg, w_igg=w_igg, window=window)
+    interval = None if intervals is None else parse_interval(
+        trial.suggest_categorical("interval", [interval_code(i) for i in intervals]))
+    return Candidate(w_cfg=w_cfg, w_igg=w_igg, window=window, interval=interval)
+
+
+def trial_params(c: Candidate) -> dict[str, Any]:
+    """The Optuna params that ask for `c` again (``enqueue_trial``): its weights, window and interval."""
+    params: dict[str, Any] = c.weights()
+    if c.w_igg is not None:
+        params["window"] = c.window
+    if c.interval is not None:
+        params["interval"] = interval_code(c.interval)
+    return params
 
 
 def from_params(params: dict[str, Any]) -> Candidate:
     """The candidate of a finished Optuna trial (its params hold only the names of its kind)."""
-    return Candidate(w_cfg=params.get("w_cfg"), w_igg=params.get("w_igg"), window=params.get("window"))
+    interval = params.get("interval")
+    return Candidate(w_cfg=params.get("w_cfg"), w_igg=params.get("w_igg"), window=params.get("window"),
+                     interval=None if interval is None else parse_interval(interval))
 
 
-def design_points(kinds: list[str], ranges: Ranges, fractions: list[float]) -> list[Candidate]:
-    """Stage 1 design points: for each kind, every weight at the same fraction of its range, global IGG attention."""
+def design_points(kinds: list[str], ranges: Ranges, fractions: list[float],
+                  interval: Interval | None = None) -> list[Candidate]:
+    """Stage 1 design points: for each kind, every weight at the same fraction of its range, global IGG attention,
+    `interval` (with ``search.intervals``, the first)."""
 
     def at(kind: str, name: str, f: float) -> float | None:
         if name not in ranges.spans[kind]:
@@ -190,5 +243,5 @@ def design_points(kinds: list[str], ranges: Ranges, fractions: list[float]) -> l
         low, high = ranges.spans[kind][name]
         return low + f * (high - low)
 
-    return [Candidate(w_cfg=at(k, "w_cfg", f), w_igg=at(k, "w_igg", f), window=None)
+    return [Candidate(w_cfg=at(k, "w_cfg", f), w_igg=at(k, "w_igg", f), window=None, interval=interval)
             for k in kinds for f in sorted(set(fractions))]
