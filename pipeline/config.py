@@ -144,6 +144,7 @@ class ConfirmConfig:
     reference: str = MISSING  # FID reference; defaults to backbone.fid_reference
     reference_num_images: int = 2000  # images of the embedded dataset when reference is "shapes"
     extractor_weights: str | None = None  # local weights of the FID feature extractor (offline clusters)
+    clip_weights: str | None = None  # text-to-image: a local Hub CLIP folder; FID jobs also measure the CLIP score
     metrics: list[str] = field(default_factory=lambda: list(FID_METRICS))
     batch_size: int = 64
     decimals: int = 2  # candidates equal after rounding weights to this many decimals are one candidate
@@ -474,6 +475,13 @@ def validate(cfg: SweepConfig) -> None:
         )
     if c.extractor_weights is not None:
         _existing_file("confirm.extractor_weights", c.extractor_weights, "give the local extractor weights file")
+    if c.clip_weights is not None:
+        if cfg.backbone.kind != "switti":
+            raise ConfigError("confirm.clip_weights scores images against prompts; the backbone is class-conditional "
+                              "(a text-to-image backbone has prompts), so set confirm.clip_weights=null")
+        if not Path(c.clip_weights).is_dir():
+            raise ConfigError(f"confirm.clip_weights: {c.clip_weights} is not a folder; download a Hub CLIP model "
+                              "into it (e.g. openai/clip-vit-large-patch14) or set confirm.clip_weights=null")
     for key, url in (("tracking.uri", cfg.tracking.uri), ("storage", cfg.storage)):
         db = sqlite_path(url)
         if db is not None:

@@ -36,8 +36,8 @@ from pipeline.config import ConfigError, LauncherConfig, SweepConfig
 from pipeline.fid import FidEvaluator, Reference
 from pipeline.metrics import trial_mean
 from pipeline.report import heatmap_png, sample_grid_png
-from pipeline.sampling import Sampling, seeded_batches
-from tuners.jobs import SIGNALS, Done, Evaluation, Job
+from pipeline.sampling import Sampling, seeded_batches, sweep_conditions
+from tuners.jobs import CLIP_LAYER, SIGNALS, Done, Evaluation, Job
 
 LOOPBACK = "127.0.0.1"
 POLL_S = 5.0  # while waiting for a job, check this often that the cluster still answers
@@ -70,6 +70,8 @@ def worker_files(cfg: SweepConfig, reference: Reference | None) -> list[tuple[st
         files.append(("backbone.prompts", cfg.backbone.prompts))
     if reference is not None and cfg.confirm.extractor_weights is not None:
         files.append(("confirm.extractor_weights", cfg.confirm.extractor_weights))
+    if reference is not None and cfg.confirm.clip_weights is not None:
+        files.append(("confirm.clip_weights", cfg.confirm.clip_weights))
     return [(key, str(path)) for key, path in files]
 
 
@@ -106,6 +108,11 @@ class Worker:
                 batch_size=cfg.confirm.batch_size,
                 progress=False,
             )
+        self.clip = None
+        if reference is not None and cfg.confirm.clip_weights is not None:
+            from pipeline.clip_score import ClipScorer
+
+            self.clip = ClipScorer(cfg.confirm.clip_weights, device=self.device)
 
     def ping(self) -> str:
         return str(self.device)
@@ -135,12 +142,17 @@ class Worker:
         K = len(self.backbone.patch_nums)
         per_scale: dict[str, list[list[Tensor]]] = {name: [[] for _ in range(K)] for name in SIGNALS}
         shown: dict[str, object] = {}
+        sampling = Sampling.of(cfg).guiding(c.interval)
+        clip = self.clip if job.fid else None
+        prompts = sweep_conditions(self.backbone, job.num_images, sampling) if clip is not None else []
+        clip_scores: list[Tensor] = []
 
         def batches() -> Iterator[Tensor]:
             for b, result in seeded_batches(self.backbone, c.w_cfg, c.w_igg, c.window, num_images=job.num_images,
-                                            batch_size=batch_size, seed=job.seed,
-                                            sampling=Sampling.of(cfg).guiding(c.interval),
+                                            batch_size=batch_size, seed=job.seed, sampling=sampling,
                                             start=job.start, with_signals=lambda b: b == first or not job.fid):
+                if clip is not None:
+                    clip_scores.append(clip(result.images, prompts[b * batch_size:(b + 1) * batch_size]))
                 for k, signals in enumerate(result.signals):
                     for name in SIGNALS:
                         per_scale[name][k].append(getattr(signals, name))
@@ -154,6 +166,8 @@ class Worker:
             if self.fid is None:
                 raise ValueError("this worker has no FID feature extractor; start it with a reference")
             features = {layer: f.numpy() for layer, f in self.fid.features(batches()).items()}
+            if clip is not None:
+                features[CLIP_LAYER] = torch.cat(clip_scores)[:, None].numpy()
         else:
             for _ in batches():
                 pass

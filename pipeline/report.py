@@ -107,6 +107,7 @@ class Best:
     sampling: dict  # schedule, interval, top_k, top_p, seed, labels: what reproduces the winner's images
     checkpoints: dict  # file -> sha256
     interval: list | None = None  # the winner's guidance interval [start, end] when search.intervals searched it
+    clip_score: dict | None = None  # text-to-image with confirm.clip_weights: the winner's value, low, high at N
 
     def as_dict(self) -> dict:
         def clean(x):
@@ -165,7 +166,9 @@ def report_markdown(title: str, racers: list[Racer], winner: Racer, margin: Marg
     n = best.num_images
     lines = [f"# {title}", "",
              f"Best: **{winner.candidate.label()}** ({best.kind}), FID {_fmt(best.fid)} "
-             f"[{_fmt(best.fid_low)}, {_fmt(best.fid_high)}] at N={n} ({best.sampling['level']:.0%} interval).", ""]
+             f"[{_fmt(best.fid_low)}, {_fmt(best.fid_high)}] at N={n} ({best.sampling['level']:.0%} interval)"
+             + (f"; CLIP score {_fmt(best.clip_score['value'])} [{_fmt(best.clip_score['low'])}, "
+                f"{_fmt(best.clip_score['high'])}]" if best.clip_score else "") + ".", ""]
     if margin is None:
         lines.append("No runner-up was scored: the winner is not compared with anything.")
     elif margin.separated:

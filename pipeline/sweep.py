@@ -178,6 +178,8 @@ def answer(cfg: SweepConfig, winner: Racer, margin: Margin | None, racers: list[
                                             "num_images": margin.num_images, "separated": margin.separated},
         default=default_out, cost=cost,
         interval=None if c.interval is None else list(c.interval),
+        clip_score={"value": scores["clip_score"], "low": scores["clip_score_low"],
+                    "high": scores["clip_score_high"]} if "clip_score" in scores else None,
         sampling={"schedule": cfg.guidance.schedule,
                   "schedule_start": cfg.guidance.schedule_start if c.interval is None else c.interval[0],
                   "schedule_end": cfg.guidance.schedule_end if c.interval is None else c.interval[1],
@@ -246,7 +248,8 @@ class Sweep:
         self.bank = FeatureBank(bank_dir, [0, cfg.refine.num_images, *cfg.confirm.rungs], cfg.seed,
                                 cfg.refine.common_seeds)
         self.scorer = Scorer(evaluator, reference, cfg.confirm.bootstrap, cfg.confirm.level, cfg.seed,
-                             num_conditions(cfg.backbone) if cfg.confirm.stratify else None)
+                             num_conditions(cfg.backbone) if cfg.confirm.stratify else None,
+                             clip=cfg.confirm.clip_weights is not None)
         self.reference = reference
 
     def run(self) -> Path:
@@ -287,6 +290,7 @@ class Sweep:
                   "raise it to look further", file=sys.stderr)
         c = winner.candidate
         metrics = {"best_fid": best.fid, "best_fid_low": best.fid_low, "best_fid_high": best.fid_high,
+                   **({f"best_clip_score_{k}": v for k, v in best.clip_score.items()} if best.clip_score else {}),
                    **{f"cost_{stage}_{k}": float(v) for stage, cs in cost.items() for k, v in cs.items()}}
         metrics.update({f"best_{k}": float(v) for k, v in c.as_dict().items() if v is not None and k != "interval"})
         if margin is not None:

@@ -142,6 +142,7 @@ BAD = [
     (["search.windows=[-3]"], "search.windows: -3 is not an odd size"),
     (["search.windows=[]"], "search.windows is empty"),
     (["search.intervals=[[0,null]]"], "search.intervals needs guidance.schedule=interval"),
+    (["confirm.clip_weights=/tmp"], "confirm.clip_weights scores images against prompts"),
     (["guidance.schedule=interval", "search.intervals=[]"], "search.intervals is empty"),
     (["guidance.schedule=interval", "search.intervals=[[3,2]]"], "search.intervals: [3, 2] is not a new"),
     (["guidance.schedule=interval", "search.intervals=[[0,9]]"], "search.intervals: [0, 9] is not a new"),

@@ -366,15 +366,16 @@ def sweep_overrides(tmp_path: Path) -> list[str]:
             "sweep.name=switti-e2e", "backbone.fid_extractor=guidetune-tiny", f"confirm.extractor_weights={cls}",
             f"confirm.reference={tmp_path / 'ref.npz'}", "confirm.metrics=[fid]", "launcher.workers=1",
             "guidance.schedule=interval", "guidance.schedule_end=4", "backbone.last_scale_temp=0.5",
-            "search.intervals=[[0,4],[1,null]]", *SMALL_SWEEP]
+            "search.intervals=[[0,4],[1,null]]", f"confirm.clip_weights={tiny_clip(tmp_path / 'clip')}", *SMALL_SWEEP]
 
 
 def test_the_sweep_worker_runs_proxy_and_fid_jobs_on_switti(tmp_path):
     import numpy as np
 
+    from pipeline.clip_score import ClipScorer
     from pipeline.config import load_config
     from pipeline.distributed import Worker, worker_files
-    from pipeline.sampling import Sampling, seeded_batches
+    from pipeline.sampling import Sampling, seeded_batches, sweep_conditions
     from pipeline.sweep import fid_reference
     from tuners.jobs import Job
     from tuners.space import Candidate
@@ -396,6 +397,8 @@ def test_the_sweep_worker_runs_proxy_and_fid_jobs_on_switti(tmp_path):
     images = torch.cat([r.images for _, r in seeded_batches(worker.backbone, 4.0, None, None, num_images=24,
                                                             batch_size=24, seed=3, sampling=Sampling.of(cfg))])
     assert images.shape == (24, 3, 24, 24)
+    clip = ClipScorer(cfg.confirm.clip_weights)(images, sweep_conditions(worker.backbone, 24, Sampling.of(cfg)))
+    assert torch.allclose(torch.from_numpy(fid.features["clip_score"][:, 0]), clip, atol=1e-4)  # each image's own
 
 
 def test_a_whole_sweep_runs_on_the_tiny_switti(tmp_path):
@@ -418,6 +421,8 @@ def test_a_whole_sweep_runs_on_the_tiny_switti(tmp_path):
     assert "prompts.csv" in best["sampling"]["labels"]
     assert best["interval"] in ([0, 4], [1, None])  # searched: the winner's on/off scales, which generate replays
     assert [best["sampling"]["schedule_start"], best["sampling"]["schedule_end"]] == best["interval"]
+    clip = best["clip_score"]  # the winner's CLIP score at its N, with its interval
+    assert 0 <= clip["low"] <= clip["value"] <= clip["high"] <= 100
 
 
 def tiny_clip(folder: Path) -> Path:

@@ -15,6 +15,7 @@ import numpy as np
 from tuners.space import Candidate
 
 SIGNALS = ("token_evenness", "vocab_evenness", "div_uncond", "div_cond")
+CLIP_LAYER = "clip_score"  # the per-image CLIP score among an FID job's features (text-to-image, confirm.clip_weights)
 EVENNESS_SIGNAL = {"vocab": "vocab_evenness", "tokens": "token_evenness"}
 DIVERGENCE_SIGNAL = {"uncond": "div_uncond", "cond": "div_cond"}
 
@@ -47,7 +48,8 @@ class Evaluation:
     signals: trial-level value of each of `SIGNALS` (mean over images of the mean over scales 1..K-1); FID jobs
         measure them on their first batch only.
     per_scale: each of `SIGNALS` per scale index (mean over the same images), K values.
-    features: FID jobs: feature layer -> (sampled, F) float32 features of the job's images, in image order.
+    features: FID jobs: feature layer -> (sampled, F) float32 features of the job's images, in image order; with a
+        CLIP scorer also ``clip_score`` -> (sampled, 1), each image's CLIP score against its prompt.
     images: artifact file name -> PNG bytes (sample grid, guidance heat map).
     error: why the evaluation is unusable (e.g. non-finite logits); the trial fails with this reason.
     node_id, hostname: the Ray node and the host of the worker that evaluated the job ("" outside Ray).

@@ -29,7 +29,7 @@ from pipeline.fid import FidEvaluator, Reference
 from pipeline.files import atomic_write
 from pipeline.metrics import bootstrap_fid, normal_interval, resample_counts
 from pipeline.sampling import spread_labels
-from tuners.jobs import Job
+from tuners.jobs import CLIP_LAYER, Job
 from tuners.samplers import derive_seed
 from tuners.space import Candidate
 
@@ -127,6 +127,8 @@ class Scorer:
             ``spread_labels(i)``, :func:`pipeline.sampling.sweep_conditions`): the bootstrap resamples inside each
             condition (stratified, :func:`pipeline.metrics.resample_counts`) once every condition has at least two
             images, with the small-stratum correction below; None: a plain bootstrap over all images.
+        clip: the features hold each image's CLIP score (:data:`tuners.jobs.CLIP_LAYER`): every scoring reports
+            their mean, ``clip_score``, with its interval at `level` (normal, from the spread over images).
     """
 
     evaluator: FidEvaluator
@@ -135,12 +137,13 @@ class Scorer:
     level: float
     seed: int
     conditions: int | None = None
+    clip: bool = False
     _cache: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False)  # features digest -> replicates
 
     @property
     def layers(self) -> list[str]:
-        return list(dict.fromkeys([self.evaluator.feature_layer, *(
-            [self.evaluator.isc_layer] if "isc" in self.evaluator.metrics else [])]))
+        isc = [self.evaluator.isc_layer] if "isc" in self.evaluator.metrics else []
+        return list(dict.fromkeys([self.evaluator.feature_layer, *isc, *([CLIP_LAYER] if self.clip else [])]))
 
     def _strata(self, num_images: int) -> Tensor | None:
         if self.conditions is None or num_images < 2 * self.conditions:
@@ -175,6 +178,11 @@ class Scorer:
         replicates_R = self._replicates(feats_NF)
         out["fid_low"], out["fid_high"] = normal_interval(out["fid"], replicates_R, self.level)
         out["fid_se"] = float(replicates_R.std())
+        if self.clip:
+            scores_N = features[CLIP_LAYER][:, 0].double()
+            out["clip_score"] = float(scores_N.mean())
+            out["clip_score_low"], out["clip_score_high"] = normal_interval(  # their spread / √N: the mean's se
+                out["clip_score"], scores_N / math.sqrt(len(scores_N)), self.level)
         return {k: float(v) for k, v in out.items()}
 
     def difference(self, features_a: dict[str, Tensor], features_b: dict[str, Tensor]) -> dict[str, float]:
