@@ -67,8 +67,9 @@ def test_tokens_and_images_equal_the_official_pipeline(i):
 
 def test_prompt_encoding_equals_the_official_one():
     enc = BACKBONES["switti"].encode(REF["encoding"]["prompts"])
-    assert torch.equal(enc.context_BTX, REF["encoding"]["context"])
-    assert torch.equal(enc.pooled_BP, REF["encoding"]["pooled"])
+    # float sums differ in the last bits between CPUs (their SIMD kernels); the tokens above stay exact
+    torch.testing.assert_close(enc.context_BTX, REF["encoding"]["context"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(enc.pooled_BP, REF["encoding"]["pooled"], rtol=0, atol=1e-5)
     assert torch.equal(enc.bias_BT, REF["encoding"]["bias"])
     B = len(REF["encoding"]["prompts"])
     assert enc.context_BTX.shape == (2 * B, 77, 32 + 48) and enc.pooled_BP.shape == (2 * B, 48)
