@@ -62,6 +62,7 @@ class BackboneConfig:
     drop_uncond: bool = False  # Switti: no unconditional half of the batch once no later scale is guided
     fid_extractor: str = "inception-v3-compat"  # torch-fidelity feature extractor name
     fid_reference: str = MISSING  # ADM .npz, a folder of real images, or "shapes" (the embedded dataset)
+    fid_image_size: int | None = None  # resized (shorter side, Lanczos, centre crop) before FID; null: as sampled
 
 
 @dataclass
@@ -445,6 +446,9 @@ def validate(cfg: SweepConfig) -> None:
         _intervals(s.intervals, g.schedule, K)
     if not p.design or any(not 0.0 <= f <= 1.0 for f in p.design):
         raise ConfigError(f"proxy.design={p.design} must hold fractions in [0, 1]; e.g. proxy.design=[0.25,0.5,1]")
+    if cfg.backbone.fid_image_size is not None and cfg.backbone.fid_image_size < 1:
+        raise ConfigError(f"backbone.fid_image_size={cfg.backbone.fid_image_size} must be >= 1 (or null: the sampled "
+                          "size); e.g. backbone.fid_image_size=256")
     temp = cfg.backbone.last_scale_temp
     if temp is not None and not temp > 0:
         raise ConfigError(f"backbone.last_scale_temp={temp} must be positive (or null for none); "

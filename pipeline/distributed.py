@@ -107,6 +107,7 @@ class Worker:
                 device=self.device,
                 batch_size=cfg.confirm.batch_size,
                 progress=False,
+                image_size=cfg.backbone.fid_image_size,
             )
         self.clip = None
         if reference is not None and cfg.confirm.clip_weights is not None:

@@ -43,6 +43,7 @@ from typing import IO
 import numpy as np
 import torch
 import torch_fidelity
+import torchvision.transforms.functional as TF
 from torch import Tensor
 from torch.utils.data import DataLoader
 from torch_fidelity.datasets import ImagesPathDataset
@@ -426,12 +427,14 @@ class FidEvaluator:
         cache_dir: folder of cached reference statistics (None: no disk cache).
         options: torch-fidelity metric arguments.
         progress: show a tqdm bar over batches.
+        image_size: the images' shorter side is resized to this (Lanczos, as PIL) and the centre square kept before
+            the extractor sees them, as Switti's evaluation does for its 256 px statistics; None: as given.
     """
 
     def __init__(self, extractor: str = INCEPTION, *, metrics: Sequence[str] = ("fid",),
                  weights_path: str | Path | None = None, device: str | torch.device = "cpu",
                  batch_size: int = 64, cache_dir: str | Path | None = None,
-                 options: MetricOptions | None = None, progress: bool = True):
+                 options: MetricOptions | None = None, progress: bool = True, image_size: int | None = None):
         unknown = sorted(set(metrics) - set(METRICS))
         if unknown or not metrics:
             raise ValueError(f"metrics {list(metrics)}: choose a non-empty subset of {', '.join(METRICS)}")
@@ -440,6 +443,9 @@ class FidEvaluator:
                              f"{', '.join(sorted(FEATURE_EXTRACTORS_REGISTRY))}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}; e.g. batch_size=64")
+        if image_size is not None and image_size < 1:
+            raise ValueError(f"image_size must be >= 1 or None, got {image_size}; e.g. image_size=256")
+        self.image_size = image_size
         if weights_path is not None:
             if not Path(weights_path).is_file():
                 raise ValueError(f"feature extractor weights {weights_path} not found; give an existing file or None")
@@ -466,8 +472,9 @@ class FidEvaluator:
             weights_id = URL_INCEPTION_V3
         else:
             weights_id = "torch-fidelity default"
+        resized = "" if image_size is None else f"|resized to {image_size}"
         self.extractor_key = _short_hash(
-            f"{extractor}|{weights_id}|{self.feature_layer}|torch-fidelity {torch_fidelity.__version__}")
+            f"{extractor}|{weights_id}|{self.feature_layer}|torch-fidelity {torch_fidelity.__version__}{resized}")
 
     # ----------------------------------------------------------------------------------- features
 
@@ -482,13 +489,24 @@ class FidEvaluator:
         chunks: dict[str, list[Tensor]] = {layer: [] for layer in self.model.get_requested_features_list()}
         bar = tqdm(batches, total=total, desc=desc, unit="batch", disable=not self.progress, leave=False)
         for images_B3HW in bar:
-            for x_B3HW in to_uint8(images_B3HW).split(self.batch_size):
+            for x_B3HW in self._resized(to_uint8(images_B3HW)).split(self.batch_size):
                 out = self.model.convert_features_tuple_to_dict(self.model(x_B3HW.to(self.device)))
                 for layer, features_BF in out.items():
                     chunks[layer].append(features_BF.float().cpu())
         if not chunks[self.feature_layer]:
             raise ValueError("no images to score: the batch iterable was empty; pass at least one (B, 3, H, W) batch")
         return {layer: torch.cat(parts) for layer, parts in chunks.items()}
+
+    def _resized(self, uint8_B3HW: Tensor) -> Tensor:
+        """The images at ``image_size`` (shorter side, Lanczos, centre crop); unchanged without one."""
+        if self.image_size is None or min(uint8_B3HW.shape[-2:]) == self.image_size == max(uint8_B3HW.shape[-2:]):
+            return uint8_B3HW
+        out = []
+        for x_3HW in uint8_B3HW.cpu():
+            image = TF.to_pil_image(x_3HW)
+            image = TF.resize(image, self.image_size, interpolation=TF.InterpolationMode.LANCZOS)
+            out.append(TF.pil_to_tensor(TF.center_crop(image, self.image_size)))
+        return torch.stack(out).to(uint8_B3HW.device)
 
     # ---------------------------------------------------------------------------------- reference
 

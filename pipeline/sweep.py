@@ -119,6 +119,7 @@ def fid_reference(cfg: SweepConfig) -> tuple[FidEvaluator, Reference]:
         batch_size=cfg.confirm.batch_size,
         cache_dir=Path(cfg.root) / "fid_cache",
         progress=False,  # an error below must stay one line
+        image_size=cfg.backbone.fid_image_size,
     )
     source = reference_source(
         cfg.confirm.reference,

@@ -241,6 +241,26 @@ def test_cache_key_follows_the_extractor_weights(weights, tmp_path):
     assert not ref.from_cache and ref.key != key
 
 
+def test_images_are_resized_before_the_extractor_as_switti_evaluates(weights, tmp_path):
+    """image_size: shorter side to it with PIL's Lanczos, the centre square kept (torchvision's Resize + CenterCrop on
+    PIL images, as Switti's utils/fid_score_in_memory.py); the reference cache keeps the two apart."""
+    images = torch.rand(5, 3, 40, 48, generator=torch.Generator().manual_seed(4))
+    ev = FidEvaluator(TINY_EXTRACTOR, weights_path=weights, progress=False, image_size=16)
+    by_hand = []
+    for x in to_uint8(images):
+        pil = Image.fromarray(x.permute(1, 2, 0).numpy())
+        w, h = pil.size
+        pil = pil.resize((int(16 * w / h), 16), Image.Resampling.LANCZOS)  # the shorter side (h) to 16
+        left = round((pil.size[0] - 16) / 2)  # torchvision's centre
+        by_hand.append(torch.from_numpy(np.asarray(pil.crop((left, 0, left + 16, 16)))).permute(2, 0, 1))
+    plain = evaluator(weights).features([torch.stack(by_hand)])["features"]
+    assert torch.equal(ev.features([images])["features"], plain)
+    assert not torch.equal(evaluator(weights).features([images])["features"][:, :4], plain[:, :4])
+    assert ev.extractor_key != evaluator(weights).extractor_key
+    with pytest.raises(ValueError, match="image_size"):
+        FidEvaluator(TINY_EXTRACTOR, weights_path=weights, progress=False, image_size=0)
+
+
 # ---------------------------------------------------------------------------------------------- npz files
 
 

@@ -367,7 +367,8 @@ def sweep_overrides(tmp_path: Path) -> list[str]:
             "sweep.name=switti-e2e", "backbone.fid_extractor=guidetune-tiny", f"confirm.extractor_weights={cls}",
             f"confirm.reference={tmp_path / 'ref.npz'}", "confirm.metrics=[fid]", "launcher.workers=1",
             "guidance.schedule=interval", "guidance.schedule_end=4", "backbone.last_scale_temp=0.5",
-            "search.intervals=[[0,4],[1,null]]", f"confirm.clip_weights={tiny_clip(tmp_path / 'clip')}", *SMALL_SWEEP]
+            "search.intervals=[[0,4],[1,null]]", f"confirm.clip_weights={tiny_clip(tmp_path / 'clip')}",
+            "backbone.fid_image_size=16", *SMALL_SWEEP]
 
 
 def test_the_sweep_worker_runs_proxy_and_fid_jobs_on_switti(tmp_path):
