@@ -9,14 +9,14 @@ The noise terms are independent: each candidate draws its own images (:func:`tun
 Model, per kind::
 
     log FID(x) = m + f(x) + e,   f ~ GP(0, s² k),   e_i ~ N(0, v_i),
-    k(x, x') = exp(-|u - u'|² / (2 l²)) · (kinship if the windows differ else 1),   u = log(1 + weights)
+    k(x, x') = exp(-|u - u'|² / (2 l²)) · (kinship if the windows or intervals differ else 1),   u = log(1 + w)
 
 - ``v_i = (fid_se_i / fid_i)²``: the bootstrap std of the trial's FID, carried to log FID (delta method);
 - ``m``: the mean of the observations; ``s²``: their variance less the mean noise variance, at least that mean
   (the data say how much of the spread is signal, never less than half of it);
 - ``l`` (``refine.lengthscale``, in log(1 + w) units) and ``kinship`` (``refine.window_kinship``, the correlation of
-  two windows at the same weights) are the only fixed choices. The kernel is a product of an RBF and an
-  exchangeable categorical kernel, so it is positive semi-definite for kinship in [0, 1].
+  two windows, or two guidance intervals, at the same weights) are the only fixed choices. The kernel is a product
+  of an RBF and an exchangeable categorical kernel, so it is positive semi-definite for kinship in [0, 1].
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def posterior_mean(u_Nd: Tensor, window_N: Tensor, y_N: Tensor, var_N: Tensor, *
 
     Args:
         u_Nd: kernel coordinates of the trials, (N, d), e.g. :func:`log_weights`.
-        window_N: an integer code of each trial's window (equal codes: same window), (N,).
+        window_N: an integer code of each trial's window and interval (equal codes: the same), (N,).
         y_N: observations (log FID), (N,).
         var_N: their noise variances, (N,), > 0.
         lengthscale: RBF length scale in the units of ``u_Nd``, > 0.
