@@ -8,9 +8,11 @@ Reported: answer FID ÷ grid-best FID per seed measured (``--answer-seeds``, def
 has all three) and their mean, the sweep's images and worker seconds, and a RandAR-style grid scaled to this
 backbone as the cost baseline.
 
-    python bench/bench_answer.py --seeds 0 1 2 --variant narrow --variant no-proxy --write
+    python bench/bench_answer.py --seeds 0 1 2 3 4 --variant narrow --variant no-proxy@0,1,2 \
+        --answer-seeds 1000 1001 1002 --grid-best "igg global:10" --write
 
-Needs bench/bench_grid.py's results (``--cache``, default /work/gridcache) for the grid best. Sweep roots are kept
+Needs bench/bench_grid.py's results (``--cache``, default /work/gridcache) for the grid best, or ``--grid-best``
+naming the point the Reference grid found (then only it is sampled, at the grid's seeds). Sweep roots are kept
 under ``--runs``, so a rerun resumes the sweeps and re-samples nothing already measured.
 """
 
@@ -81,6 +83,15 @@ def noise_check(grid: Grid, points: list[Point], n_full: int, replicates: int = 
     return rows
 
 
+def variant_arg(text: str) -> tuple[str, list[int]]:
+    """``name`` or ``name@s1,s2,...``: a variant and its sweep seeds (none given: the first of --seeds)."""
+    name, _, seeds = text.partition("@")
+    choices = ", ".join(sorted(set(VARIANTS) - {"default"}))
+    if name not in VARIANTS or name == "default":
+        raise argparse.ArgumentTypeError(f"unknown variant {name!r}; choose {choices}")
+    return name, [int(x) for x in seeds.split(",") if x]
+
+
 def run_sweep(runs: Path, name: str, seed: int, overrides: list[str]) -> tuple[dict, float]:
     """Run one sweep, or read it when it has finished before (``<root>/wall_s`` holds the wall seconds of the run
     that finished it); its best.yaml and those wall seconds."""
@@ -103,10 +114,9 @@ def run_sweep(runs: Path, name: str, seed: int, overrides: list[str]) -> tuple[d
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="sweep seeds (default variant)")
-    p.add_argument("--variant", action="append", default=[], choices=sorted(set(VARIANTS) - {"default"}),
-                   help="also run this variant (at --variant-seeds)")
-    p.add_argument("--variant-seeds", type=int, nargs="+", default=None,
-                   help="sweep seeds of the variants (default: the first of --seeds)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME[@SEED,...]", type=variant_arg,
+                   help=f"also run this variant ({', '.join(sorted(set(VARIANTS) - {'default'}))}) at these sweep "
+                        "seeds (default: the first of --seeds), e.g. no-proxy@0,1,2")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="bench_grid.py results")
     p.add_argument("--runs", type=Path, default=Path("/work/answercache"), help="sweep roots (kept)")
     p.add_argument("--n", type=int, default=4096, help="images per grid seed for the re-measurement")
@@ -121,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     command = "python bench/bench_answer.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     jobs = [(f"answer-s{s}", s, "default") for s in args.seeds]
-    jobs += [(f"answer-{v}-s{s}", s, v) for v in args.variant for s in args.variant_seeds or args.seeds[:1]]
+    jobs += [(f"answer-{v}-s{s}", s, v) for v, seeds in args.variant for s in seeds or args.seeds[:1]]
     answers = {}
     for name, seed, variant in jobs:
         best, wall = run_sweep(args.runs, name, seed, VARIANTS[variant])
