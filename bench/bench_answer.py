@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if named is not None:
             grid.sample("grid best", [(named, s, args.n) for s in GRID_SEEDS])
+            grid.set_stage("grid best", [named])  # a point of the grid's summary (answers stay out of it)
         grid.sample("answers", [(point_of(b), s, args.n) for _, _, b, _ in answers.values() for s in args.answer_seeds])
         summary = grid.summary()
     finally:
@@ -164,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         g = summary.get("grid_best") or min(grid_points, key=lambda r: r["mean"])  # 3 seeds, else the first seed
     gp = Point(**g["point"])
     three = [Point(**r["point"]) for r in summary["full"] if r["seeds"] == len(GRID_SEEDS)]
+    three += [p for p in dict.fromkeys(point_of(b) for _, _, b, _ in answers.values())  # answers with every seed
+              if p not in three and all(grid.have(p, s) >= args.n for s in GRID_SEEDS)]
     noise_rows = noise_check(grid, three, args.n) if len(three) else ["| - | no three-seed points yet | |"]
     best_fid = {s: grid.fid(gp, s, args.n) for s in GRID_SEEDS}
     rows, ratios = [], []

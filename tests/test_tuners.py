@@ -182,7 +182,7 @@ def test_an_interval_is_a_categorical_that_round_trips():
     study.enqueue_trial({"kind": "igg", **trial_params(c)})  # asked again exactly (the refine's warm start)
     trial = study.ask()
     trial.suggest_categorical("kind", ["igg"])
-    assert suggest(trial, "igg", {"w_igg": (1.0, 2.0)}, [None, 5], intervals=intervals) == c
+    assert suggest(trial, "igg", {"w_igg": (1.0, 4.0)}, [None, 5], intervals=intervals) == c
     assert Candidate(3.0, None, None, interval=[2, None]).interval == (2, None)  # as a stored record holds it
     assert "scales 2:5" in c.label() and c.as_dict()["interval"] == [2, 5]
     assert c.key(2) != Candidate(None, 3.0, 5).key(2) and "interval" not in Candidate(None, 3.0, 5).as_dict()
