@@ -252,7 +252,7 @@ def test_images_are_resized_before_the_extractor_as_switti_evaluates(weights, tm
         w, h = pil.size
         pil = pil.resize((int(16 * w / h), 16), Image.Resampling.LANCZOS)  # the shorter side (h) to 16
         left = round((pil.size[0] - 16) / 2)  # torchvision's centre
-        by_hand.append(torch.from_numpy(np.asarray(pil.crop((left, 0, left + 16, 16)))).permute(2, 0, 1))
+        by_hand.append(torch.from_numpy(np.array(pil.crop((left, 0, left + 16, 16)))).permute(2, 0, 1))
     plain = evaluator(weights).features([torch.stack(by_hand)])["features"]
     assert torch.equal(ev.features([images])["features"], plain)
     assert not torch.equal(evaluator(weights).features([images])["features"][:, :4], plain[:, :4])
