@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     baseline_1d = kinds_1d * len(BASELINE_WEIGHTS) * BASELINE_N + BASELINE_BEST_N
     baseline_all = (kinds_1d * len(BASELINE_WEIGHTS) + mixed_2d ** 2) * BASELINE_N + BASELINE_BEST_N
     sweep_images = statistics.mean(a[2]["cost"]["total"]["images"] for a in answers.values() if a[1] == "default")
-    three_seeds = g.get("seeds", len(GRID_SEEDS)) == len(GRID_SEEDS) and "grid_best" in summary
+    three_seeds = "grid_best" in summary
     grid_desc = f"{'3 seeds' if three_seeds else f'seed {GRID_SEEDS[0]} only'} x {args.n} images"
     grid_spread = f" ± {g['std']:.3f}" if three_seeds else ""
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")

@@ -81,7 +81,7 @@ class Candidate:
     def identity(self) -> list:
         """What names the candidate in seeds and file names: its weights and window, and its interval if it has
         one (so a sweep without intervals keeps the seeds and files it always had)."""
-        return [self.w_cfg, self.w_igg, self.window, *([list(self.interval)] if self.interval is not None else [])]
+        return list(self.as_dict().values())
 
     def label(self) -> str:
         """Short human-readable form, e.g. ``w=2.50 w'=1.00 win=3``."""
