@@ -14,6 +14,14 @@ backbone as the cost baseline.
 Needs bench/bench_grid.py's results (``--cache``, default /work/gridcache) for the grid best, or ``--grid-best``
 naming the point the Reference grid found (then only it is sampled, at the grid's seeds). Sweep roots are kept
 under ``--runs``, so a rerun resumes the sweeps and re-samples nothing already measured.
+
+``--backbone NAME`` (default tiny) runs the sweeps with ``backbone=NAME``, re-measures their answers with that
+backbone's checkpoints (a sweep whose best.yaml names another backbone or other checkpoint files is refused; an
+``--earlier`` answer of another backbone is left out, one on other checkpoint files re-measured as is, with a note)
+and reads that backbone's grid (default ``--cache``: /work/gridcache_small for tiny_small, see
+bench_grid.default_cache; default ``--runs``: /work/answercache_small); its section is "Answer quality (NAME)".
+
+    python bench/bench_answer.py --backbone tiny_small --seeds 0 1 2 --answer-seeds 1000 1001 1002
 """
 
 from __future__ import annotations
@@ -32,12 +40,14 @@ from pathlib import Path
 
 import torch
 import yaml
-from bench_grid import DEFAULT_CACHE, GRID_SEEDS, NUM_CLASSES, RUNGS, Grid, Point, make_point
+from bench_grid import DEFAULT_BACKBONE, GRID_SEEDS, NUM_CLASSES, RUNGS, Grid, Point, default_cache, make_point
 from benchdoc import ROOT, publish
 
+from pipeline.fid import file_digest
 from pipeline.metrics import bootstrap_fid, resample_counts
 
-SECTION = "Answer quality"
+SECTION = "Answer quality"  # the default backbone's; another's is "Answer quality (NAME)"
+DEFAULT_RUNS = Path("/work/answercache")
 VARIANTS = {  # name -> overrides on top of the defaults
     "default": [],
     "narrow": ["search.w_cfg=[0,3]", "search.w_igg=[0,3]"],
@@ -83,6 +93,18 @@ def noise_check(grid: Grid, points: list[Point], n_full: int, replicates: int = 
     return rows
 
 
+def backbone_mismatch(name: str, best: dict, ckpts: dict[str, str]) -> str | None:
+    """Why an answer was not found on backbone `name` with the checkpoint files `ckpts` (the ones the
+    re-measurement samples), from its best.yaml's backbone and checkpoint sha256s; None when it was."""
+    if best["backbone"] != name:
+        return f"the sweep ran backbone {best['backbone']!r}, this run re-measures {name!r}"
+    for key, ck in (best.get("checkpoints") or {}).items():
+        if key in ckpts and ck.get("sha256") != file_digest(ckpts[key]):
+            return (f"the sweep's {key} (sha256 {str(ck.get('sha256'))[:12]}, {ck.get('path')}) is not "
+                    f"{ckpts[key]}, which the re-measurement samples")
+    return None
+
+
 def variant_arg(text: str) -> tuple[str, list[int]]:
     """``name`` or ``name@s1,s2,...``: a variant and its sweep seeds (none given: the first of --seeds)."""
     name, _, seeds = text.partition("@")
@@ -92,14 +114,16 @@ def variant_arg(text: str) -> tuple[str, list[int]]:
     return name, [int(x) for x in seeds.split(",") if x]
 
 
-def run_sweep(runs: Path, name: str, seed: int, overrides: list[str]) -> tuple[dict, float]:
+def run_sweep(runs: Path, name: str, seed: int, overrides: list[str], backbone: str = DEFAULT_BACKBONE
+              ) -> tuple[dict, float]:
     """Run one sweep, or read it when it has finished before (``<root>/wall_s`` holds the wall seconds of the run
     that finished it); its best.yaml and those wall seconds."""
     root = runs / name
     best_path, wall_path = root / "sweeps" / name / "best.yaml", root / "wall_s"
     if best_path.is_file() and wall_path.is_file():
         return yaml.safe_load(best_path.read_text()), float(wall_path.read_text())
-    cmd = [sys.executable, "-m", "pipeline.sweep", f"root={root}", f"sweep.name={name}", f"seed={seed}", *overrides]
+    cmd = [sys.executable, "-m", "pipeline.sweep", f"root={root}", f"sweep.name={name}", f"seed={seed}",
+           f"backbone={backbone}", *overrides]
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     started = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -117,8 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", action="append", default=[], metavar="NAME[@SEED,...]", type=variant_arg,
                    help=f"also run this variant ({', '.join(sorted(set(VARIANTS) - {'default'}))}) at these sweep "
                         "seeds (default: the first of --seeds), e.g. no-proxy@0,1,2")
-    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="bench_grid.py results")
-    p.add_argument("--runs", type=Path, default=Path("/work/answercache"), help="sweep roots (kept)")
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE,
+                   help="conf/backbone/NAME.yaml: the sweeps' backbone, sampled again for the re-measurement")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="bench_grid.py results of that backbone (default: bench_grid.default_cache(NAME), "
+                        "/work/gridcache for tiny, /work/gridcache_small for tiny_small)")
+    p.add_argument("--runs", type=Path, default=None,
+                   help=f"sweep roots, kept (default {DEFAULT_RUNS}; another backbone's {DEFAULT_RUNS}_small for "
+                        f"tiny_small, {DEFAULT_RUNS}_NAME)")
     p.add_argument("--n", type=int, default=4096, help="images per grid seed for the re-measurement")
     p.add_argument("--earlier", type=Path, default=None,
                    help="also re-measure the answers of finished sweeps under this folder (earlier settings), as is")
@@ -127,14 +157,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid-best", default=None, metavar="KIND:W[:W']",
                    help="the grid best as the Reference grid found it (e.g. 'igg global:10'), sampled at every grid "
                         "seed when the cache lacks it; default: the cache's own best three-seed point")
-    p.add_argument("--write", action="store_true", help=f'write docs/BENCHMARKS.md "## {SECTION}"')
+    p.add_argument("--write", action="store_true",
+                   help=f'write docs/BENCHMARKS.md "## {SECTION}" (another backbone: "## {SECTION} (NAME)")')
     args = p.parse_args(argv)
+    args.cache = args.cache or default_cache(args.backbone)
+    args.runs = args.runs or (DEFAULT_RUNS if args.backbone == DEFAULT_BACKBONE else DEFAULT_RUNS.with_name(
+        f"{DEFAULT_RUNS.name}_{args.backbone.removeprefix(DEFAULT_BACKBONE + '_')}"))
     command = "python bench/bench_answer.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     jobs = [(f"answer-s{s}", s, "default") for s in args.seeds]
     jobs += [(f"answer-{v}-s{s}", s, v) for v, seeds in args.variant for s in seeds or args.seeds[:1]]
     answers = {}
     for name, seed, variant in jobs:
-        best, wall = run_sweep(args.runs, name, seed, VARIANTS[variant])
+        best, wall = run_sweep(args.runs, name, seed, VARIANTS[variant], args.backbone)
         answers[name] = (seed, variant, best, wall)
         print(f"{name}: {best['kind']} w={best['w_cfg']} w'={best['w_igg']} win={best['window']} "
               f"FID {best['fid']:.3f} ({wall:.0f} s)", flush=True)
@@ -142,9 +176,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.earlier is not None:
         for path in sorted(args.earlier.glob("*/sweeps/*/best.yaml")):
             best = yaml.safe_load(path.read_text())
+            if best["backbone"] != args.backbone:
+                print(f"{path}: backbone {best['backbone']!r}, not {args.backbone!r}: left out", flush=True)
+                continue
             answers[f"earlier {path.parent.name}"] = (best["sampling"]["seed"], "earlier settings", best, math.nan)
-    grid_args = argparse.Namespace(ref_cache=None, reference=8000, n_broad=512, n_full=args.n, workers=2, threads=1)
-    grid = Grid(args.cache, grid_args, command)
+    grid_args = argparse.Namespace(ref_cache=None, reference=8000, n_broad=512, n_full=args.n, workers=2, threads=1,
+                                   backbone=args.backbone)
+    grid = Grid(args.cache, grid_args, command)  # samples args.backbone's checkpoints (refuses another's cache)
+    for name, (_, variant, best, _) in answers.items():
+        if (why := backbone_mismatch(args.backbone, best, grid.ckpts)) is None:
+            continue
+        if variant != "earlier settings":  # this run's own sweeps: never re-measured on other checkpoints
+            grid.close()
+            raise RuntimeError(f"{name}: {why}; give --backbone or another --runs")
+        print(f"{name}: {why} (re-measured as is, with the earlier settings)", flush=True)
     named = None if args.grid_best is None else make_point(*[
         x if i == 0 else float(x) for i, x in enumerate(args.grid_best.split(":"))])
     try:
@@ -242,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---:|---:|---:|---:|---:|",
         *noise_rows,
     ])
-    publish(body, SECTION, args.write)
+    publish(body, SECTION if args.backbone == DEFAULT_BACKBONE else f"{SECTION} ({args.backbone})", args.write)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Reference FID grid on the embedded backbone (issue #13): where is the optimum of CFG, IGG and mixed guidance?
+"""Reference FID grid on an embedded backbone (issues #13, #23): where is the optimum of CFG, IGG and mixed guidance?
 
 Every point samples labels ``i % 8`` in batches of 64, batch b with ``seed=derive_seed(seed, b)`` (the sweep's own
 FID sampling), so the first N images of a point are a prefix of any larger N at the same seed: features are cached
@@ -8,9 +8,10 @@ with a seed the sweep never uses; the grid's sampler seeds (1000+) and the refer
 
 Stages (all run in order; each resumes from the cache, so a rerun only samples what is missing):
 
-1. broad scan at ``--n-broad`` images, seed 1000: CFG, IGG global, IGG window 3 over weights up to 20, mixed
-   (global IGG) on a 2-D grid, the unguided conditional sampler (w_cfg=0) and the backbone default CFG; then
-   midpoints around each kind's best where its grid neighbours are far apart (or one step beyond the grid edge);
+1. broad scan at ``--n-broad`` images, seed 1000: CFG, IGG global, IGG window 3 over weights up to
+   ``--max-weight`` (default 20), mixed (global IGG) on a 2-D grid, the unguided conditional sampler (w_cfg=0) and
+   the backbone default CFG; then midpoints around each kind's best where its grid neighbours are far apart (or one
+   step beyond the grid edge, never past the sweep's ``search.max_weight``);
 2. refine: the best ``--refine`` points of stage 1 plus the best 2 of each kind extended to ``--n-full`` images;
 3. proxy signals (the sweep's default trial: 32 images, seeds 0..2) of every other stage-1 point (the rest
    after stage 4), Spearman rho of the gap |vocab_evenness - div_uncond| (natural units) and of each signal with
@@ -20,9 +21,18 @@ Stages (all run in order; each resumes from the cache, so a rerun only samples w
 5. FID noise at each rung N (prefixes of those points' features): std over seeds, std over disjoint blocks of N
    images, and the std of the FID difference of the two best points on common vs independent random numbers.
 
+Above 20 the weights are spaced roughly uniformly in log(1 + w), the scale on which FID changes at the top:
+``--max-weight 30`` adds 25 and 30 to the 1-D scans (steps of 0.15-0.21 in log(1 + w) from 14 up), and 16 to the
+mixed grid's CFG axis and 24 to its IGG axis (the axes' steps of about 0.6 and 0.3-0.4 in log(1 + w) continued;
+the mixed grid is 2-D and costly, so one value per axis). ``--backbone NAME`` samples conf/backbone/NAME.yaml's
+checkpoints; the FID extractor and the reference stay the shipped classifier and the procedural shapes (both
+embedded backbones are trained on them). ``--kinds`` picks the kinds sampled (default all).
+
     nice -n 19 python bench/bench_grid.py                 # results in /work/gridcache (grid.json, grid.md)
     python bench/bench_grid.py --write                    # also docs/BENCHMARKS.md "## Reference grid"
     python bench/bench_grid.py --report --write           # only report what the cache holds (a run cut short)
+    nice -n 19 python bench/bench_grid.py --backbone tiny_small --max-weight 30 --kinds cfg "igg global" \
+        "mixed global" --cache /work/gridcache_small      # --write: "## Reference grid (tiny_small)"
 """
 
 from __future__ import annotations
@@ -42,13 +52,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from benchdoc import publish
+from benchdoc import provenance, publish
 from scipy.stats import spearmanr
 
+from pipeline.config import load_config
 from pipeline.files import atomic_write
 
-SECTION = "Reference grid"
-DEFAULT_CACHE = Path("/work/gridcache")
+SECTION = "Reference grid"        # the default backbone's; another's is "Reference grid (NAME)"
+DEFAULT_BACKBONE = "tiny"
+DEFAULT_CACHE = Path("/work/gridcache")   # the default backbone's; see default_cache
 BATCH = 64                       # images per sampler call; also the FID extractor's batch
 NUM_CLASSES = 8
 REF_SEED = 7919                  # reference images: a seed the sweep never uses (it uses 0, 1, 2, ...)
@@ -62,7 +74,19 @@ WEIGHTS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 17, 20)
 WINDOW_WEIGHTS = (3, 5, 8, 12, 16, 20)
 MIXED_CFG = (1, 2, 4, 8)
 MIXED_IGG = (4, 8, 12, 16)
+HIGH_WEIGHTS = (25, 30)          # the 1-D scans above 20, up to --max-weight (roughly uniform in log(1 + w))
+HIGH_MIXED = 24                  # --max-weight from which the mixed axes grow by one value each:
+MIXED_CFG_HIGH, MIXED_IGG_HIGH = 16, 24
+DEFAULT_MAX_WEIGHT = 20.0
 RUNGS = (256, 512, 1024, 2048, 4096)
+
+
+def default_cache(backbone: str) -> Path:
+    """The results folder of a backbone's grid: /work/gridcache for tiny, /work/gridcache_small for tiny_small,
+    /work/gridcache_NAME for any other."""
+    if backbone == DEFAULT_BACKBONE:
+        return DEFAULT_CACHE
+    return DEFAULT_CACHE.with_name(f"gridcache_{backbone.removeprefix(DEFAULT_BACKBONE + '_')}")
 
 
 # ------------------------------------------------------------------------------------------------ points
@@ -103,18 +127,25 @@ def make_point(kind: str, a: float, b: float | None = None) -> Point:
     return Point(kind, float(a), float(b))
 
 
-def broad_points() -> list[Point]:
-    """Stage 1: the 1-D scans first (cheap to read when the run is cut short), then the mixed 2-D grid."""
-    out = [make_point("cfg", w) for w in (0, 1, DEFAULT_CFG, *WEIGHTS[1:])]
-    out += [make_point("igg global", w) for w in WEIGHTS]
-    out += [make_point("igg window 3", w) for w in WINDOW_WEIGHTS]
-    out += [make_point("mixed global", w, v) for w in MIXED_CFG for v in MIXED_IGG]
-    return list(dict.fromkeys(out))
+def broad_points(max_weight: float = DEFAULT_MAX_WEIGHT, kinds: tuple[str, ...] = KINDS) -> list[Point]:
+    """Stage 1: the 1-D scans first (cheap to read when the run is cut short), then the mixed 2-D grid; weights up
+    to `max_weight` (see the module docstring), only the `kinds` named."""
+    def upto(ws: tuple[float, ...]) -> list[float]:
+        return [w for w in (*ws, *HIGH_WEIGHTS) if w <= max_weight]
+    high = max_weight >= HIGH_MIXED
+    mixed_cfg = [w for w in (*MIXED_CFG, *([MIXED_CFG_HIGH] if high else [])) if w <= max_weight]
+    mixed_igg = [w for w in (*MIXED_IGG, *([MIXED_IGG_HIGH] if high else [])) if w <= max_weight]
+    out = [make_point("cfg", w) for w in (0, 1, DEFAULT_CFG, *upto(WEIGHTS[1:]))]
+    out += [make_point("igg global", w) for w in upto(WEIGHTS)]
+    out += [make_point("igg window 3", w) for w in upto(WINDOW_WEIGHTS)]
+    out += [make_point("mixed global", w, v) for w in mixed_cfg for v in mixed_igg]
+    return [p for p in dict.fromkeys(out) if p.kind in kinds]
 
 
-def _around(w: float, axis: list[float]) -> list[float]:
+def _around(w: float, axis: list[float], cap: float = math.inf) -> list[float]:
     """Midpoints between w and its grid neighbours on `axis` when they are more than 3.5 apart (closer ones are
-    within the broad scan's FID noise); one step past the top of the grid when w is its largest value."""
+    within the broad scan's FID noise); one step past the top of the grid when w is its largest value, unless
+    that passes `cap` (the sweep's search.max_weight: it never answers a larger weight)."""
     axis = sorted(set(axis))
     i = axis.index(w)
     out = []
@@ -122,13 +153,13 @@ def _around(w: float, axis: list[float]) -> list[float]:
         out.append(round(w + axis[i + 1]) / 2)
     if i > 0 and w - axis[i - 1] > 3.5:
         out.append(round(w + axis[i - 1]) / 2)
-    if i == len(axis) - 1:
+    if i == len(axis) - 1 and round(w * 1.25) <= cap:
         out.append(round(w * 1.25))
     return out
 
 
-def neighbour_points(fids: dict[Point, float]) -> list[Point]:
-    """Stage 1b: midpoints around the best point of each kind (see :func:`_around`)."""
+def neighbour_points(fids: dict[Point, float], cap: float = math.inf) -> list[Point]:
+    """Stage 1b: midpoints around the best point of each kind (see :func:`_around`), none past `cap`."""
     out = []
     for kind in KINDS:
         mine = {p: v for p, v in fids.items() if p.kind == kind}
@@ -138,11 +169,12 @@ def neighbour_points(fids: dict[Point, float]) -> list[Point]:
         if kind == "mixed global":
             cfg_axis = [p.w_cfg for p in mine if p.w_igg == best.w_igg]
             igg_axis = [p.w_igg for p in mine if p.w_cfg == best.w_cfg]
-            out += [make_point(kind, w, best.w_igg) for w in _around(best.w_cfg, cfg_axis)]
-            out += [make_point(kind, best.w_cfg, v) for v in _around(best.w_igg, igg_axis)]
+            out += [make_point(kind, w, best.w_igg) for w in _around(best.w_cfg, cfg_axis, cap)]
+            out += [make_point(kind, best.w_cfg, v) for v in _around(best.w_igg, igg_axis, cap)]
         else:
             w = best.w_cfg if kind == "cfg" else best.w_igg
-            out += [make_point(kind, v) for v in _around(w, [p.w_cfg if kind == "cfg" else p.w_igg for p in mine])]
+            axis = [p.w_cfg if kind == "cfg" else p.w_igg for p in mine]
+            out += [make_point(kind, v) for v in _around(w, axis, cap)]
     return [p for p in dict.fromkeys(out) if p not in fids]
 
 
@@ -235,8 +267,14 @@ class Grid:
     def __init__(self, cache: Path, args: argparse.Namespace, command: str):
         from pipeline.fid import TINY_EXTRACTOR, FidEvaluator, shapes_source
         self.cache, self.args, self.command = cache, args, command
+        self.backbone = getattr(args, "backbone", DEFAULT_BACKBONE)
+        conf = load_config([f"backbone={self.backbone}"]).backbone
+        self.ckpts = {"vae_ckpt": str(conf.vae_ckpt), "var_ckpt": str(conf.var_ckpt)}
         self.json_path = cache / "grid.json"
         stored = json.loads(self.json_path.read_text()) if self.json_path.is_file() else {}
+        was = stored.get("setup", {}).get("backbone_name", DEFAULT_BACKBONE) if stored else self.backbone
+        if was != self.backbone:
+            raise SystemExit(f"{cache} holds the grid of backbone {was!r}, not {self.backbone!r}: give --cache")
         self.proxy: dict[str, dict[str, dict[str, float]]] = stored.get("proxy", {})
         self.stages: dict[str, list[str]] = stored.get("stages", {})
         self.points: dict[str, Point] = {k: Point(**v) for k, v in stored.get("point_defs", {}).items()}
@@ -299,7 +337,8 @@ class Grid:
         if self.pool is None:
             os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
             ctx = mp.get_context("spawn")
-            self.pool = ctx.Pool(self.args.workers, initializer=_init_worker, initargs=(self.args.threads,))
+            self.pool = ctx.Pool(self.args.workers, initializer=_init_worker,
+                                 initargs=(self.args.threads, self.ckpts["vae_ckpt"], self.ckpts["var_ckpt"]))
         return self.pool
 
     def close(self) -> None:
@@ -359,11 +398,14 @@ class Grid:
     def save(self) -> None:
         self.run["minutes"] = round((time.monotonic() - self.t0) / 60, 1)
         blob = {
-            "setup": {"backbone": "embedded tiny VAR (pipeline/backbones/weights)", "extractor": "guidetune-tiny",
+            "setup": {"backbone": f"embedded {self.backbone} VAR (pipeline/backbones/weights)",
+                      "backbone_name": self.backbone, **self.ckpts, "extractor": "guidetune-tiny",
                       "reference": {"num_images": self.args.reference, "seed": REF_SEED},
                       "batch": BATCH, "labels": "i % 8", "sampler_seed": "derive_seed(seed, batch index)",
                       "schedule": "linear", "top_k": 0, "top_p": 0.0, "grid_seeds": list(GRID_SEEDS),
                       "n_broad": self.args.n_broad, "n_full": self.args.n_full,
+                      "max_weight": getattr(self.args, "max_weight", DEFAULT_MAX_WEIGHT),
+                      "kinds": list(getattr(self.args, "kinds", KINDS)),
                       "proxy": {"num_images": PROXY_IMAGES, "seeds": list(PROXY_SEEDS)}},
             "points": self.rows(),
             "proxy": self.proxy,
@@ -462,7 +504,8 @@ class Grid:
         minutes = sum(r.get("minutes", 0) for r in self.runs)
         lines = [f"Command: `{self.command}` ({minutes:.0f} min over {len(self.runs)} invocation(s), "
                  f"{a.workers} worker(s) x {a.threads} thread(s) on this machine's CPU, niced).", "",
-                 f"Embedded backbone, labels i % 8, batches of {BATCH} seeded `derive_seed(seed, b)`, linear ramp, "
+                 f"Embedded backbone `{self.backbone}` ({provenance(self.ckpts['var_ckpt'])}), labels i % 8, "
+                 f"batches of {BATCH} seeded `derive_seed(seed, b)`, linear ramp, "
                  f"top_k=0, top_p=0. FID in the shipped classifier's space (`guidetune-tiny`) against {a.reference} "
                  f"real images (seed {REF_SEED}); sampler seeds {', '.join(map(str, GRID_SEEDS))} (the sweep uses "
                  f"0, 1, 2, ...). Results: `{self.json_path}`.", ""]
@@ -534,7 +577,13 @@ class Grid:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="results folder (grid.json, features/)")
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="conf/backbone/NAME.yaml: the checkpoints sampled")
+    p.add_argument("--max-weight", type=float, default=DEFAULT_MAX_WEIGHT,
+                   help="largest weight of the broad scan (30: the sweep's search.max_weight)")
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="guidance kinds sampled")
+    p.add_argument("--cache", type=Path, default=None,
+                   help=f"results folder (grid.json, features/); default {DEFAULT_CACHE}, another backbone's "
+                        f"{default_cache('tiny_small')} (tiny_small), {DEFAULT_CACHE}_NAME")
     p.add_argument("--ref-cache", type=Path, default=None, help="reference statistics folder (<cache>/reference)")
     p.add_argument("--reference", type=int, default=8000, help="real images of the FID reference")
     p.add_argument("--n-broad", type=int, default=512, help="images per point in the broad scan")
@@ -544,9 +593,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="only the first LIMIT broad points (smoke tests)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    p.add_argument("--write", action="store_true", help=f'write docs/BENCHMARKS.md "## {SECTION}"')
+    p.add_argument("--write", action="store_true",
+                   help=f'write docs/BENCHMARKS.md "## {SECTION}" (another backbone: "## {SECTION} (NAME)")')
     p.add_argument("--report", action="store_true", help="sample nothing: report what the cache holds so far")
     args = p.parse_args(argv)
+    args.cache = args.cache or default_cache(args.backbone)
     for n in (args.n_broad, args.n_full):
         if n % BATCH or n <= 128:
             p.error(f"image counts must be multiples of {BATCH} above 128 (the feature dimension), got {n}")
@@ -560,17 +611,18 @@ def main(argv: list[str] | None = None) -> int:
         grid.close()
     body = grid.markdown()
     atomic_write(args.cache / "grid.md", (body + "\n").encode())
-    publish(body, SECTION, args.write)
+    publish(body, SECTION if args.backbone == DEFAULT_BACKBONE else f"{SECTION} ({args.backbone})", args.write)
     return 0
 
 
 def run_stages(grid: Grid, args: argparse.Namespace) -> None:
     """Stages 1-5 of the module docstring, each resumed from the cache."""
     seed0 = GRID_SEEDS[0]
-    stage1 = broad_points()[:args.limit]
+    stage1 = broad_points(args.max_weight, tuple(args.kinds))[:args.limit]
     grid.set_stage("1", stage1)
     grid.sample("1 broad", [(q, seed0, args.n_broad) for q in stage1])
-    stage1b = neighbour_points(grid.fids(stage1, seed0, args.n_broad))
+    cap = load_config([f"backbone={args.backbone}"]).search.max_weight
+    stage1b = neighbour_points(grid.fids(stage1, seed0, args.n_broad), cap)
     grid.set_stage("1b", stage1b)
     grid.sample("1b neighbours", [(q, seed0, args.n_broad) for q in stage1b])
     broad = grid.fids(stage1 + stage1b, seed0, args.n_broad)
