@@ -29,7 +29,7 @@ from pipeline.guidance import SCHEDULES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "backbones" / "weights"
-GROUPS = ("backbone", "guidance", "search", "proxy", "refine", "confirm", "launcher", "tracking")
+GROUPS = ("backbone", "guidance", "search", "proxy", "screen", "refine", "confirm", "launcher", "tracking")
 KINDS = ("cfg", "igg", "mixed")  # guidance kinds: CFG alone, IGG alone, both terms
 SAMPLERS = ("tpe", "gp", "random")
 EVENNESS_KINDS = ("vocab", "tokens")
@@ -111,14 +111,23 @@ class ProxyConfig:
 
 
 @dataclass
-class RefineConfig:
-    """Stage 2: FID refinement, one seeded Optuna search per kind inside a trust region around its best."""
+class ScreenConfig:
+    """The global stage: every kind over the whole allowed range at low-N FID, successive halving."""
 
-    n_trials: int = 8  # FID trials per kind (in rounds of launcher.workers trials per kind)
+    points: int = 10  # weights per curve, evenly spaced in log(1 + w) from refine.min_weight to search.max_weight
+    rungs: list[int] = field(default_factory=lambda: [256, 512])  # images per point at each rung (extended)
+    keep: float = 0.4  # share of a curve's points that go on to the next rung (each basin's best first)
+    shares: list[float] = field(default_factory=lambda: [0.5])  # mixed: the share of w' in w + w' of each ray
+    regions: int = 3  # at most this many basins (not worse than the best beyond noise) are refined
+
+
+@dataclass
+class RefineConfig:
+    """FID refinement: a seeded Optuna search inside a trust region around each basin the screen kept."""
+
+    n_trials: int = 4  # FID trials per region (in rounds of launcher.workers trials per region)
     num_images: int = 512  # images per trial; the same labels for every candidate
     common_seeds: bool = False  # true: every candidate on the sweep's sampler seeds (else each its own seeds)
-    warm_start: int = 1  # best distinct proxy candidates of each kind, enqueued first
-    radius: float = 0.9  # starting trust-region half-width in log(1 + weight) units
     min_weight: float = 0.25  # no weight below this is refined (sampled uniformly in log weight)
     edge: float = 0.25  # a best in the outer `edge` fraction of the region (in log(1 + weight)) is on its edge
     grow: float = 2.0  # the region grows by this when a round's best lies on its edge
@@ -204,6 +213,7 @@ class SweepConfig:
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    screen: ScreenConfig = field(default_factory=ScreenConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
@@ -372,8 +382,7 @@ def validate(cfg: SweepConfig) -> None:
         ("search.max_weight", s.max_weight, "30"),
         ("refine.n_trials", r.n_trials, "6"),
         ("refine.num_images", r.num_images, "512"),
-        ("refine.warm_start", r.warm_start, "2"),
-        ("refine.radius", r.radius, "0.9"),
+        ("screen.regions", cfg.screen.regions, "3"),
         ("refine.n_startup_trials", r.n_startup_trials, "4"),
         ("refine.lengthscale", r.lengthscale, "0.5"),
         ("refine.min_weight", r.min_weight, "0.25"),
@@ -420,13 +429,25 @@ def validate(cfg: SweepConfig) -> None:
             f"refine.window_kinship={r.window_kinship} must lie in [0, 1]; e.g. refine.window_kinship=0.5")
     if c.bootstrap < 2:
         raise ConfigError(f"confirm.bootstrap={c.bootstrap} must be >= 2 resamples; e.g. confirm.bootstrap=200")
-    n_images = [r.num_images, *c.rungs]
-    if not c.rungs or any(b <= a for a, b in itertools.pairwise(n_images)):
+    sc = cfg.screen
+    if sc.points < 2:
+        raise ConfigError(f"screen.points={sc.points} must be >= 2 (the ends of the range); e.g. screen.points=10")
+    if not 0.0 < sc.keep <= 1.0:
+        raise ConfigError(f"screen.keep={sc.keep} must lie in (0, 1]; e.g. screen.keep=0.4")
+    if not sc.shares or any(not 0.0 < share < 1.0 for share in sc.shares):
+        raise ConfigError(f"screen.shares={sc.shares} must hold shares of w' in w + w' strictly between 0 and 1; "
+                          "e.g. screen.shares=[0.5]")
+    if not sc.rungs or any(b <= a for a, b in itertools.pairwise(sc.rungs)) or sc.rungs[-1] > r.num_images:
+        raise ConfigError(f"screen.rungs={sc.rungs} must rise, up to refine.num_images={r.num_images}; "
+                          "e.g. screen.rungs=[256,512]")
+    n_images = sorted({*sc.rungs, r.num_images, *c.rungs})
+    if not c.rungs or any(b <= a for a, b in itertools.pairwise([r.num_images, *c.rungs])):
         raise ConfigError(f"confirm.rungs={c.rungs} must rise above refine.num_images={r.num_images}; "
                           "e.g. confirm.rungs=[1024,2048,4096]")
     if any(n % c.batch_size for n in n_images):
-        raise ConfigError(f"refine.num_images and confirm.rungs ({n_images}) must be multiples of confirm.batch_size="
-                          f"{c.batch_size}, so a larger N extends a smaller one; e.g. confirm.batch_size=64")
+        raise ConfigError(f"screen.rungs, refine.num_images and confirm.rungs ({n_images}) must be multiples of "
+                          f"confirm.batch_size={c.batch_size}, so a larger N extends a smaller one; "
+                          "e.g. confirm.batch_size=64")
     if c.decimals < 0 or la.max_retries < 0:
         raise ConfigError("confirm.decimals and launcher.max_retries must be >= 0; e.g. confirm.decimals=2")
     for name in ("w_cfg", "w_igg"):

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from matplotlib.figure import Figure
@@ -21,9 +22,8 @@ from torchvision.utils import make_grid
 
 from pipeline.files import atomic_write
 from tuners.confirm import Margin, Racer
-from tuners.space import interval_code
-
-BEST_KEYS = ("backbone", "guidance", "w_cfg", "w_igg", "window", "fid", "gap", "spearman_rho")
+from tuners.screen import ScreenResult
+from tuners.space import Candidate, interval_code
 
 
 def _png(image_HW3: Tensor) -> bytes:
@@ -108,6 +108,9 @@ class Best:
     checkpoints: dict  # file -> sha256
     interval: list | None = None  # the winner's guidance interval [start, end] when search.intervals searched it
     clip_score: dict | None = None  # text-to-image with confirm.clip_weights: the winner's value, low, high at N
+    basins: list | None = None  # the screen's basins (best first): curve, weights, FID, smoothed, refined, worse
+    versus: dict | None = None  # IGG against CFG: FID(CFG's best) - FID(IGG's best) with its interval, verdict
+    proxy_rho: dict | None = None  # Spearman's rho(gap, FID) over the screened points: value, low, high, n
 
     def as_dict(self) -> dict:
         def clean(x):
@@ -161,8 +164,9 @@ def race_table(racers: list[Racer], winner: Racer) -> dict[str, list]:
     return columns
 
 
-def report_markdown(title: str, racers: list[Racer], winner: Racer, margin: Margin | None, best: Best) -> str:
-    """report.md: the answer in words, then one row per finalist (winner first), then the cost."""
+def report_markdown(title: str, racers: list[Racer], winner: Racer, margin: Margin | None, best: Best,
+                    screen: ScreenResult) -> str:
+    """report.md: the answer in words, then one row per finalist (winner first), the whole range, the cost."""
     n = best.num_images
     lines = [f"# {title}", "",
              f"Best: **{winner.candidate.label()}** ({best.kind}), FID {_fmt(best.fid)} "
@@ -194,7 +198,88 @@ def report_markdown(title: str, racers: list[Racer], winner: Racer, margin: Marg
                      f"{_fmt(r.refine_smoothed)} | "
                      + " | ".join(cells) + f" | {_fmt(final.get('isc'))} | {_fmt(final.get('kid'), 4)} | "
                      f"{_fmt(final.get('precision'))} | {_fmt(final.get('recall'))} | {left} |")
+    lines += ["", *screen_markdown(screen, best)]
     lines += ["", "| stage | trials | images sampled | worker s |", "|---|---:|---:|---:|"]
     for stage, c in best.cost.items():
         lines.append(f"| {stage} | {c['trials']} | {c['images']} | {c['worker_s']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def screen_markdown(screen: ScreenResult, best: Best) -> list[str]:
+    """The whole range: IGG against CFG, the proxy's direction, the basins, and every curve's screened FID."""
+    first, n = min(p for q in screen.points for p in q.scores), screen.num_images
+    lines = ["## The whole range (screen)", "",
+             f"Every kind from w={_fmt(screen.points[0].total, 2)} to {_fmt(max(p.total for p in screen.points), 2)}, "
+             f"{screen.spacing:.2f} apart in log(1 + w), at {first} images; the best of each curve extended to {n} "
+             "(curves.png)."]
+    if best.versus is not None:
+        v = best.versus
+        lines += ["", f"- {v['verdict']} at N={v['num_images']} (CFG {v['cfg']}: {_fmt(v['fid_cfg'])}, "
+                      f"IGG {v['igg']}: {_fmt(v['fid_igg'])})."]
+    lines += ["", f"- Proxy: {screen.rho.verdict()}." if screen.rho else
+              "- Proxy: too few screened points with a gap for ρ(gap, FID)."]
+    lines += ["", f"Basins (local minima of a curve's smoothed FID), best first, at N={n}:", "",
+              "| curve | point | FID | smoothed | vs the best [interval] | refined |", "|---|---|---:|---:|---|---|"]
+    for b in screen.basins:
+        worse = "-" if b.worse is None else f"{b.worse['diff']:+.3g} [{b.worse['low']:+.3g}, {b.worse['high']:+.3g}]"
+        lines.append(f"| {b.point.curve.label()} | {b.point.candidate.label()} | {_fmt(b.point.scores[n]['fid'])} | "
+                     f"{_fmt(b.smoothed)} | {worse} | {'yes' if b in screen.refined else 'no'} |")
+    lines += ["", f"Screened points: FID [interval] at {first} images (smoothed), and at {n} for the survivors:", "",
+              "| curve | w + w' | FID@" + str(first) + " | smoothed | FID@" + str(n) + " |", "|---|---:|---|---:|---|"]
+    for p in screen.points:
+        cells = [f"{_fmt(p.scores[m]['fid'])} [{_fmt(p.scores[m]['fid_low'])}, {_fmt(p.scores[m]['fid_high'])}]"
+                 if m in p.scores else "-" for m in (first, n)]
+        lines.append(f"| {p.curve.label()} | {p.total:.3g} | {cells[0]} | {_fmt(p.smoothed.get(first))} | "
+                     f"{cells[1]} |")
+    return lines
+
+
+def screen_table(screen: ScreenResult) -> dict[str, list]:
+    """Every screened point at every rung it reached (for ``MlflowClient.log_table``): the FID curves."""
+    columns: dict[str, list] = {k: [] for k in ("curve", "kind", "total", "w_cfg", "w_igg", "window", "num_images",
+                                                "fid", "fid_low", "fid_high", "smoothed", "gap", "basin")}
+    for p in screen.points:
+        c = p.candidate
+        for m, score in sorted(p.scores.items()):
+            row = {"curve": p.curve.label(), "kind": p.curve.kind, "total": p.total, "w_cfg": c.w_cfg,
+                   "w_igg": c.w_igg, "window": c.window, "num_images": m, "fid": score["fid"],
+                   "fid_low": score["fid_low"], "fid_high": score["fid_high"], "smoothed": p.smoothed.get(m),
+                   "gap": p.gap, "basin": p.basin}
+            for k, v in row.items():
+                columns[k].append(v)
+    return columns
+
+
+def curves_png(screen: ScreenResult, winner: Candidate) -> bytes:
+    """Each curve's FID over the whole range (log(1 + w) axis) with its intervals: the first rung's points, the
+    smoothed curve, the survivors at the last rung, the basins kept for refinement (rings) and the winner (star)."""
+    first, n = min(p for q in screen.points for p in q.scores), screen.num_images
+    fig = Figure(figsize=(7.5, 4.5))
+    ax = fig.subplots()
+    curves = list(dict.fromkeys(p.curve for p in screen.points))
+    for i, curve in enumerate(curves):
+        colour = f"C{i}"
+        mine = [p for p in screen.points if p.curve == curve and first in p.scores]
+        x = [p.total for p in mine]
+        ax.errorbar(x, [p.scores[first]["fid"] for p in mine],
+                    yerr=[[p.scores[first]["fid"] - p.scores[first]["fid_low"] for p in mine],
+                          [p.scores[first]["fid_high"] - p.scores[first]["fid"] for p in mine]],
+                    fmt="o", color=colour, alpha=0.35, capsize=2, ms=4)
+        ax.plot(x, [p.smoothed[first] for p in mine], "-", color=colour, label=f"{curve.label()} (N={first})")
+        top = [p for p in mine if n in p.scores]
+        if n != first and top:
+            ax.errorbar([p.total for p in top], [p.scores[n]["fid"] for p in top],
+                        yerr=[[p.scores[n]["fid"] - p.scores[n]["fid_low"] for p in top],
+                              [p.scores[n]["fid_high"] - p.scores[n]["fid"] for p in top]],
+                        fmt="s", color=colour, capsize=2, ms=5, label=f"N={n}")
+        for b in screen.refined:
+            if b.point.curve == curve:
+                ax.plot([b.point.total], [b.point.scores[n]["fid"]], "o", ms=14, mfc="none", color=colour)
+    ax.axvline(sum(winner.weights().values()), color="k", ls=":", lw=1)
+    ax.plot([], [], "o", ms=10, mfc="none", color="grey", label="basin refined")
+    ax.plot([], [], "k:", label=f"winner: {winner.label()}")
+    ax.set_xscale("function", functions=(lambda w: np.log1p(np.maximum(w, 0)), np.expm1))
+    ax.set_xlabel("guidance weight w + w' (log(1 + w) axis)")
+    ax.set_ylabel("FID")
+    ax.legend(fontsize=7)
+    return _figure_png(fig)

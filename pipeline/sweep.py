@@ -12,6 +12,7 @@ Bad input: one line on stderr, exit code 2.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -40,31 +41,46 @@ from pipeline.config import (
 from pipeline.distributed import ClusterLostError, RayPool, check_capacity, connect
 from pipeline.fid import FidEvaluator, Reference, file_digest, reference_source
 from pipeline.files import atomic_write
-from pipeline.report import Best, race_table, report_markdown, signals_vs_weight_png, write_best
+from pipeline.report import (
+    Best,
+    curves_png,
+    race_table,
+    report_markdown,
+    screen_table,
+    signals_vs_weight_png,
+    write_best,
+)
 from pipeline.tracking import Tracker
 from tuners.confirm import DEFAULT, REFINED, Margin, Racer, RaceStage, default_candidate
 from tuners.jobs import DIVERGENCE_SIGNAL, EVENNESS_SIGNAL, TrialRecord
-from tuners.proxy import ProxyStage
-from tuners.refine import RefineStage
+from tuners.proxy import ProxyStage, gap_name
+from tuners.refine import RefineStage, Start
 from tuners.scoring import FeatureBank, Scorer, candidate_seed
-from tuners.space import Candidate, Ranges, design_points
+from tuners.screen import ScreenResult, ScreenStage, curves_of, total, totals
+from tuners.space import Candidate, Ranges
 from tuners.studies import counts_toward_budget, open_study, record_of, study_name
 
 RACE_TABLE = "confirm_race.json"  # the race as an MLflow table on the parent run
+SCREEN_TABLE = "screen_curves.json"  # every screened point (the FID curves) as an MLflow table
 SETTINGS_ATTR = "settings"  # proxy-study user attr: the settings a resumed sweep must keep
-STAGES = ("proxy", "confirm")  # plus one refine/<kind> study per guidance kind (stages_of)
+STAGES = ("proxy", "screen", "confirm")  # plus one refine/<kind>-<i> study per refined basin (open_studies)
 
 
-def stages_of(cfg: SweepConfig) -> list[str]:
-    """The Optuna studies of a sweep: proxy, refine/<kind> for each kind, confirm."""
-    return ["proxy", *(f"refine/{k}" for k in cfg.guidance.kinds), "confirm"]
+def open_studies(cfg: SweepConfig) -> dict[str, optuna.Study]:
+    """The sweep's Optuna studies by stage: proxy, screen, confirm, and every refine/<region> the storage holds."""
+    studies = {stage: open_study(cfg.storage, study_name(cfg.sweep.name, stage)) for stage in STAGES}
+    prefix = study_name(cfg.sweep.name, "refine/")
+    for name in sorted(n for n in optuna.get_all_study_names(cfg.storage) if n.startswith(prefix)):
+        studies[name[len(study_name(cfg.sweep.name, "")):]] = open_study(cfg.storage, name)
+    return studies
 
 
 def resume_settings(cfg: SweepConfig) -> dict[str, Any]:
     """The settings that define a sweep's trials; rerunning a sweep name with other values is refused."""
     search = {k: v for k, v in asdict(cfg.search).items() if k != "n_trials"}
     return {"seed": cfg.seed, "backbone": asdict(cfg.backbone), "guidance": asdict(cfg.guidance), "search": search,
-            "proxy": asdict(cfg.proxy), "refine": asdict(cfg.refine), "confirm": asdict(cfg.confirm),
+            "proxy": asdict(cfg.proxy), "screen": asdict(cfg.screen), "refine": asdict(cfg.refine),
+            "confirm": asdict(cfg.confirm),
             "workers": cfg.launcher.workers}
 
 
@@ -129,9 +145,9 @@ def fid_reference(cfg: SweepConfig) -> tuple[FidEvaluator, Reference]:
     )
     probe = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)  # one blank image: the extractor's feature count
     features = evaluator.features([probe])[evaluator.feature_layer].shape[1]
-    if cfg.refine.num_images <= features:
-        raise ConfigError(f"refine.num_images={cfg.refine.num_images} must exceed the {features} features of "
-                          f"{cfg.backbone.fid_extractor} (FID needs more images than features); raise it")
+    if cfg.screen.rungs[0] <= features:
+        raise ConfigError(f"screen.rungs={cfg.screen.rungs} must start above the {features} features of "
+                          f"{cfg.backbone.fid_extractor} (FID needs more images than features); raise them")
     try:
         reference = evaluator.reference(source)
     except ValueError as err:
@@ -154,7 +170,7 @@ def costs(records: dict[str, list[TrialRecord]]) -> dict[str, dict[str, float]]:
 
 
 def answer(cfg: SweepConfig, winner: Racer, margin: Margin | None, racers: list[Racer], ranges: Ranges,
-           cost: dict) -> Best:
+           cost: dict, screen: ScreenResult, versus: dict | None) -> Best:
     """best.yaml of a finished race."""
     n = winner.reached
     scores = winner.scores[n]
@@ -198,16 +214,23 @@ def answer(cfg: SweepConfig, winner: Racer, margin: Margin | None, racers: list[
                                  "(tuners.scoring.candidate_seed of sweep_seed)"},
         checkpoints={key: {"path": getattr(cfg.backbone, key), "sha256": file_digest(getattr(cfg.backbone, key))}
                      for key in checkpoint_keys(cfg.backbone)},
+        basins=[{"curve": b.point.curve.label(), **b.point.candidate.as_dict(), "kind": b.point.curve.kind,
+                 "num_images": screen.num_images, "fid": b.point.scores[screen.num_images]["fid"],
+                 "smoothed": b.smoothed, "refined": b in screen.refined,
+                 "worse": None if b.worse is None else dict(b.worse)} for b in screen.basins],
+        versus=versus,
+        proxy_rho=None if screen.rho is None else asdict(screen.rho),
     )
 
 
 def write_outputs(cfg: SweepConfig, best: Best, racers: list[Racer], winner: Racer, margin: Margin | None,
-                  proxy: ProxyStage | None) -> tuple[Path, list[Path]]:
+                  proxy: ProxyStage | None, screen: ScreenResult) -> tuple[Path, list[Path]]:
     """best.yaml, report.md and the plots in sweep.output_dir; returns (best.yaml, all files)."""
     out = Path(cfg.sweep.output_dir)
     best_path = write_best(out / "best.yaml", best)
-    markdown = report_markdown(f"guidetune sweep {cfg.sweep.name}", racers, winner, margin, best)
-    files = [best_path, atomic_write(out / "report.md", markdown.encode())]
+    markdown = report_markdown(f"guidetune sweep {cfg.sweep.name}", racers, winner, margin, best, screen)
+    files = [best_path, atomic_write(out / "report.md", markdown.encode()),
+             atomic_write(out / "curves.png", curves_png(screen, winner.candidate))]
     if proxy is not None:
         e_name, d_name = EVENNESS_SIGNAL[cfg.proxy.evenness], DIVERGENCE_SIGNAL[cfg.proxy.reference]
         for kind in cfg.guidance.kinds:
@@ -222,7 +245,7 @@ def write_outputs(cfg: SweepConfig, best: Best, racers: list[Racer], winner: Rac
 def run(cfg: SweepConfig, evaluator: FidEvaluator, reference: Reference) -> Path:
     """Run (or resume) the sweep of a validated config on a connected Ray; returns the path of best.yaml."""
     e_name, d_name = EVENNESS_SIGNAL[cfg.proxy.evenness], DIVERGENCE_SIGNAL[cfg.proxy.reference]
-    studies = {stage: open_study(cfg.storage, study_name(cfg.sweep.name, stage)) for stage in stages_of(cfg)}
+    studies = open_studies(cfg)
     kept = {(stage, t.number) for stage, s in studies.items() for t in s.get_trials(deepcopy=False)
             if counts_toward_budget(t)}
     tracker = Tracker(cfg.tracking.uri, cfg.sweep.name, (e_name, d_name))
@@ -246,8 +269,8 @@ class Sweep:
                  studies: dict):
         self.cfg, self.tracker, self.studies = cfg, tracker, studies
         bank_dir = Path(cfg.sweep.output_dir) / "features"
-        self.bank = FeatureBank(bank_dir, [0, cfg.refine.num_images, *cfg.confirm.rungs], cfg.seed,
-                                cfg.refine.common_seeds)
+        self.bank = FeatureBank(bank_dir, sorted({0, *cfg.screen.rungs, cfg.refine.num_images, *cfg.confirm.rungs}),
+                                cfg.seed, cfg.refine.common_seeds)
         self.scorer = Scorer(evaluator, reference, cfg.confirm.bootstrap, cfg.confirm.level, cfg.seed,
                              num_conditions(cfg.backbone) if cfg.confirm.stratify else None,
                              clip=cfg.confirm.clip_weights is not None)
@@ -260,13 +283,15 @@ class Sweep:
         kinds = list(cfg.guidance.kinds)
         pool = RayPool(cfg, self.reference)
         try:
-            proxy, ranges = None, Ranges.start(kinds, cfg.search)
+            proxy = None
             if cfg.search.n_trials > 0:
                 proxy = ProxyStage(studies["proxy"], kinds, cfg.search, cfg.proxy, cfg.seed, self.tracker)
                 proxy.run(pool)
-                ranges = proxy.ranges
-            warm = {k: self._warm(k, proxy, ranges) for k in kinds}
-            refine = RefineStage({k: studies[f"refine/{k}"] for k in kinds}, warm, ranges, cfg.refine, cfg.search,
+            screen = self._screen(kinds, proxy).run(pool)
+            starts = self._starts(screen)
+            for name in starts:
+                studies[f"refine/{name}"] = open_study(cfg.storage, study_name(cfg.sweep.name, f"refine/{name}"))
+            refine = RefineStage({name: studies[f"refine/{name}"] for name in starts}, starts, cfg.refine, cfg.search,
                                  cfg.seed, self.tracker, self.bank, self.scorer)
             refine.run(pool)
             racers = [Racer(c, REFINED, refine_fid=rec.value, refine_smoothed=smoothed)
@@ -281,10 +306,12 @@ class Sweep:
             pool.close()
         records = {stage: [record_of(t) for t in s.get_trials(deepcopy=False) if counts_toward_budget(t)]
                    for stage, s in studies.items()}
-        cost = costs({"proxy": records["proxy"], "refine": [r for k in kinds for r in records[f"refine/{k}"]],
+        cost = costs({"proxy": records["proxy"], "screen": records["screen"],
+                      "refine": [r for name in starts for r in records[f"refine/{name}"] if r.stage == "refine"],
                       "confirm": records["confirm"]})
-        best = answer(cfg, winner, margin, racers, ranges_after(ranges, refine), cost)
-        best_path, files = write_outputs(cfg, best, racers, winner, margin, proxy)
+        versus = self._versus(racers, screen) if {"cfg", "igg"} <= set(kinds) else None
+        best = answer(cfg, winner, margin, racers, screened_ranges(kinds, cfg), cost, screen, versus)
+        best_path, files = write_outputs(cfg, best, racers, winner, margin, proxy, screen)
         capped = [w for w, where in best.at_bound.items() if where == "cap"]
         if capped:
             print(f"warning: the answer's {', '.join(capped)} sits at search.max_weight={cfg.search.max_weight}; "
@@ -292,28 +319,81 @@ class Sweep:
         c = winner.candidate
         metrics = {"best_fid": best.fid, "best_fid_low": best.fid_low, "best_fid_high": best.fid_high,
                    **({f"best_clip_score_{k}": v for k, v in best.clip_score.items()} if best.clip_score else {}),
+                   **({f"proxy_rho_{k}": float(v) for k, v in best.proxy_rho.items()} if best.proxy_rho else {}),
                    **{f"cost_{stage}_{k}": float(v) for stage, cs in cost.items() for k, v in cs.items()}}
         metrics.update({f"best_{k}": float(v) for k, v in c.as_dict().items() if v is not None and k != "interval"})
         if margin is not None:
             metrics.update({"margin": margin.diff, "margin_low": margin.low, "margin_high": margin.high})
         tags = {"guidetune.best": c.label(), "guidetune.best_kind": c.kind,
                 "guidetune.separated": str(margin.separated if margin else None)}
-        self.tracker.log_summary(metrics, tags, files, {RACE_TABLE: race_table(racers, winner)})
+        self.tracker.log_summary(metrics, tags, files, {RACE_TABLE: race_table(racers, winner),
+                                                        SCREEN_TABLE: screen_table(screen)})
         return best_path
 
-    def _warm(self, kind: str, proxy: ProxyStage | None, ranges: Ranges) -> list[Candidate]:
-        """The refinement's start for a kind: the proxy's best candidates, or its design points without a proxy."""
-        if proxy is not None and (best := proxy.best(kind, self.cfg.refine.warm_start, self.cfg.confirm.decimals)):
-            return [c for c, _ in best]
-        return design_points([kind], ranges, self.cfg.proxy.design)
+    def _screen(self, kinds: list[str], proxy: ProxyStage | None) -> ScreenStage:
+        """The global stage over [refine.min_weight, search.max_weight]; the proxy's pick of each kind is one more
+        point on its curves."""
+        cfg = self.cfg
+        floor, cap = cfg.refine.min_weight, cfg.search.max_weight
+        picks = [c for k in kinds for c, _ in (proxy.best(k, 1, cfg.confirm.decimals) if proxy else [])]
+        return ScreenStage(self.studies["screen"],
+                           curves_of(kinds, cfg.search.windows, cfg.screen.shares, cfg.search.interval_choices()),
+                           totals(cfg.screen.points, floor, cap), [c for c in picks if floor <= total(c) <= cap],
+                           cfg.screen, cfg.refine.lengthscale, gap_name(cfg.proxy.evenness, cfg.proxy.reference),
+                           self.tracker, self.bank, self.scorer)
+
+    def _starts(self, screen: ScreenResult) -> dict[str, Start]:
+        """A trust region per refined basin (<kind>-<i>), its half-width the screen's spacing, seeded with the
+        basin curve's points within that distance that reached refine.num_images."""
+        starts: dict[str, Start] = {}
+        for basin in screen.refined:
+            curve, centre = basin.point.curve, math.log1p(basin.point.total)
+            seeds = tuple(p.record for p in screen.points if p.curve == curve and p.record is not None
+                          and p.reached == self.cfg.refine.num_images
+                          and abs(math.log1p(p.total) - centre) <= screen.spacing * (1 + 1e-9))
+            index = sum(name.startswith(f"{curve.kind}-") for name in starts)
+            starts[f"{curve.kind}-{index}"] = Start(curve.kind, basin.point.candidate, screen.spacing, seeds)
+        return starts
+
+    def _versus(self, racers: list[Racer], screen: ScreenResult) -> dict | None:
+        """IGG against CFG: FID(CFG's best) − FID(IGG's best) on the most images both have, with its interval.
+        A kind's best is its best finalist (most images, then lowest FID), else its best screened point."""
+        best: dict[str, tuple[Candidate, int]] = {}
+        for kind in ("cfg", "igg"):
+            mine = [r for r in racers if r.candidate.kind == kind and r.scores]
+            if mine:
+                r = min(mine, key=lambda r: (-r.reached, r.fid))
+                best[kind] = (r.candidate, r.reached)
+            elif (p := screen.best_of(kind)) is not None:
+                best[kind] = (p.candidate, screen.num_images)
+        if len(best) < 2:
+            return None
+        n = min(m for _, m in best.values())
+        layers = self.scorer.layers
+        features = {k: self.bank.get(c, n, layers) for k, (c, _) in best.items()}
+        diff = self.scorer.difference(features["cfg"], features["igg"])
+        fid = {k: self.scorer.fid(f)["fid"] for k, f in features.items()}
+        return {"cfg": best["cfg"][0].label(), "igg": best["igg"][0].label(), "num_images": n, "fid_cfg": fid["cfg"],
+                "fid_igg": fid["igg"], **diff, "verdict": versus_verdict(diff)}
 
 
-def ranges_after(ranges: Ranges, refine: RefineStage) -> Ranges:
-    """The ranges the answer is judged against: the proxy's, widened to every trust region the refinement used."""
-    for kind, search in refine.kinds.items():
-        for w, (low, high) in search.region.box().items():
-            span = ranges.spans[kind][w]
-            span[0], span[1] = min(span[0], low), max(span[1], high)
+def versus_verdict(diff: dict[str, float]) -> str:
+    """One line on FID(CFG) − FID(IGG) with its interval: which guidance is better on this backbone, or neither."""
+    span = f"{diff['diff']:+.3g} [{diff['low']:+.3g}, {diff['high']:+.3g}]"
+    if diff["low"] > 0:
+        return f"IGG beats CFG on this backbone: FID(CFG) - FID(IGG) = {span}"
+    if diff["high"] < 0:
+        return f"CFG beats IGG on this backbone: FID(CFG) - FID(IGG) = {span}"
+    return f"IGG and CFG are not separated on this backbone: FID(CFG) - FID(IGG) = {span} includes 0"
+
+
+def screened_ranges(kinds: list[str], cfg: SweepConfig) -> Ranges:
+    """The ranges the answer is judged against: every weight of every kind screened from refine.min_weight (low)
+    to search.max_weight (cap)."""
+    ranges = Ranges.start(kinds, cfg.search)
+    for spans in ranges.spans.values():
+        for span in spans.values():
+            span[:] = [cfg.refine.min_weight, cfg.search.max_weight]
     return ranges
 
 

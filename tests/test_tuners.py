@@ -21,14 +21,14 @@ from optuna.trial import TrialState
 
 from pipeline.config import BackboneConfig, ConfirmConfig, ProxyConfig, RefineConfig, SearchConfig
 from pipeline.fid import FidEvaluator, Reference
-from tuners.confirm import DEFAULT, REFINED, Racer, RaceStage, default_candidate, job_key
+from tuners.confirm import DEFAULT, REFINED, Racer, RaceStage, default_candidate
 from tuners.jobs import Done, Evaluation, Job
 from tuners.proxy import ProxyStage, gap_name, gaps_of
 from tuners.refine import RefineStage
 from tuners.samplers import derive_seed, make_sampler
 from tuners.scoring import FeatureBank, Scorer, candidate_seed
 from tuners.space import Candidate, Ranges, Region, design_points, from_params, suggest, trial_params
-from tuners.studies import RECORD, fail_stale, open_study, record_of, study_name
+from tuners.studies import RECORD, fail_stale, job_key, open_study, record_of, study_name
 from tuners.surrogate import log_weights, posterior_mean
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -15,25 +15,18 @@ is one trial of the ``confirm`` ledger study.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 
 import optuna
 
 from pipeline.config import BackboneConfig, ConfirmConfig
-from tuners.jobs import Done, Job, Observer, Pool, TrialRecord
-from tuners.scoring import FeatureBank, Scorer
+from tuners.jobs import Job, Observer, Pool
+from tuners.scoring import FeatureBank, Scorer, scored_record
 from tuners.space import Candidate
-from tuners.studies import run_ledger
+from tuners.studies import Ledger, job_key
 
 REFINED, DEFAULT = "refined", "default"
-
-
-def job_key(job: Job) -> str:
-    """Ledger identity of a job: its candidate, image range and seed."""
-    c = job.candidate
-    return json.dumps([*c.identity(), job.start, job.num_images, job.seed, job.fid])
 
 
 def default_candidate(backbone: BackboneConfig) -> Candidate:
@@ -95,14 +88,7 @@ class RaceStage:
         return Job(racer.candidate, num_images, self.bank.seed_of(racer.candidate), fid=True, start=start)
 
     def _finish(self, last: bool):
-        def finish(job: Job, done: Done) -> TrialRecord:
-            assert done.evaluation is not None
-            features = self.bank.put(job, done.evaluation.features)
-            metrics = self.scorer.fid(self.bank.get(job.candidate, job.num_images, self.scorer.layers),
-                                      all_metrics=last)
-            return TrialRecord.of("confirm", job, done, value=metrics["fid"], metrics=metrics, features=features)
-
-        return finish
+        return lambda job, done: scored_record("confirm", job, done, self.bank, self.scorer, all_metrics=last)
 
     def run(self, pool: Pool) -> tuple[Racer, Margin | None]:
         alive = list(self.racers)
@@ -110,8 +96,8 @@ class RaceStage:
         for r, n in enumerate(rungs):
             last = r == len(rungs) - 1
             jobs = {job_key(j): (j, racer) for racer in alive for j in [self._job(racer, n)]}
-            done = run_ledger(self.study, pool, "confirm", {k: j for k, (j, _) in jobs.items()}, self._finish(last),
-                              self.observer)
+            done = Ledger(self.study, "confirm", {k: j for k, (j, _) in jobs.items()}, self._finish(last),
+                          self.observer).run(pool)
             for key, (_, racer) in jobs.items():
                 if key in done:
                     racer.scores[n] = dict(done[key].metrics)

@@ -1,70 +1,106 @@
-"""Stage 2 (FID refinement): per guidance kind, a seeded Optuna search on low-N FID inside a moving trust region.
+"""FID refinement: a seeded Optuna search on low-N FID inside a moving trust region around each basin the screen kept.
 
-Each kind has its own study (``<sweep>/refine/<kind>``) and :class:`tuners.space.Region`: a box around the kind's
-best so far, which moves with it, grows when the best lies on its edge (so the search can leave the starting
-range, up to ``search.max_weight``) and shrinks when a round finds nothing better. A round after a growth starts
-with a pattern step: the best moved on in the direction it grew (half the radius before the growth), then the
-sampler's picks. The region lives in u = log(1 + w) (:class:`tuners.space.Region`) and its weights are sampled
-uniformly in log w, never below ``refine.min_weight``. The first round is warm-started with the proxy's best
-candidates of the kind (enqueued). Every trial samples the same labels; its sampler seeds are the candidate's own
+Each region has its own study (``<sweep>/refine/<kind>-<i>``) and :class:`tuners.space.Region`: a box around the
+region's best so far, which moves with it, grows when the best lies on its edge (up to ``search.max_weight``) and
+shrinks when a round finds nothing better. It starts at a basin of the screen (:mod:`tuners.screen`), its half-width
+the screen's spacing, and the screen's points around the basin already scored at ``refine.num_images`` are told to
+its study first (``add_trial``: their images are not drawn again). A round after a growth starts with a pattern step:
+the best moved on in the direction it grew (half the radius before the growth), then the sampler's picks. The region
+lives in u = log(1 + w) (:class:`tuners.space.Region`) and its weights are sampled uniformly in log w, never below
+``refine.min_weight``. Every trial samples the same labels; its sampler seeds are the candidate's own
 (:meth:`tuners.scoring.FeatureBank.seed_of`) unless ``refine.common_seeds``, and the race extends these images.
 
-"Best" is by smoothed FID (:mod:`tuners.surrogate`: the posterior mean of log FID given all the kind's trials and
+"Best" is by smoothed FID (:mod:`tuners.surrogate`: the posterior mean of log FID given all the region's trials and
 their bootstrap noise), not by the lowest single FID, which at this N is mostly the luckiest draw. The region
 follows the smoothed best, and the finalists are the lowest smoothed FIDs.
 
-Trials run in rounds of ``launcher.workers`` trials per kind (every worker busy, every kind advancing); results are
-told at the end of a round in ask order, so the search is the same for a seed and a number of workers whatever the
-completion order, and a resumed sweep replays the regions from the told trials.
+Trials run in rounds of ``launcher.workers`` trials per region (every worker busy, every region advancing); results
+are told at the end of a round in ask order, so the search is the same for a seed and a number of workers whatever
+the completion order, and a resumed sweep replays the regions from the told trials.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import optuna
 import torch
-from optuna.trial import FrozenTrial, TrialState
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
+from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from pipeline.config import RefineConfig, SearchConfig
 from tuners.driver import drive
 from tuners.jobs import Done, Job, Observer, Pool, TrialRecord
 from tuners.samplers import derive_seed, make_sampler
-from tuners.scoring import FeatureBank, Scorer
-from tuners.space import WEIGHTS, Candidate, Ranges, Region, from_params, suggest, trial_params
-from tuners.studies import counts_toward_budget, fail_stale, reason_of, record_of, tell
+from tuners.scoring import FeatureBank, Scorer, scored_record
+from tuners.space import WEIGHTS, Candidate, Region, from_params, interval_code, suggest, trial_params
+from tuners.studies import RECORD, counts_toward_budget, fail_stale, reason_of, record_of, tell
 from tuners.surrogate import log_weights, posterior_mean
 
 KIND_SEED = {"cfg": 101, "igg": 102, "mixed": 103}  # independent sampler streams per kind
 
 
-@dataclass
-class KindSearch:
-    """The refinement of one kind: its study, its region, and the best candidate so far (lowest FID)."""
+@dataclass(frozen=True)
+class Start:
+    """Where a trust region starts: its kind, its centre, its half-width in log(1 + w), and the points around it
+    already scored at ``refine.num_images`` (their records; told to the region's study before its first round)."""
 
     kind: str
+    centre: Candidate
+    radius: float
+    seeds: tuple[TrialRecord, ...] = ()
+
+
+@dataclass
+class RegionSearch:
+    """The refinement of one region: its study, its region, and the best candidate so far (by smoothed FID)."""
+
+    name: str  # <kind>-<i>: the study refine/<name>
+    start: Start
+    stream: int  # the seed stream of its sampler
     study: optuna.Study
-    start: Region  # the region before any FID trial
-    warm: list[Candidate]
+    initial: Region  # the region before any FID trial
     region: Region = field(init=False)
     best: tuple[Candidate, float] | None = None  # by smoothed FID
     pending: list[tuple[optuna.Trial, Job, Done]] = field(default_factory=list)
 
+    @property
+    def kind(self) -> str:
+        return self.start.kind
+
     def counted(self) -> list[FrozenTrial]:
-        """Trials that used budget, in ask order."""
+        """Trials that used budget, in ask order (the start's seeds first)."""
         return sorted((t for t in self.study.get_trials(deepcopy=False) if counts_toward_budget(t)),
                       key=lambda t: t.number)
+
+    def asked(self) -> int:
+        """Trials this region asked (its seeds are not asked)."""
+        return len(self.counted()) - len(self.start.seeds)
+
+    def seed(self, floor: float, cap: float, windows: list[int | None], intervals: list[str] | None) -> None:
+        """Tell the start's seeds not yet in the study, as completed trials of the region's search space."""
+        present = sum(RECORD in t.user_attrs and record_of(t).stage != "refine"
+                      for t in self.study.get_trials(deepcopy=False))
+        for record in self.start.seeds[present:]:
+            c = Candidate(**record.candidate)
+            distributions: dict[str, BaseDistribution] = {
+                w: FloatDistribution(min(v, floor), cap, log=True) for w, v in c.weights().items()}
+            if c.w_igg is not None:
+                distributions["window"] = CategoricalDistribution(list(windows))
+            if intervals is not None:
+                distributions["interval"] = CategoricalDistribution(intervals)
+            self.study.add_trial(create_trial(params=trial_params(c), distributions=distributions, value=record.value,
+                                              user_attrs={RECORD: replace(record, images=0, worker_s=0.0).as_dict()}))
 
 
 @dataclass
 class RefineStage:
-    """FID refinement of every kind. Call :meth:`run`, then :meth:`finalists`."""
+    """FID refinement of every region. Call :meth:`run`, then :meth:`finalists`."""
 
-    studies: dict[str, optuna.Study]
-    warm: dict[str, list[Candidate]]  # kind -> the proxy's best candidates (lowest gap first)
-    ranges: Ranges
+    studies: dict[str, optuna.Study]  # region name (<kind>-<i>) -> its study
+    starts: dict[str, Start]  # region name -> where it starts
     refine: RefineConfig
     search: SearchConfig
     seed: int
@@ -73,46 +109,52 @@ class RefineStage:
     scorer: Scorer
 
     def __post_init__(self) -> None:
-        self.kinds: dict[str, KindSearch] = {}
-        for kind, study in self.studies.items():
-            warm = self.warm[kind]
-            radius = dict.fromkeys(self.ranges.spans[kind], self.refine.radius)
-            start = Region(dict(warm[0].weights()), radius, self.ranges.cap, self.refine.min_weight)
-            self.kinds[kind] = KindSearch(kind, study, start, warm)
+        self.regions: dict[str, RegionSearch] = {}
+        for i, (name, study) in enumerate(self.studies.items()):
+            start = self.starts[name]
+            weights = start.centre.weights()
+            initial = Region(dict(weights), dict.fromkeys(weights, start.radius), self.search.max_weight,
+                             self.refine.min_weight)
+            self.regions[name] = RegionSearch(name, start, KIND_SEED[start.kind] + 1000 * i, study, initial)
 
     def run(self, pool: Pool) -> None:
-        """Rounds until every kind has told refine.n_trials trials (resumed trials included)."""
+        """Rounds until every region has asked refine.n_trials trials (resumed trials included)."""
         self.per_round = per_round = pool.idle() + pool.pending()
-        for search in self.kinds.values():
+        intervals = self.search.interval_choices()
+        codes = None if intervals is None else [interval_code(i) for i in intervals]
+        for search in self.regions.values():
             replay = fail_stale(search.study)
-            if not search.study.get_trials(deepcopy=False):  # a fresh study: the warm start goes first
-                replay = [trial_params(c) for c in search.warm[: self.refine.warm_start]]
+            if not search.study.get_trials(deepcopy=False) and not search.start.seeds:
+                replay = [trial_params(search.start.centre)]  # nothing scored here yet: the centre goes first
+            search.seed(self.refine.min_weight, self.search.max_weight, self.search.windows, codes)
             for params in replay:
                 search.study.enqueue_trial(params)
             self._replay(search)
         while True:
-            todo = [(s, i) for s in self.kinds.values()
-                    for i in range(len(s.counted()), min(self.refine.n_trials, len(s.counted()) + per_round))]
+            todo = [(s, i) for s in self.regions.values()
+                    for i in range(s.asked(), min(self.refine.n_trials, s.asked() + per_round))]
             if not todo:
                 return
-            for search in self.kinds.values():
+            for search in self.regions.values():
                 probe = search.region.probe()
                 waiting = search.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-                if probe is not None and not waiting and len(search.counted()) < self.refine.n_trials:
+                if probe is not None and not waiting and search.asked() < self.refine.n_trials:
                     search.study.enqueue_trial(trial_params(probe))  # pattern step along the growth
             self._round(pool, todo)
-            for search in self.kinds.values():
+            for search in self.regions.values():
                 self._close_round(search)
                 self._replay(search)
 
-    def _replay(self, search: KindSearch) -> None:
-        """The region and the best of a kind as a function of its told trials, round by round (so a resumed
+    def _replay(self, search: RegionSearch) -> None:
+        """The region and its best as a function of its told trials: the seeds, then round by round (so a resumed
         sweep rebuilds them exactly)."""
-        search.region = Region(dict(search.start.centre), dict(search.start.radius), search.start.cap,
-                               search.start.floor)
+        search.region = replace(search.initial, centre=dict(search.initial.centre),
+                                radius=dict(search.initial.radius), history=[], direction={}, step={})
         search.best = None
-        trials, size = search.counted(), self.per_round
-        for end in range(size, len(trials) - len(trials) % size + 1, size):
+        trials, size, seeded = search.counted(), self.per_round, len(search.start.seeds)
+        if seeded:
+            self._update(search, trials[:seeded])
+        for end in range(seeded + size, len(trials) - (len(trials) - seeded) % size + 1, size):
             self._update(search, trials[:end])
         search.best = self._best(trials)
 
@@ -138,7 +180,7 @@ class RefineStage:
         trial, value = min(scored, key=lambda ts: ts[1])
         return from_params(trial.params), value
 
-    def _update(self, search: KindSearch, trials: list[FrozenTrial]) -> None:
+    def _update(self, search: RegionSearch, trials: list[FrozenTrial]) -> None:
         """After a round: the best by smoothed FID over `trials` (all told so far); the region follows it."""
         before = search.best
         search.best = self._best(trials)
@@ -147,8 +189,8 @@ class RefineStage:
             search.region.update(search.best[0], improved, edge=self.refine.edge, grow=self.refine.grow,
                                  shrink=self.refine.shrink)
 
-    def _round(self, pool: Pool, todo: list[tuple[KindSearch, int]]) -> None:
-        running: dict[int, tuple[KindSearch, optuna.Trial, Job]] = {}
+    def _round(self, pool: Pool, todo: list[tuple[RegionSearch, int]]) -> None:
+        running: dict[int, tuple[RegionSearch, optuna.Trial, Job]] = {}
         queue = list(enumerate(todo))
 
         def next_job() -> tuple[int, Job] | None:
@@ -156,7 +198,7 @@ class RefineStage:
                 return None
             tag, (search, index) = queue.pop(0)
             search.study.sampler = make_sampler(self.refine.sampler,
-                                                derive_seed(derive_seed(self.seed, KIND_SEED[search.kind]), index),
+                                                derive_seed(derive_seed(self.seed, search.stream), index),
                                                 self.refine.n_startup_trials)
             trial = search.study.ask()
             with warnings.catch_warnings():  # an enqueued warm start or pattern step may lie outside the box
@@ -165,7 +207,7 @@ class RefineStage:
                                     intervals=self.search.interval_choices())
             job = Job(candidate, self.refine.num_images, self.bank.seed_of(candidate), fid=True)
             running[tag] = (search, trial, job)
-            self.observer.started(f"refine/{search.kind}", trial.number, job)
+            self.observer.started(f"refine/{search.name}", trial.number, job)
             return tag, job
 
         def on_done(done: Done) -> None:
@@ -174,29 +216,23 @@ class RefineStage:
 
         drive(pool, next_job, on_done, desc="refine", total=len(todo))
 
-    def _close_round(self, search: KindSearch) -> None:
+    def _close_round(self, search: RegionSearch) -> None:
         """Tell the round's results of one kind in ask order."""
         for trial, job, done in sorted(search.pending, key=lambda p: p[0].number):
             self._tell(search, trial, job, done)
         search.pending = []
 
-    def _tell(self, search: KindSearch, trial: optuna.Trial, job: Job, done: Done) -> None:
-        stage = f"refine/{search.kind}"
+    def _tell(self, search: RegionSearch, trial: optuna.Trial, job: Job, done: Done) -> None:
+        stage = f"refine/{search.name}"
         reason = reason_of(done)
-        metrics: dict[str, float] = {}
-        features = None
-        if reason is None:
-            assert done.evaluation is not None
-            features = self.bank.put(job, done.evaluation.features)
-            metrics = self.scorer.fid(self.bank.get(job.candidate, job.num_images, self.scorer.layers))
-            if not math.isfinite(metrics["fid"]):
-                reason = f"FID {metrics['fid']} is not finite"
-        record = TrialRecord.of("refine", job, done, value=metrics.get("fid"), metrics=metrics, features=features,
-                                error=reason)
-        if reason is not None:
-            self.observer.failed(stage, trial.number, job, reason, done.retries)
+        record = (scored_record("refine", job, done, self.bank, self.scorer) if reason is None
+                  else TrialRecord.of("refine", job, done, error=reason))
+        if record.error is None and not math.isfinite(record.metrics["fid"]):
+            record.error = f"FID {record.metrics['fid']} is not finite"
+        if record.error is not None:
+            self.observer.failed(stage, trial.number, job, record.error, done.retries)
         else:
-            self.observer.finished(stage, trial.number, job, done, metrics)
+            self.observer.finished(stage, trial.number, job, done, record.metrics)
         tell(search.study, trial, record)
 
     def finalists(self, count: int, decimals: int, separation: float) -> list[tuple[Candidate, TrialRecord, float]]:
@@ -204,9 +240,10 @@ class RefineStage:
         lowest over all kinds, skipping any within `separation` (Euclidean, in log(1 + w)) of a chosen one of the
         same kind and window: the smoothed FID of such a neighbour is nearly the chosen one's, so racing it would
         spend a finalist on one point twice. Each comes with its trial record and its smoothed FID."""
-        scored = sorted(((from_params(t.params), record_of(t), value) for s in self.kinds.values()
+        scored = sorted(((from_params(t.params), record_of(t), value) for s in self.regions.values()
                          for t, value in self.smoothed(s.counted())), key=lambda crv: crv[2])
-        heads = [next(crv for crv in scored if crv[0].kind == k) for k in self.kinds
+        kinds = dict.fromkeys(s.kind for s in self.regions.values())
+        heads = [next(crv for crv in scored if crv[0].kind == k) for k in kinds
                  if any(crv[0].kind == k for crv in scored)]
 
         def near(a: Candidate, b: Candidate) -> bool:
@@ -223,5 +260,5 @@ class RefineStage:
         return chosen
 
     def history(self) -> dict[str, list[str]]:
-        """Per kind, what each round did to the region (grew, kept, shrank)."""
-        return {k: list(s.region.history) for k, s in self.kinds.items()}
+        """Per region, what each round did to it (grew, kept, shrank)."""
+        return {k: list(s.region.history) for k, s in self.regions.items()}

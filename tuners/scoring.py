@@ -29,7 +29,7 @@ from pipeline.fid import FidEvaluator, Reference
 from pipeline.files import atomic_write
 from pipeline.metrics import bootstrap_fid, normal_interval, resample_counts
 from pipeline.sampling import spread_labels
-from tuners.jobs import CLIP_LAYER, Job
+from tuners.jobs import CLIP_LAYER, Done, Job, TrialRecord
 from tuners.samplers import derive_seed
 from tuners.space import Candidate
 
@@ -196,3 +196,13 @@ class Scorer:
         low, high = normal_interval(point, diff_R, self.level)
         return {"diff": point, "low": low, "high": high}
 
+
+
+def scored_record(stage: str, job: Job, done: Done, bank: FeatureBank, scorer: Scorer, *,
+                  all_metrics: bool = False) -> TrialRecord:
+    """The record of a finished FID job: its features stored in `bank`, then the FID of the candidate's images
+    0..N-1 (every metric with `all_metrics`); the value told to Optuna is the FID."""
+    assert done.evaluation is not None
+    features = bank.put(job, done.evaluation.features)
+    metrics = scorer.fid(bank.get(job.candidate, job.num_images, scorer.layers), all_metrics=all_metrics)
+    return TrialRecord.of(stage, job, done, value=metrics["fid"], metrics=metrics, features=features)

@@ -1,19 +1,21 @@
 """Optuna studies of a sweep: open or resume, recover trials left RUNNING by a dead driver, job ledgers.
 
-A sweep named N owns its studies in one storage: ``N/proxy`` (the proxy search), ``N/refine/<kind>`` (one FID
-search per guidance kind) and ``N/confirm`` (a ledger: one trial per fixed job, identified by its user attr
-``job``). Only the driver process talks to them. Every finished trial holds a :class:`tuners.jobs.TrialRecord`
-(user attr ``record``); a trial that is FAIL without one was interrupted: a driver that dies leaves RUNNING trials,
-and the next driver with the same name fails them (public ``tell``) before it asks anything. A ledger redoes their
-jobs, a search re-asks their parameters (``enqueue_trial``). Every stage reports a finished trial to its Observer
-(MLflow) before it tells Optuna, so a trial that Optuna holds as finished is finished in MLflow too; a resumed sweep
-marks the MLflow runs of every other trial KILLED.
+A sweep named N owns its studies in one storage: ``N/proxy`` (the proxy search), ``N/screen`` (a ledger: one
+trial per fixed job, identified by its user attr ``job``), ``N/refine/<kind>`` (the FID search of a guidance kind)
+and ``N/confirm`` (a ledger). Only the driver process talks to them. Every finished trial holds a
+:class:`tuners.jobs.TrialRecord` (user attr ``record``); a trial that is FAIL without one was interrupted: a driver
+that dies leaves RUNNING trials, and the next driver with the same name fails them (public ``tell``) before it asks
+anything. A ledger redoes their jobs, a search re-asks their parameters (``enqueue_trial``). Every stage reports a
+finished trial to its Observer (MLflow) before it tells Optuna, so a trial that Optuna holds as finished is finished
+in MLflow too; a resumed sweep marks the MLflow runs of every other trial KILLED.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -76,55 +78,65 @@ def reason_of(done: Done) -> str | None:
     return "no evaluation" if done.evaluation is None else done.evaluation.error
 
 
-def run_ledger(
-    study: optuna.Study,
-    pool: Pool,
-    stage: str,
-    jobs: dict[str, Job],
-    finish: Callable[[Job, Done], TrialRecord],
-    observer: Observer,
-) -> dict[str, TrialRecord]:
-    """Evaluate the jobs not yet COMPLETE in the ledger study, the longest first; return the record of every job
-    that has one.
+def job_key(job: Job) -> str:
+    """Ledger identity of a job: its candidate, image range and seed."""
+    return json.dumps([*job.candidate.identity(), job.start, job.num_images, job.seed, job.fid])
 
-    Args:
-        jobs: ledger key -> job; a key identifies the job across runs (user attr ``job``).
-        finish: turns a finished job into its record (value and metrics, or an error), in the driver.
+
+@dataclass
+class Ledger:
+    """A stage of fixed jobs, each one trial of a ledger study (user attr ``job``: :func:`job_key`).
+
+    It is a stage of the driver loop (:func:`tuners.driver.drive`: ``next_job`` / ``on_done``), its counters are
+    fields, and its state is the study: the jobs already COMPLETE are read back, not run again; trials a dead driver
+    left RUNNING are failed and their jobs redone. The jobs left run longest first (a stable sort: ties keep their
+    order), so the workers finish a batch together. ``finish`` turns a finished job into its record (value and
+    metrics, or an error), in the driver.
     """
 
-    def completed() -> dict[str, TrialRecord]:
-        trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    study: optuna.Study
+    stage: str
+    jobs: dict[str, Job]
+    finish: Callable[[Job, Done], TrialRecord]
+    observer: Observer
+    todo: list[str] = field(init=False)
+    running: dict[int, tuple[optuna.Trial, Job]] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        fail_stale(self.study)
+        told = self.completed()
+        self.todo = sorted((key for key in self.jobs if key not in told), key=lambda key: -self.jobs[key].sampled)
+
+    def completed(self) -> dict[str, TrialRecord]:
+        """Every COMPLETE job of the study: ledger key -> record."""
+        trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         return {t.user_attrs["job"]: record_of(t) for t in trials}
 
-    fail_stale(study)
-    # the longest jobs first (a stable sort: ties keep their order), so the workers finish the batch together
-    told = completed()
-    todo = sorted((key for key in jobs if key not in told), key=lambda key: -jobs[key].sampled)
-    running: dict[int, tuple[optuna.Trial, Job]] = {}
-
-    def next_job() -> tuple[int, Job] | None:
-        if not todo:
+    def next_job(self) -> tuple[int, Job] | None:
+        if not self.todo:
             return None
-        key = todo.pop(0)
-        job = jobs[key]
-        trial = study.ask()
+        key = self.todo.pop(0)
+        job = self.jobs[key]
+        trial = self.study.ask()
         trial.set_user_attr("job", key)
-        running[trial.number] = (trial, job)
-        observer.started(stage, trial.number, job)
+        self.running[trial.number] = (trial, job)
+        self.observer.started(self.stage, trial.number, job)
         return trial.number, job
 
-    def on_done(done: Done) -> None:
-        trial, job = running.pop(done.tag)
+    def on_done(self, done: Done) -> None:
+        trial, job = self.running.pop(done.tag)
         reason = reason_of(done)
-        record = finish(job, done) if reason is None else TrialRecord.of(stage, job, done, error=reason)
+        record = self.finish(job, done) if reason is None else TrialRecord.of(self.stage, job, done, error=reason)
         if record.error is None and (record.value is None or not math.isfinite(record.value)):
             record.error = f"objective {record.value} is not a finite number"
         if record.error is not None:  # the observer hears first: a trial Optuna has finished is finished in MLflow
-            observer.failed(stage, trial.number, job, record.error, done.retries)
+            self.observer.failed(self.stage, trial.number, job, record.error, done.retries)
         else:
-            observer.finished(stage, trial.number, job, done, record.metrics)
-        tell(study, trial, record)
+            self.observer.finished(self.stage, trial.number, job, done, record.metrics)
+        tell(self.study, trial, record)
 
-    drive(pool, next_job, on_done, desc=stage, total=len(todo))
-    finished = completed()
-    return {key: finished[key] for key in jobs if key in finished}
+    def run(self, pool: Pool) -> dict[str, TrialRecord]:
+        """Evaluate the jobs not yet COMPLETE; return the record of every job that has one (key -> record)."""
+        drive(pool, self.next_job, self.on_done, desc=self.stage, total=len(self.todo))
+        finished = self.completed()
+        return {key: finished[key] for key in self.jobs if key in finished}
