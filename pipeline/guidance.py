@@ -131,6 +131,8 @@ def schedule_ratio(schedule: str, k: int, K: int, *, start: int = 0, end: int | 
     - ``linear``: k/(K−1), VAR's ramp (1.0 when K = 1);
     - ``constant``: 1.0;
     - ``interval``: the linear ramp inside scale indices [start, end) (``end=None`` means K), ``None`` outside.
+      An empty (``start == end``) or reversed (``start > end``) interval guides no scale: Switti's pipeline takes
+      any ``turn_on_cfg_start_si`` and ``turn_off_cfg_start_si`` and guides only the scales ``on <= k < off``.
 
     ``None`` means no guidance at this scale: the sampler uses the conditional logits as they are (Switti's
     CFG on/off range).
@@ -143,8 +145,8 @@ def schedule_ratio(schedule: str, k: int, K: int, *, start: int = 0, end: int | 
         return 1.0
     if schedule == "interval":
         stop = K if end is None else end
-        if not 0 <= start <= stop <= K:
-            raise ValueError(f"interval [start={start}, end={end}) must satisfy 0 <= start <= end <= K={K}")
+        if not (0 <= start <= K and 0 <= stop <= K):
+            raise ValueError(f"interval [start={start}, end={end}) must lie in 0..K={K} (end None: K)")
         if not start <= k < stop:
             return None
     return k / (K - 1) if K > 1 else 1.0

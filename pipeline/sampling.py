@@ -13,7 +13,9 @@ A condition is a class label, or a prompt for a text-to-image backbone (Switti).
 ``interval_start``, ``interval_end``; with ``drop_uncond`` the unconditional half of the batch (and of its caches)
 is dropped once no later scale is guided, and ``last_scale_temp`` divides the logits of the scales after the
 interval, as Switti's pipeline does; its tokens are then reproduced token for token (CFG), and IGG and mixed
-guidance apply inside the same interval.
+guidance apply inside the same interval. Its edge cases too: with on == off no scale is guided and the temperature
+divides the logits from that scale on (not before); with on > off no scale is guided either, and the temperature
+starts at the on scale (:func:`tempered_from`).
 """
 
 from __future__ import annotations
@@ -135,6 +137,20 @@ def _conditions(conditions: Tensor | Sequence[int] | Sequence[str],
     return _labels_tensor(conditions, backbone)
 
 
+def tempered_from(schedule: str, K: int, *, start: int = 0, end: int | None = None) -> int:
+    """The first scale index whose logits ``last_scale_temp`` divides (K: none), as Switti's pipeline chooses it.
+
+    Its branches per scale k: ``k < on`` the conditional logits, else ``k < off`` guided, else (k past both) the
+    logits over the temperature. So with ``schedule="interval"`` the temperature starts at ``max(start, end)``:
+    the off scale after a guided interval, that same scale for an empty one (``start == end``), the on scale for a
+    reversed one (``start > end``, which guides no scale); ``end=None`` (K) and the schedules that guide every
+    scale never apply it.
+    """
+    if schedule != "interval":
+        return K
+    return max(start, K if end is None else end)
+
+
 def check_sampling_args(top_k: int, top_p: float, window: int | None) -> None:
     """ValueError naming the argument if top_k, top_p or window is out of range."""
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
@@ -183,10 +199,13 @@ def sample(
         amp_dtype: autocast dtype on CUDA (float16 as VAR's evaluation, or bfloat16); CPU runs in float32.
         with_signals: compute the per-scale diagnostics; False leaves ``signals`` empty (FID batches).
         callback: called after each scale with a :class:`ScaleStep`.
-        last_scale_temp: divides the logits of every scale after the last guided one (Switti's
-            ``last_scale_temp``, e.g. 0.1); None: no temperature. With the linear schedule every scale is guided.
+        last_scale_temp: divides the logits of the scales from :func:`tempered_from` on, the off scale of the
+            interval (Switti's ``last_scale_temp``, e.g. 0.1); None: no temperature. With the linear schedule every
+            scale is guided.
         drop_uncond: once no later scale is guided, run the conditional half of the batch only (Switti's pipeline
-            after its CFG off-scale): less compute, the same conditional logits.
+            after its CFG off-scale): less compute, the same conditional logits. With an empty or reversed interval
+            that is from the first scale on (Switti's pipeline runs the unused unconditional half until its off
+            scale).
 
     Returns:
         :class:`SampleResult` with images (B, 3, H, W) in [0, 1] on CPU, indices per scale, signals per scale.
@@ -199,6 +218,7 @@ def sample(
     K = len(patch_nums)
     ratios = [schedule_ratio(schedule, k, K, start=interval_start, end=interval_end) for k in range(K)]
     guided_until = max((k + 1 for k, r in enumerate(ratios) if r is not None), default=0)   # no guidance after
+    temperature_from = tempered_from(schedule, K, start=interval_start, end=interval_end)
     device = backbone.device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     autocast = torch.autocast("cuda", dtype=amp_dtype) if device.type == "cuda" else nullcontext()
@@ -214,7 +234,7 @@ def sample(
                 uncond_BlV = cond_BlV
             if ratio is None:
                 guided_BlV = cond_BlV.float()
-                if last_scale_temp is not None and k >= guided_until:
+                if last_scale_temp is not None and k >= temperature_from:
                     guided_BlV = guided_BlV / last_scale_temp
             else:
                 guided_BlV = guide(cond_BlV, uncond_BlV, w_cfg=w_cfg, w_igg=w_igg, ratio=ratio, hw=(pn, pn),

@@ -1,6 +1,10 @@
 """Make the Switti parity fixtures of tests/test_switti.py from the official code (run once; its output is committed).
 
-    python tests/switti_reference.py --official /path/to/yandex-research/switti [--out tests/data/switti]
+    python tests/switti_reference.py --official /path/to/yandex-research/switti [--out tests/data/switti] [--add]
+
+With ``--add`` the folders and the recorded cases under ``--out`` are kept as they are and only the cases of CASES
+that reference.pt lacks are recorded and appended (the models are rebuilt from their seeds and checked against the
+saved weights); without it everything is rebuilt and rewritten.
 
 Needs, besides guidetune's own packages, what the official code imports (diffusers, einops, typed-argument-parser,
 pytz) and a checkout of https://github.com/yandex-research/switti whose folder is the working directory's git
@@ -59,6 +63,13 @@ CASES = [
     ("switti_ar", 1, 6.0, 0, K, None, 8, 0.9, 6),
     ("switti_ar", 0, 3.0, 1, 3, 0.7, 16, 0.95, 7),
     ("switti_ar", 1, 6.0, 0, 2, None, 0, 0.0, 8),
+    # empty interval (on == off > 0): the official pipeline divides by the temperature from the off scale on only
+    ("switti", 0, 6.0, 3, 3, 0.5, 8, 0.0, 9),
+    ("switti_ar", 1, 3.0, 2, 2, 0.7, 16, 0.95, 10),
+    # reversed interval (on > off): no scale guided, the uncond half dropped from off, the temperature from on
+    ("switti", 1, 6.0, 4, 2, None, 8, 0.9, 11),
+    ("switti", 0, 6.0, 4, 2, 0.5, 8, 0.0, 12),
+    ("switti_ar", 0, 4.0, 3, 1, 0.5, 16, 0.95, 13),
 ]
 CASE_KEYS = ("model", "prompts", "cfg", "turn_on", "turn_off", "last_scale_temp", "top_k", "top_p", "seed")
 
@@ -187,10 +198,21 @@ def save_hub(folder: Path, model: nn.Module, config: dict) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
 
 
+def check_saved(folder: Path, model: nn.Module) -> None:
+    """Exit unless ``model``'s weights equal those saved in ``folder`` (``--add`` records on the saved weights)."""
+    from safetensors.torch import load_file
+
+    saved, state = load_file(folder / "model.safetensors"), model.state_dict()
+    if saved.keys() != state.keys() or not all(torch.equal(saved[k], state[k]) for k in saved):
+        raise SystemExit(f"{folder}: not the weights this script builds; rerun without --add to rebuild everything")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--official", required=True, help="checkout of yandex-research/switti")
     parser.add_argument("--out", default=str(Path(__file__).parent / "data" / "switti"))
+    parser.add_argument("--add", action="store_true",
+                        help="keep --out's folders and recorded cases; record only the cases it lacks")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     sys.path.insert(0, str(Path(args.official).resolve()))
@@ -201,16 +223,24 @@ def main(argv: list[str] | None = None) -> int:
     from models.clip import FrozenCLIPEmbedder
     from models.pipeline import SwittiPipeline
 
-    for i, (role, width) in enumerate(TEXT_WIDTHS.items()):
-        tiny_text_encoder(out / role, width, pad_token="<|endoftext|>" if i == 0 else "!", seed=10 + i)
+    old = torch.load(out / "reference.pt", weights_only=True) if args.add else None
+    if old is not None and (old["prompts"] != PROMPTS or old["patch_nums"] != list(PATCH_NUMS)):
+        raise SystemExit(f"{out}: recorded with other prompts or scales; rerun without --add to rebuild everything")
+    if old is None:
+        for i, (role, width) in enumerate(TEXT_WIDTHS.items()):
+            tiny_text_encoder(out / role, width, pad_token="<|endoftext|>" if i == 0 else "!", seed=10 + i)
     vae = official_vae(seed=1)
-    save_hub(out / "vae", vae, {"vocab_size": VOCAB, "z_channels": CVAE, "ch": 32, "share_quant_resi": 4})
-    models = {}
-    for name, use_ar in (("switti", False), ("switti_ar", True)):
-        models[name] = official_switti(use_ar, seed=2 + use_ar)
-        save_hub(out / name, models[name], {"depth": DEPTH, "num_heads": HEADS, "rope": True, "rope_theta": 10000,
-                                            "rope_size": 128, "use_swiglu_ffn": True, "use_ar": use_ar,
-                                            "use_crop_cond": True})
+    models = {name: official_switti(use_ar, seed=2 + use_ar) for name, use_ar in (("switti", False),
+                                                                                  ("switti_ar", True))}
+    for name, model in (("vae", vae), *models.items()):
+        if old is not None:
+            check_saved(out / name, model)
+        elif name == "vae":
+            save_hub(out / name, model, {"vocab_size": VOCAB, "z_channels": CVAE, "ch": 32, "share_quant_resi": 4})
+        else:
+            save_hub(out / name, model, {"depth": DEPTH, "num_heads": HEADS, "rope": True, "rope_theta": 10000,
+                                         "rope_size": 128, "use_swiglu_ffn": True, "use_ar": name == "switti_ar",
+                                         "use_crop_cond": True})
 
     encoders = [FrozenCLIPEmbedder(str(out / role), device="cpu") for role in TEXT_WIDTHS]
     drawn: list[torch.Tensor] = []
@@ -222,9 +252,11 @@ def main(argv: list[str] | None = None) -> int:
         return idx
 
     official_pipeline.sample_with_top_k_top_p_ = recording
-    cases, tokens, images = [], [], []
+    cases, tokens, images = ([], [], []) if old is None else (old["cases"], old["tokens"], old["images"])
     for case in CASES:
         settings = dict(zip(CASE_KEYS, case, strict=True))
+        if settings in cases:
+            continue
         pipe = SwittiPipeline(models[settings["model"]], vae, *encoders, device="cpu")
         drawn.clear()
         img = pipe(PROMPTS[settings["prompts"]], cfg=settings["cfg"], top_k=settings["top_k"],
@@ -236,12 +268,15 @@ def main(argv: list[str] | None = None) -> int:
         tokens.append([t.clone() for t in drawn])
         images.append(img.float().clone())
         print(settings["model"], case[1:], [t[0, :4].tolist() for t in drawn[-2:]], flush=True)
-    pipe = SwittiPipeline(models["switti"], vae, *encoders, device="cpu")
-    context, pooled, bias = pipe.encode_prompt(PROMPTS[1])
+    if old is None:
+        pipe = SwittiPipeline(models["switti"], vae, *encoders, device="cpu")
+        context, pooled, bias = pipe.encode_prompt(PROMPTS[1])
+        encoding = {"prompts": PROMPTS[1], "context": context, "pooled": pooled, "bias": bias}
+        layouts = released_layouts()
+    else:
+        encoding, layouts = old["encoding"], old["layouts"]
     torch.save({"patch_nums": list(PATCH_NUMS), "prompts": PROMPTS, "cases": cases, "tokens": tokens,
-                "images": images, "encoding": {"prompts": PROMPTS[1], "context": context, "pooled": pooled,
-                                               "bias": bias},
-                "layouts": released_layouts()},
+                "images": images, "encoding": encoding, "layouts": layouts},
                out / "reference.pt")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({size / 1e6:.2f} MB)")

@@ -162,5 +162,8 @@ def test_schedules():
         schedule_ratio("cosine", 0, 3)
     with pytest.raises(ValueError, match="k=3"):
         schedule_ratio("linear", 3, 3)
-    with pytest.raises(ValueError, match="interval"):
-        schedule_ratio("interval", 0, 3, start=2, end=1)
+    for start, end in ((2, 2), (2, 1), (3, 0)):   # empty or reversed: no scale guided (Switti's on >= off)
+        assert [schedule_ratio("interval", k, 3, start=start, end=end) for k in range(3)] == [None] * 3
+    for start, end in ((4, None), (0, 4), (-1, 2)):
+        with pytest.raises(ValueError, match=r"interval .* must lie in 0\.\.K=3"):
+            schedule_ratio("interval", 0, 3, start=start, end=end)

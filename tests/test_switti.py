@@ -65,6 +65,14 @@ def test_tokens_and_images_equal_the_official_pipeline(i):
     torch.testing.assert_close(result.images, REF["images"][i], rtol=0, atol=1e-5)
 
 
+def test_parity_cases_hold_the_empty_and_reversed_on_off_ranges():
+    """The official pipeline's edge cases are in the fixtures: on == off > 0 with a temperature and a sampled top-k
+    (it divides by the temperature from that scale on only), and on > off (it guides no scale)."""
+    cases = REF["cases"]
+    assert any(0 < c["turn_on"] == c["turn_off"] < K and c["last_scale_temp"] and c["top_k"] != 1 for c in cases)
+    assert any(c["turn_on"] > c["turn_off"] and c["last_scale_temp"] and c["top_k"] != 1 for c in cases)
+
+
 def test_prompt_encoding_equals_the_official_one():
     enc = BACKBONES["switti"].encode(REF["encoding"]["prompts"])
     # float sums differ in the last bits between CPUs (their SIMD kernels); the tokens above stay exact
