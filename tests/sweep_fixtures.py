@@ -15,11 +15,12 @@ PATCH_NUMS = (1, 2, 4)
 FEATURE_DIM = 16  # FID needs more images than this
 SMALL_TRIALS = 6  # proxy trials after the SMALL_DESIGN design points
 SMALL_DESIGN = 2
-SMALL_STUDIES = ("proxy", "refine/cfg", "confirm")  # the Optuna studies of a SMALL_SWEEP
-SMALL_SWEEP = [  # a whole CFG sweep in seconds of compute: 2 + 6 proxy trials of 8 images, 4 FID trials of 24
-    # images, a race at 48 then 72
+SMALL_STUDIES = ("proxy", "screen", "refine/cfg-0", "confirm")  # the Optuna studies of a SMALL_SWEEP
+SMALL_SWEEP = [  # a whole CFG sweep in seconds of compute: 2 + 6 proxy trials of 8 images, 4 screened points of 24
+    # images (and the proxy's pick), 4 FID trials of 24 images in one region, a race at 48 then 72
     "guidance=cfg", f"search.n_trials={SMALL_TRIALS}", "search.n_startup_trials=3", "search.max_grows=0",
-    "proxy.num_images=8", "proxy.batch_size=8", "proxy.design=[0.5,1]", "refine.n_trials=4", "refine.num_images=24",
+    "proxy.num_images=8", "proxy.batch_size=8", "proxy.design=[0.5,1]", "screen.points=4", "screen.rungs=[24]",
+    "screen.regions=1", "refine.n_trials=4", "refine.num_images=24",
     "confirm.finalists=2", "confirm.rungs=[48,72]", "confirm.bootstrap=20", "confirm.reference_num_images=40",
     "confirm.batch_size=24", "sweep.grid_images=4", "sweep.grid_nrow=2", "sweep.heatmap_images=2",
 ]

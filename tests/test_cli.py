@@ -20,8 +20,9 @@ from pipeline.report import Best
 from pipeline.sweep import main
 
 REPO = Path(__file__).resolve().parent.parent
-FAST = [  # one sweep in seconds: no proxy, 2 FID trials of 24 images, a race of one rung at 48
-    "search.n_trials=0", "proxy.design=[0.5,1]", "refine.n_trials=2", "refine.num_images=24", "confirm.finalists=1",
+FAST = [  # one sweep in seconds: no proxy, 3 screened points, 2 FID trials of 24 images, a race of one rung at 48
+    "search.n_trials=0", "proxy.design=[0.5,1]", "screen.points=3", "screen.rungs=[24]", "screen.regions=1",
+    "refine.n_trials=2", "refine.num_images=24", "confirm.finalists=1",
     "confirm.rungs=[48]", "confirm.bootstrap=20", "confirm.reference_num_images=40", "confirm.batch_size=24",
     "launcher.workers=1", "sweep.grid_images=4", "sweep.grid_nrow=2", "sweep.heatmap_images=2",
 ]

@@ -50,6 +50,7 @@ REPO = Path(__file__).resolve().parent.parent
 N_TRIALS = SMALL_TRIALS  # proxy trials after the design points; the absurd weight, asked first, fails
 DESIGN = SMALL_DESIGN
 STAGES = SMALL_STUDIES
+KILLS = ("proxy", "screen", "confirm")  # the stages the driver is killed in, in their order
 ABSURD = 1e38  # w_cfg that overflows the guided logits to inf (the sampler's probabilities become NaN)
 SETTINGS = [*SMALL_SWEEP, "launcher.workers=2"]
 RUN_TIMEOUT_S = 900
@@ -107,13 +108,13 @@ def runs(tmp_path_factory):
             if busy or actors:
                 actor_killed = (busy or actors)[0]
                 os.kill(actor_killed, signal.SIGKILL)
-        if killed.running() and stage in ("proxy", "confirm"):
+        if killed.running() and stage in KILLS:
             states = trial_states(db, f"killed/{stage}")
             if states.get("COMPLETE", 0) >= 2 and states.get("RUNNING", 0) >= 1:
                 killed.kill()
                 snapshots[stage] = snapshot(storage, "killed")
                 killed = Sweep([*args, "sweep.name=killed"], d / "killed.log")  # the same command again
-                stage = "confirm" if stage == "proxy" else "done"
+                stage = KILLS[KILLS.index(stage) + 1] if stage != KILLS[-1] else "done"
         time.sleep(0.05)
     rcs = {"plain": plain.finish(), "killed": killed.finish()}
     return {"root": root, "storage": storage, "rcs": rcs, "actor_killed": actor_killed, "snapshots": snapshots,
@@ -139,7 +140,7 @@ def complete(trials) -> list[optuna.trial.FrozenTrial]:
 
 def test_both_sweeps_finish_and_print_best(runs):
     assert runs["rcs"] == {"plain": 0, "killed": 0}, runs["logs"]
-    assert set(runs["snapshots"]) == {"proxy", "confirm"}  # the driver was killed in both stages
+    assert set(runs["snapshots"]) == set(KILLS)  # the driver was killed in every stage named
     for name in ("plain", "killed"):
         assert runs["logs"][name].rstrip().splitlines()[-1] == f"best: {runs['root'] / 'sweeps' / name / 'best.yaml'}"
 
@@ -149,8 +150,8 @@ def test_resumed_sweep_equals_the_uninterrupted_one(runs):
     assert [(t.params, t.value) for t in complete(killed["proxy"])] == [
         (t.params, t.value) for t in complete(plain["proxy"])]
     assert len(complete(plain["proxy"])) == N_TRIALS + DESIGN - 1  # the absurd trial used budget
-    assert [(t.params, t.value) for t in complete(killed["refine/cfg"])] == [
-        (t.params, t.value) for t in complete(plain["refine/cfg"])]
+    assert [(t.params, t.value) for t in complete(killed["refine/cfg-0"])] == [
+        (t.params, t.value) for t in complete(plain["refine/cfg-0"])]
 
     def fids(trials):
         return {t.user_attrs["job"]: record_of(t).metrics for t in complete(trials)}
@@ -162,7 +163,7 @@ def test_resumed_sweep_equals_the_uninterrupted_one(runs):
     assert costs["killed"] == costs["plain"]  # the work that counts: interrupted trials are not in it
 
 
-@pytest.mark.parametrize("stage", ["proxy", "confirm"])
+@pytest.mark.parametrize("stage", KILLS)
 def test_driver_kill_keeps_told_trials_and_reasks_the_interrupted(runs, stage):
     before = {t.number: t for t in runs["snapshots"][stage][stage]}
     after = {t.number: t for t in final(runs, "killed")[stage]}

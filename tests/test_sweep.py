@@ -27,12 +27,13 @@ from tuners.scoring import FeatureBank
 from tuners.space import Candidate
 from tuners.studies import record_of, study_name
 
-N_TRIALS, DESIGN, REFINE, FINALISTS = 6, 2, 2, 3
+N_TRIALS, DESIGN, POINTS, REFINE, FINALISTS = 6, 2, 3, 2, 3
 KINDS = ("cfg", "igg", "mixed")
 SETTINGS = [
     "sweep.name=e2e", f"search.n_trials={N_TRIALS}", "search.n_startup_trials=3", "search.max_grows=1",
     "proxy.num_images=4", "proxy.batch_size=4", "proxy.design=[0.5,1]", f"refine.n_trials={REFINE}",
-    "refine.num_images=24", f"confirm.finalists={FINALISTS}", "confirm.rungs=[48,72]", "confirm.bootstrap=20",
+    "refine.num_images=24", f"screen.points={POINTS}", "screen.rungs=[24]", f"confirm.finalists={FINALISTS}",
+    "confirm.rungs=[48,72]", "confirm.bootstrap=20",
     "confirm.reference_num_images=40", "confirm.batch_size=24", "launcher.workers=2", "sweep.grid_images=4",
     "sweep.grid_nrow=2", "sweep.heatmap_images=2",
 ]
@@ -69,15 +70,24 @@ def test_best_yaml_and_report(sweep):
     assert set(best.at_bound.values()) <= {"inside", "low", "cap"}
     assert best.margin is None or best.margin["low"] <= best.margin["diff"] <= best.margin["high"]
     assert best.default["w_cfg"] == 1.5 and best.default["num_images"] in (48, 72)
-    assert set(best.cost) == {"proxy", "refine", "confirm", "total"}
-    assert best.cost["refine"]["trials"] == REFINE * len(KINDS) and best.cost["refine"]["images"] == 24 * 6
-    assert best.cost["total"]["images"] == sum(best.cost[s]["images"] for s in ("proxy", "refine", "confirm"))
+    assert set(best.cost) == {"proxy", "screen", "refine", "confirm", "total"}
+    regions = sum(b["refined"] for b in best.basins)
+    assert 1 <= regions <= 3 and best.basins[0]["refined"] and best.basins[0]["worse"] is None
+    assert best.cost["refine"]["trials"] == REFINE * regions and best.cost["refine"]["images"] == 24 * REFINE * regions
+    assert best.cost["screen"]["images"] >= 24 * POINTS * len(KINDS)  # every kind over the range (+ the proxy's picks)
+    assert best.cost["total"]["images"] == sum(best.cost[s]["images"] for s in ("proxy", "screen", "refine",
+                                                                                 "confirm"))
+    assert best.proxy_rho["low"] <= best.proxy_rho["value"] <= best.proxy_rho["high"]
+    assert best.proxy_rho["n"] >= POINTS * len(KINDS)
+    assert best.versus["low"] <= best.versus["diff"] <= best.versus["high"] and "CFG" in best.versus["verdict"]
     assert len(best.checkpoints["var_ckpt"]["sha256"]) == 64
     report = (out / "report.md").read_text()
     assert "separated" in report and "| stage | trials | images sampled | worker s |" in report
     rows = [line for line in report.splitlines() if line.startswith("| w") and "|" in line[2:]]
     assert len(rows) >= 2  # finalists (and the default)
     assert all((out / f"proxy_signals_{k}.png").stat().st_size > 0 for k in KINDS)
+    assert "## The whole range (screen)" in report and "ρ(gap, FID)" in report and "| igg global |" in report
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_optuna_studies(sweep):
@@ -86,10 +96,18 @@ def test_optuna_studies(sweep):
     budget = proxy.user_attrs["state"]["budget"]
     assert len(proxy.get_trials(states=(TrialState.COMPLETE,))) == budget >= N_TRIALS + DESIGN * len(KINDS)
     assert {t.params["kind"] for t in proxy.trials} == set(KINDS)
-    for kind in KINDS:
-        refine = optuna.load_study(study_name=study_name("e2e", f"refine/{kind}"), storage=storage)
-        trials = refine.get_trials(states=(TrialState.COMPLETE,))
-        assert len(trials) == REFINE and all(record_of(t).kind == kind for t in trials)
+    screen = optuna.load_study(study_name=study_name("e2e", "screen"), storage=storage)
+    records = [record_of(t) for t in screen.get_trials(states=(TrialState.COMPLETE,))]
+    assert {r.kind for r in records} == set(KINDS) and all(r.num_images == 24 and r.start == 0 for r in records)
+    lowest = min(min(r.candidate[w] or math.inf for w in ("w_cfg", "w_igg")) for r in records if r.kind != "mixed")
+    assert lowest == 0.25
+    assert max(max(r.candidate[w] or 0 for w in ("w_cfg", "w_igg")) for r in records) == 30.0  # the whole range
+    names = [n for n in optuna.get_all_study_names(storage) if n.startswith(study_name("e2e", "refine/"))]
+    assert names and all(n.split("/")[-1].split("-")[0] in KINDS for n in names)
+    for name in names:
+        trials = optuna.load_study(study_name=name, storage=storage).get_trials(states=(TrialState.COMPLETE,))
+        asked = [t for t in trials if record_of(t).stage == "refine"]
+        assert len(asked) == REFINE and all(record_of(t).kind == name.split("/")[-1].split("-")[0] for t in trials)
         assert all(record_of(t).num_images == 24 and record_of(t).features for t in trials)
     confirm = optuna.load_study(study_name=study_name("e2e", "confirm"), storage=storage)
     records = [record_of(t) for t in confirm.get_trials(states=(TrialState.COMPLETE,))]
@@ -108,10 +126,13 @@ def test_mlflow_parent_and_one_child_per_trial(sweep, tmp_path):
     assert {"best_fid", "best_fid_low", "best_fid_high", "cost_total_images", "cost_refine_worker_s"} <= set(
         parent.data.metrics)
     assert parent.data.tags["guidetune.best_kind"] in KINDS
-    assert {"best.yaml", "report.md"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"best.yaml", "report.md", "curves.png", "screen_curves.json"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)}
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     stages = [r.data.tags[STAGE_TAG] for r in children]
-    assert all(stages.count(f"refine/{k}") == REFINE for k in KINDS)
+    refines = {s for s in stages if s.startswith("refine/")}
+    assert refines and all(stages.count(s) == REFINE for s in refines)
+    assert stages.count("screen") >= POINTS * len(KINDS)
     assert stages.count("proxy") >= N_TRIALS
     for run in children:
         assert run.info.status == "FINISHED"

@@ -19,14 +19,15 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from pipeline.config import BackboneConfig, ConfirmConfig, ProxyConfig, RefineConfig, SearchConfig
+from pipeline.config import BackboneConfig, ConfirmConfig, ProxyConfig, RefineConfig, ScreenConfig, SearchConfig
 from pipeline.fid import FidEvaluator, Reference
 from tuners.confirm import DEFAULT, REFINED, Racer, RaceStage, default_candidate
 from tuners.jobs import Done, Evaluation, Job
 from tuners.proxy import ProxyStage, gap_name, gaps_of
-from tuners.refine import RefineStage
+from tuners.refine import RefineStage, Start
 from tuners.samplers import derive_seed, make_sampler
 from tuners.scoring import FeatureBank, Scorer, candidate_seed
+from tuners.screen import Curve, Rho, ScreenStage, curves_of, descend, spacing, total, totals
 from tuners.space import Candidate, Ranges, Region, design_points, from_params, suggest, trial_params
 from tuners.studies import RECORD, fail_stale, job_key, open_study, record_of, study_name
 from tuners.surrogate import log_weights, posterior_mean
@@ -67,8 +68,10 @@ class StubPool:
     `crash_after`: the driver dies (KeyboardInterrupt) when waiting for the job after that many finished ones.
     """
 
-    def __init__(self, workers: int = 2, lifo: bool = False, fail_if=None, crash_after: int | None = None):
+    def __init__(self, workers: int = 2, lifo: bool = False, fail_if=None, crash_after: int | None = None,
+                 evaluate=synthetic):
         self.workers, self.lifo, self.fail_if, self.crash_after = workers, lifo, fail_if, crash_after
+        self.evaluate = evaluate
         self.queue: deque[tuple[int, Job]] = deque()
         self.seen: list[Job] = []
         self.max_pending = 0
@@ -91,7 +94,7 @@ class StubPool:
         tag, job = self.queue.pop() if self.lifo else self.queue.popleft()
         if self.fail_if is not None and self.fail_if(job):
             return Done(tag, None, "worker raised: boom", retries=1)
-        return Done(tag, synthetic(job), None, retries=0)
+        return Done(tag, self.evaluate(job), None, retries=0)
 
 
 class Recorder:
@@ -111,7 +114,7 @@ class Recorder:
 
 SEARCH = SearchConfig(n_trials=12, n_startup_trials=4, w_cfg=[0.0, 6.0], w_igg=[0.0, 6.0], windows=[None, 3])
 PROXY = ProxyConfig(num_images=4, design=[0.5, 1.0])
-REFINE = RefineConfig(n_trials=8, num_images=16, warm_start=1)
+REFINE = RefineConfig(n_trials=8, num_images=16)
 CONFIRM = ConfirmConfig(finalists=3, rungs=[32, 64], final_max=2, bootstrap=100, batch_size=16)
 
 
@@ -370,15 +373,15 @@ def test_surrogate_shares_evidence_between_windows_by_kinship():
 # ----------------------------------------------------------------------------------------- refine and race
 
 
-def refine_stage(tmp_path, scorer, kinds=("cfg", "igg"), name="s", refine=REFINE) -> RefineStage:
+def refine_stage(tmp_path, scorer, kinds=("cfg", "igg"), name="s", refine=REFINE, starts=None) -> RefineStage:
     ranges = Ranges.start(list(kinds), SEARCH)
-    warm = {k: design_points([k], ranges, [0.5]) for k in kinds}
-    studies = {k: open_study(storage(tmp_path), study_name(name, f"refine/{k}")) for k in kinds}
-    return RefineStage(studies, warm, ranges, refine, SEARCH, 0, Recorder(), bank(tmp_path / name), scorer)
+    starts = starts or {f"{k}-0": Start(k, design_points([k], ranges, [0.5])[0], 0.9) for k in kinds}
+    studies = {r: open_study(storage(tmp_path), study_name(name, f"refine/{r}")) for r in starts}
+    return RefineStage(studies, starts, refine, SEARCH, 0, Recorder(), bank(tmp_path / name), scorer)
 
 
 def refine_history(stage: RefineStage) -> dict[str, list]:
-    return {k: [(sorted(t.params.items(), key=str), t.value) for t in s.counted()] for k, s in stage.kinds.items()}
+    return {k: [(sorted(t.params.items(), key=str), t.value) for t in s.counted()] for k, s in stage.regions.items()}
 
 
 def test_refinement_leaves_the_starting_range_for_the_optimum(tmp_path, scorer):
@@ -386,12 +389,12 @@ def test_refinement_leaves_the_starting_range_for_the_optimum(tmp_path, scorer):
     pool = StubPool()
     stage.run(pool)
     assert all(j.fid and j.num_images == REFINE.num_images for j in pool.seen)
-    best_cfg = stage.kinds["cfg"].best[0]
-    best_igg = stage.kinds["igg"].best[0]
+    best_cfg = stage.regions["cfg-0"].best[0]
+    best_igg = stage.regions["igg-0"].best[0]
     assert best_cfg.w_cfg > 6.0 and abs(strength(best_cfg) - W_STAR) < 1.5  # beyond the starting [0, 6]
     assert abs(strength(best_igg) - W_STAR) < 3.0
-    assert "grew" in stage.history()["cfg"]
-    assert all(len(s.counted()) == REFINE.n_trials for s in stage.kinds.values())
+    assert "grew" in stage.history()["cfg-0"]
+    assert all(len(s.counted()) == REFINE.n_trials for s in stage.regions.values())
     finalists = stage.finalists(3, 2, 0.0)
     assert {c.kind for c, _, _ in finalists[:2]} == {"cfg", "igg"} and len(finalists) == 3
     assert finalists[0][2] <= finalists[1][2]  # each kind's best by smoothed FID, best kind first
@@ -441,7 +444,7 @@ def test_refinement_is_reproducible_and_resumes(tmp_path, scorer):
     pool = StubPool()
     again.run(pool)
     assert refine_history(again) == refine_history(whole)
-    told = sum(len(s.counted()) for s in again.kinds.values())
+    told = sum(len(s.counted()) for s in again.regions.values())
     assert len(pool.seen) < told  # what was told before the kill is not run again
 
 
@@ -557,3 +560,110 @@ def test_unknown_sampler():
 def test_derive_seed_is_deterministic_and_distinct():
     seeds = {derive_seed(s, i) for s in range(3) for i in range(3)}
     assert len(seeds) == 9 and derive_seed(1, 2) == derive_seed(1, 2)
+
+
+# ------------------------------------------------------------------------------------------------ screen
+
+U_A, U_B = math.log1p(2.0), math.log1p(20.0)  # a shallow basin at w=2 and the deepest one at w=20, a hump between
+
+
+def humped(job: Job) -> Evaluation:
+    """The stub worker with a two-basin FID curve in u = log(1 + w): |shift| = min(1 + 2.5|u - u_A|, 2.5|u - u_B|)."""
+    evaluation = synthetic(job)
+    if job.fid:
+        u = math.log1p(strength(job.candidate))
+        base = features(Job(Candidate(W_STAR, None, None), job.num_images, job.seed, fid=True, start=job.start))
+        base[:, 0] += min(1.0 + 2.5 * abs(u - U_A), 2.5 * abs(u - U_B))
+        evaluation.features = {"features": base}
+    return evaluation
+
+
+SCREEN = ScreenConfig(points=9, rungs=[32, 64], keep=0.5, regions=3)
+
+
+def screen_stage(tmp_path, scorer, name="screen", extra=()) -> ScreenStage:
+    study = open_study(storage(tmp_path), study_name(name, "screen"))
+    return ScreenStage(study, curves_of(["cfg"], [None], [0.5], None), totals(SCREEN.points, 0.25, 30.0),
+                       list(extra), SCREEN, 0.5, gap_name("vocab", "uncond"), Recorder(), bank(tmp_path / name),
+                       scorer)
+
+
+def test_screen_points_are_evenly_spaced_in_log_weight_over_the_whole_range():
+    ts = totals(10, 0.25, 30.0)
+    assert ts[0] == 0.25 and ts[-1] == 30.0 and len(ts) == 10
+    steps = np.diff(np.log1p(ts))
+    assert np.allclose(steps, spacing(10, 0.25, 30.0)) and math.isclose(steps.sum(), math.log1p(30) - math.log1p(0.25))
+    mixed = Curve("mixed", share=0.25, window=3).at(8.0)
+    assert (mixed.w_cfg, mixed.w_igg, mixed.window) == (6.0, 2.0, 3) and total(mixed) == 8.0
+    curves = curves_of(["cfg", "igg", "mixed"], [None, 3], [0.25, 0.5], [(0, None), (2, None)])
+    assert len(curves) == 2 * (1 + 2 + 2 * 2)  # per interval: cfg, igg per window, mixed per share and window
+    assert Curve("igg", window=3).holds(Candidate(None, 5.0, 3)) and not Curve("igg").holds(Candidate(None, 5.0, 3))
+
+
+def test_descend_finds_every_local_minimum():
+    assert descend([5.0, 3.0, 4.0, 9.0, 2.0, 2.5]) == [1, 1, 1, 4, 4, 4]
+    assert descend([1.0, 2.0, 3.0]) == [0, 0, 0] and descend([4.0]) == [0]
+
+
+def test_rho_interval_is_fisher_z_around_spearman():
+    assert Rho.of([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], 0.95) is None  # too few points for an interval
+    gaps, fids = [1, 2, 3, 4, 5, 6, 7, 8], [2, 1, 4, 3, 6, 5, 8, 7]
+    rho = Rho.of(gaps, fids, 0.95)
+    half = 1.959964 * math.sqrt(1.06 / 5)
+    assert math.isclose(rho.value, 0.9047619, rel_tol=1e-6) and rho.n == 8
+    assert math.isclose(rho.low, math.tanh(math.atanh(rho.value) - half), rel_tol=1e-5)
+    assert math.isclose(rho.high, math.tanh(math.atanh(rho.value) + half), rel_tol=1e-5)
+    assert "right way" in rho.verdict() and "wrong way" in Rho.of(gaps, fids[::-1], 0.95).verdict()
+
+
+def test_screen_finds_the_basin_behind_a_hump_and_extends_the_survivors(tmp_path, scorer):
+    stage = screen_stage(tmp_path, scorer)
+    pool = StubPool(evaluate=humped)
+    result = stage.run(pool)
+    first = [j for j in pool.seen if j.num_images == 32]
+    second = [j for j in pool.seen if j.num_images == 64]
+    assert len(first) == 9 and all(j.start == 0 for j in first)
+    assert len(second) == math.ceil(0.5 * 9) and all(j.start == 32 for j in second)  # extended, never redrawn
+    near = lambda p, u: abs(math.log1p(p.total) - u) <= result.spacing  # noqa: E731
+    assert near(result.basins[0].point, U_B)  # the deepest basin, beyond the hump, is the best
+    assert any(near(b.point, U_A) for b in result.basins[1:])  # and the shallow one is found too
+    survivors = [p for p in result.points if 64 in p.scores]
+    assert any(near(p, U_A) for p in survivors) and any(near(p, U_B) for p in survivors)
+    assert result.refined[0] is result.basins[0] and all(b.kept for b in result.refined)
+    assert result.rho is not None and result.rho.n == 9 and result.rho.low <= result.rho.value <= result.rho.high
+
+
+def test_the_proxy_adds_points_but_removes_none(tmp_path, scorer):
+    result = screen_stage(tmp_path, scorer, extra=[Candidate(4.5, None, None), Candidate(None, 3.0, None)]).run(
+        StubPool(evaluate=humped))
+    assert sorted(p.total for p in result.points) == sorted([*totals(9, 0.25, 30.0), 4.5])  # igg: not a curve here
+
+
+def test_a_killed_screen_resumes_to_the_uninterrupted_result(tmp_path, scorer):
+    whole = screen_stage(tmp_path, scorer, name="whole").run(StubPool(evaluate=humped))
+    with pytest.raises(KeyboardInterrupt):
+        screen_stage(tmp_path, scorer, name="killed").run(StubPool(evaluate=humped, crash_after=11))
+    pool = StubPool(evaluate=humped)
+    again = screen_stage(tmp_path, scorer, name="killed").run(pool)
+    assert len(pool.seen) == 9 + 5 - 11
+    assert [(p.total, p.scores) for p in again.points] == [(p.total, p.scores) for p in whole.points]
+    assert [b.point.total for b in again.refined] == [b.point.total for b in whole.refined]
+
+
+def test_a_region_starts_from_the_screened_points_without_drawing_them_again(tmp_path, scorer):
+    result = screen_stage(tmp_path, scorer).run(StubPool(evaluate=humped))
+    basin = result.refined[0]
+    seeds = tuple(p.record for p in result.points if 64 in p.scores
+                  and abs(math.log1p(p.total) - math.log1p(basin.point.total)) <= result.spacing + 1e-9)
+    refine = RefineConfig(n_trials=4, num_images=64)
+    start = Start("cfg", basin.point.candidate, result.spacing, seeds)
+    stage = refine_stage(tmp_path, scorer, kinds=("cfg",), name="screen", refine=refine, starts={"cfg-0": start})
+    pool = StubPool(evaluate=humped)
+    stage.run(pool)
+    search = stage.regions["cfg-0"]
+    told = search.counted()
+    assert len(told) == len(seeds) + refine.n_trials and len(pool.seen) == refine.n_trials
+    assert [record_of(t).stage for t in told[: len(seeds)]] == ["screen"] * len(seeds)
+    assert all(record_of(t).images == 0 for t in told[: len(seeds)])  # their images count in the screen's cost
+    assert {from_params(t.params) for t in told[: len(seeds)]} == {Candidate(**r.candidate) for r in seeds}
+    assert abs(math.log1p(stage.finalists(1, 2, 0.0)[0][0].w_cfg) - U_B) <= result.spacing
