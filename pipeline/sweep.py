@@ -194,7 +194,8 @@ def answer(cfg: SweepConfig, winner: Racer, margin: Margin | None, racers: list[
         margin=None if margin is None else {"diff": margin.diff, "low": margin.low, "high": margin.high,
                                             "num_images": margin.num_images, "separated": margin.separated},
         default=default_out, cost=cost,
-        interval=None if c.interval is None else list(c.interval),
+        interval=(list(c.interval) if c.interval is not None else None if cfg.search.intervals is None
+                  else [cfg.guidance.schedule_start, cfg.guidance.schedule_end]),  # a default CFG: the sweep's own
         clip_score={"value": scores["clip_score"], "low": scores["clip_score_low"],
                     "high": scores["clip_score_high"]} if "clip_score" in scores else None,
         sampling={"schedule": cfg.guidance.schedule,
