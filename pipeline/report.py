@@ -111,6 +111,7 @@ class Best:
     basins: list | None = None  # the screen's basins (best first): curve, weights, FID, smoothed, refined, worse
     versus: dict | None = None  # IGG against CFG: FID(CFG's best) - FID(IGG's best) with its interval, verdict
     proxy_rho: dict | None = None  # Spearman's rho(gap, FID) over the screened points: value, low, high, n
+    curves: dict | None = None  # per screen curve: kind, num_images, total, fid, fid_low, fid_high, smoothed
 
     def as_dict(self) -> dict:
         def clean(x):
@@ -283,3 +284,18 @@ def curves_png(screen: ScreenResult, winner: Candidate) -> bytes:
     ax.set_ylabel("FID")
     ax.legend(fontsize=7)
     return _figure_png(fig)
+
+
+def screen_curves(screen: ScreenResult) -> dict[str, dict]:
+    """best.yaml's ``curves``: per curve, its points at the first rung (every point has it) in order of weight."""
+    first = min(n for p in screen.points for n in p.scores)
+    out: dict[str, dict] = {}
+    for p in screen.points:
+        if first in p.scores:
+            curve = out.setdefault(p.curve.label(), {"kind": p.curve.kind, "num_images": first, "total": [], "fid": [],
+                                                     "fid_low": [], "fid_high": [], "smoothed": []})
+            for key, value in (("total", p.total), ("fid", p.scores[first]["fid"]),
+                               ("fid_low", p.scores[first]["fid_low"]), ("fid_high", p.scores[first]["fid_high"]),
+                               ("smoothed", p.smoothed[first])):
+                curve[key].append(value)
+    return out

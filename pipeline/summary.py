@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+import numpy as np
 import yaml
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
@@ -37,6 +38,7 @@ from pipeline.config import ConfigError, compose_config, store_lock
 from pipeline.files import atomic_write
 from pipeline.report import read_best
 from pipeline.tracking import ROLE_TAG, artifact_root
+from tuners.screen import Rho
 from tuners.space import Candidate
 
 EXPERIMENT = "guidetune-summaries"  # the MLflow experiment of every summary (one run each)
@@ -68,6 +70,8 @@ def job_row(best: Mapping[str, Any], sweep: str) -> dict[str, Any]:
         "default_fid_high": default.get("fid_high"), "default_num_images": default.get("num_images"),
         "gain": gain,  # FID(default) - FID(answer) on the same images, at default_num_images: > 0 is better
         "gain_pct": None if gain is None or not default_fid else 100.0 * gain / default_fid,
+        "versus": (best.get("versus") or {}).get("verdict"),  # IGG against CFG on this backbone, with its interval
+        "proxy": None if not best.get("proxy_rho") else Rho(**best["proxy_rho"]).verdict(),
     }
 
 
@@ -99,7 +103,8 @@ def summarize(bests: Sequence[Mapping[str, Any]], names: Sequence[str] | None = 
 
     Returns:
         ``jobs``: one row per sweep, in the order given (job_row); ``backbones``: backbone -> its best guidance over
-        its sweeps (best_of); ``level``: the confidence of the intervals.
+        its sweeps (best_of); ``level``: the confidence of the intervals; ``curves``: sweep -> its screen's FID
+        curves over the whole range (best.yaml's ``curves``).
     """
     if not bests:
         raise ValueError("no sweeps to summarize")
@@ -107,7 +112,8 @@ def summarize(bests: Sequence[Mapping[str, Any]], names: Sequence[str] | None = 
     rows = [job_row(best, name) for best, name in zip(bests, names, strict=True)]
     backbones = {b: best_of([r for r in rows if r["backbone"] == b])
                  for b in dict.fromkeys(r["backbone"] for r in rows)}
-    return {"level": bests[0]["sampling"].get("level"), "jobs": rows, "backbones": backbones}
+    curves = {r["sweep"]: best.get("curves") or {} for r, best in zip(rows, bests, strict=True)}
+    return {"level": bests[0]["sampling"].get("level"), "jobs": rows, "backbones": backbones, "curves": curves}
 
 
 # ------------------------------------------------------------------------------------------------ rendering
@@ -142,7 +148,14 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
             f"{window} | {_fid(r)} | {r['num_images']} | {default} | "
             f"{'-' if r['default_fid'] is None else _fid(r, 'default_')} | {r['default_num_images'] or '-'} | {gain} |")
     lines += ["", "A gain is FID(default CFG) − FID(answer) on the same images (at the default's N): > 0, the answer "
-              "is better.", "", "## Best guidance per backbone", ""]
+              "is better.", ""]
+    checks = [r for r in summary["jobs"] if r["versus"] or r["proxy"]]
+    if checks:
+        lines += ["## IGG against CFG, and the proxy's direction, per sweep", ""]
+        lines += [f"- **{r['sweep']}**: " + "; ".join(x for x in (r["versus"], r["proxy"]) if x) + "."
+                  for r in checks]
+        lines.append("")
+    lines += ["## Best guidance per backbone", ""]
     for backbone, b in summary["backbones"].items():
         text = f"- **{backbone}**: {_answer(b)} (sweep {b['sweep']}), FID {_fid(b)} at N={b['num_images']}"
         runner = b["runner_up"]
@@ -161,10 +174,14 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
 
 
 def summary_png(summary: Mapping[str, Any]) -> bytes:
-    """summary.png: per sweep, the answer's FID and the default CFG's, each with its interval (bars)."""
+    """summary.png: per sweep, the answer's FID and the default CFG's, each with its interval (bars); below, per
+    backbone, each kind's FID over the whole range (the screen's curves, with their intervals)."""
     rows = summary["jobs"]
-    fig = Figure(figsize=(max(4.5, 1.2 * len(rows) + 2.0), 4.0))
-    ax = fig.subplots()
+    curves = summary.get("curves") or {}
+    backbones = [b for b in summary["backbones"] if any(curves.get(r["sweep"]) for r in rows if r["backbone"] == b)]
+    fig = Figure(figsize=(max(4.5 * max(len(backbones), 1), 1.2 * len(rows) + 2.0), 8.0 if backbones else 4.0))
+    grid = fig.add_gridspec(2 if backbones else 1, max(len(backbones), 1))
+    ax = fig.add_subplot(grid[0, :])
     width = 0.38
 
     def bars(offset: float, prefix: str, colors: list[str], hatch: str | None) -> None:
@@ -189,6 +206,24 @@ def summary_png(summary: Mapping[str, Any]) -> bytes:
     handles = [Patch(facecolor=COLORS[k], edgecolor="black", label=f"answer: {k}") for k in kinds]
     handles.append(Patch(facecolor=DEFAULT_COLOR, edgecolor="black", hatch="//", label="published default CFG"))
     ax.legend(handles=handles, fontsize=8)
+    for col, backbone in enumerate(backbones):
+        curve_ax = fig.add_subplot(grid[1, col])
+        mine = [r for r in rows if r["backbone"] == backbone and curves.get(r["sweep"])]
+        for r in mine:
+            for label, c in curves[r["sweep"]].items():
+                low = [f - lo for f, lo in zip(c["fid"], c["fid_low"], strict=True)]
+                high = [hi - f for f, hi in zip(c["fid"], c["fid_high"], strict=True)]
+                curve_ax.errorbar(c["total"], c["fid"], yerr=[low, high], fmt="o", ms=3, capsize=2, alpha=0.4,
+                                  color=COLORS[c["kind"]])
+                curve_ax.plot(c["total"], c["smoothed"], "-", color=COLORS[c["kind"]],
+                              label=label if len(mine) == 1 else f"{r['sweep']}: {label}")
+            answer = sum(w for w in (r["w_cfg"], r["w_igg"]) if w is not None)
+            curve_ax.axvline(answer, color=COLORS[r["kind"]], ls=":", lw=1)
+        curve_ax.set_xscale("function", functions=(lambda w: np.log1p(np.maximum(w, 0)), np.expm1))
+        curve_ax.set_xlabel("w + w' (log(1 + w) axis); dotted: the answer")
+        curve_ax.set_ylabel(f"FID at {next(iter(curves[mine[0]['sweep']].values()))['num_images']} images")
+        curve_ax.set_title(f"{backbone}: FID over the whole range", fontsize=9)
+        curve_ax.legend(fontsize=6)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     return buf.getvalue()

@@ -46,6 +46,7 @@ from pipeline.report import (
     curves_png,
     race_table,
     report_markdown,
+    screen_curves,
     screen_table,
     signals_vs_weight_png,
     write_best,
@@ -221,6 +222,7 @@ def answer(cfg: SweepConfig, winner: Racer, margin: Margin | None, racers: list[
                  "worse": None if b.worse is None else dict(b.worse)} for b in screen.basins],
         versus=versus,
         proxy_rho=None if screen.rho is None else asdict(screen.rho),
+        curves=screen_curves(screen),
     )
 
 

@@ -236,6 +236,21 @@ def test_summarize_gains_and_the_best_guidance_per_backbone():
     assert summary.summary_png(result)[:4] == b"\x89PNG"
 
 
+def test_the_summary_shows_the_whole_range_igg_against_cfg_and_the_proxy():
+    sweep = best("tiny_small", "auto", "cfg", (24.0, 23.0, 25.0), None, w_cfg=20.0)
+    curve = {"kind": "cfg", "num_images": 256, "total": [0.25, 4.0, 20.0], "fid": [80.0, 45.0, 26.0],
+             "fid_low": [75.0, 40.0, 24.0], "fid_high": [85.0, 50.0, 28.0], "smoothed": [79.0, 44.0, 26.5]}
+    sweep.update(curves={"cfg": curve}, proxy_rho={"value": -0.5, "low": -0.8, "high": -0.1, "n": 33},
+                 versus={"verdict": "CFG beats IGG on this backbone: FID(CFG) - FID(IGG) = -3 [-5, -1]"})
+    result = summary.summarize([sweep])
+    assert result["curves"] == {"tiny_small-auto": {"cfg": curve}}
+    text = summary.summary_markdown(result)
+    assert "- **tiny_small-auto**: CFG beats IGG on this backbone" in text
+    assert "ρ(gap, FID) = -0.50 [-0.80, -0.10] over 33 screened points" in text and "wrong way" in text
+    with_curves, without = summary.summary_png(result), summary.summary_png({**result, "curves": {}})
+    assert with_curves[:4] == b"\x89PNG" and len(with_curves) > len(without)  # the curve panel is drawn
+
+
 def test_summarize_names_and_a_single_sweep():
     result = summary.summarize([best("tiny", "auto", "cfg", (9.0, 8.0, 10.0), (9.0, 8.0, 10.0), w_cfg=1.5)],
                                names=["run1"])
