@@ -52,10 +52,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from benchdoc import provenance, publish
+from benchdoc import ROOT, provenance, publish
+from omegaconf import OmegaConf
 from scipy.stats import spearmanr
 
-from pipeline.config import load_config
+from pipeline.config import WEIGHTS_DIR, SearchConfig
 from pipeline.files import atomic_write
 
 SECTION = "Reference grid"        # the default backbone's; another's is "Reference grid (NAME)"
@@ -78,7 +79,22 @@ HIGH_WEIGHTS = (25, 30)          # the 1-D scans above 20, up to --max-weight (r
 HIGH_MIXED = 24                  # --max-weight from which the mixed axes grow by one value each:
 MIXED_CFG_HIGH, MIXED_IGG_HIGH = 16, 24
 DEFAULT_MAX_WEIGHT = 20.0
+SEARCH_MAX_WEIGHT = SearchConfig().max_weight   # the sweep's default cap (30): stage 1b never passes it
 RUNGS = (256, 512, 1024, 2048, 4096)
+
+
+def backbone_checkpoints(name: str) -> dict[str, str]:
+    """vae_ckpt and var_ckpt of conf/backbone/NAME.yaml, ``${weights:...}`` resolved to the embedded weights
+    folder as pipeline.config does; read from that file alone, so that a grid resumes while the rest of conf/ is
+    being edited."""
+    if not OmegaConf.has_resolver("weights"):
+        OmegaConf.register_new_resolver("weights", lambda file: str(WEIGHTS_DIR / file))
+    conf = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "backbone" / f"{name}.yaml"), resolve=True)
+    out = {key: str(conf[key]) for key in ("vae_ckpt", "var_ckpt")}
+    for key, path in out.items():
+        if not Path(path).is_file():
+            raise SystemExit(f"conf/backbone/{name}.yaml: {key}={path} is not a file")
+    return out
 
 
 def default_cache(backbone: str) -> Path:
@@ -268,8 +284,7 @@ class Grid:
         from pipeline.fid import TINY_EXTRACTOR, FidEvaluator, shapes_source
         self.cache, self.args, self.command = cache, args, command
         self.backbone = getattr(args, "backbone", DEFAULT_BACKBONE)
-        conf = load_config([f"backbone={self.backbone}"]).backbone
-        self.ckpts = {"vae_ckpt": str(conf.vae_ckpt), "var_ckpt": str(conf.var_ckpt)}
+        self.ckpts = backbone_checkpoints(self.backbone)
         self.json_path = cache / "grid.json"
         stored = json.loads(self.json_path.read_text()) if self.json_path.is_file() else {}
         was = stored.get("setup", {}).get("backbone_name", DEFAULT_BACKBONE) if stored else self.backbone
@@ -621,8 +636,7 @@ def run_stages(grid: Grid, args: argparse.Namespace) -> None:
     stage1 = broad_points(args.max_weight, tuple(args.kinds))[:args.limit]
     grid.set_stage("1", stage1)
     grid.sample("1 broad", [(q, seed0, args.n_broad) for q in stage1])
-    cap = load_config([f"backbone={args.backbone}"]).search.max_weight
-    stage1b = neighbour_points(grid.fids(stage1, seed0, args.n_broad), cap)
+    stage1b = neighbour_points(grid.fids(stage1, seed0, args.n_broad), SEARCH_MAX_WEIGHT)
     grid.set_stage("1b", stage1b)
     grid.sample("1b neighbours", [(q, seed0, args.n_broad) for q in stage1b])
     broad = grid.fids(stage1 + stage1b, seed0, args.n_broad)
