@@ -7,10 +7,13 @@ with command-line overrides, checks every value, and returns a typed `SweepConfi
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
+import functools
 import itertools
 import os
 import tempfile
+import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,12 +28,11 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.guidance import SCHEDULES
+from pipeline.guidance import KINDS, SCHEDULES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "backbones" / "weights"
 GROUPS = ("backbone", "guidance", "search", "proxy", "screen", "refine", "confirm", "launcher", "tracking")
-KINDS = ("cfg", "igg", "mixed")  # guidance kinds: CFG alone, IGG alone, both terms
 SAMPLERS = ("tpe", "gp", "random")
 EVENNESS_KINDS = ("vocab", "tokens")
 DIVERGENCE_REFERENCES = ("uncond", "cond")
@@ -78,18 +80,26 @@ class GuidanceConfig:
 
 @dataclass
 class SearchConfig:
-    """The weight ranges (where the search starts, how far it may grow) and the stage 1 proxy search."""
+    """The weights searched: where the proxy starts, the cap of every stage, IGG windows and guidance intervals.
 
-    n_trials: int = 24  # proxy trials after the design points (0: no proxy stage, FID refinement alone)
+    A range is [low, high]; when the proxy's best lies in its top `edge` fraction the range grows by `grow`, up to
+    max_weight. The screen (ScreenConfig) covers [refine.min_weight, max_weight] whatever the starting ranges.
+    """
+
+    n_trials: int = 24  # proxy trials after the design points (0: no proxy stage)
     sampler: str = "tpe"  # tpe | gp | random
     n_startup_trials: int = 8  # random trials before the model-based sampler takes over
-    w_cfg: list[float] = field(default_factory=lambda: [0.0, 6.0])  # starting [low, high]
-    w_igg: list[float] = field(default_factory=lambda: [0.0, 6.0])  # starting [low, high]
-    windows: list[int | None] = field(default_factory=lambda: [None])  # odd sizes; null = global
-    # guidance intervals searched (guidance.schedule=interval): [start, end] pairs, the scales start <= k < end
-    # (end null: to the last); null: every candidate guides guidance.schedule_start .. schedule_end
+    w_cfg: list[float] = field(default_factory=lambda: [0.0, 6.0])  # where the proxy starts: [low, high]
+    w_igg: list[float] = field(default_factory=lambda: [0.0, 6.0])  # where the proxy starts: [low, high]
+    # IGG windows: odd sizes, null = global. Each window multiplies the IGG trials; on the embedded backbone window 3
+    # is worse than global attention at every weight measured (docs/BENCHMARKS.md, Reference grid).
+    windows: list[int | None] = field(default_factory=lambda: [None])
+    # Guidance intervals searched like the window (needs guidance.schedule=interval): [start, end] pairs of scale
+    # indices, guided while start <= k < end (end null: to the last scale), e.g. [[0,null],[2,null],[2,8]] for
+    # Switti's CFG on/off scales (Kynkäänniemi et al. 2024); the proxy's design points use the first. null: every
+    # candidate guides guidance.schedule_start .. schedule_end.
     intervals: list[Any] | None = None
-    max_weight: float = 30.0  # cap: a range grows up to here, never past it
+    max_weight: float = 30.0  # the wall: no stage tries a weight past it, and the report warns at it
     edge: float = 0.1  # a best candidate in the top `edge` fraction of a range is at its edge: the range grows
     grow: float = 2.0  # factor on the range's span when it grows
     max_grows: int = 3  # proxy rounds that may grow the ranges (each adds n_trials // 2 trials)
@@ -112,46 +122,75 @@ class ProxyConfig:
 
 @dataclass
 class ScreenConfig:
-    """The global stage: every kind over the whole allowed range at low-N FID, successive halving."""
+    """The global stage (tuners/screen.py): every kind over the whole allowed range at low-N FID, by successive
+    halving, before any trust region.
 
-    points: int = 10  # weights per curve, evenly spaced in log(1 + w) from refine.min_weight to search.max_weight
-    rungs: list[int] = field(default_factory=lambda: [256, 512])  # images per point at each rung (extended)
-    keep: float = 0.4  # share of a curve's points that go on to the next rung (each basin's best first)
+    Each curve (CFG's w, IGG's w' per window, mixed along rays w' / (w + w') = share) gets `points` weights evenly
+    spaced in log(1 + w) from refine.min_weight to search.max_weight: any basin wider than that spacing (0.36 at 10
+    points) holds a point, wherever it lies. The points are scored at the first rung's images, then the best `keep`
+    share of each curve (each basin's best first) is extended to the next rung (images added, never redrawn).
+    """
+
+    points: int = 10  # weights per curve
+    rungs: list[int] = field(default_factory=lambda: [256, 512])  # images per point at each rung, up to refine's
+    keep: float = 0.4  # share of a curve's points that go on to the next rung
     shares: list[float] = field(default_factory=lambda: [0.5])  # mixed: the share of w' in w + w' of each ray
-    regions: int = 3  # at most this many basins (not worse than the best beyond noise) are refined
+    # at most this many basins, each not worse than the best beyond noise (paired bootstrap at the last rung),
+    # become trust regions of the refinement
+    regions: int = 3
 
 
 @dataclass
 class RefineConfig:
-    """FID refinement: a seeded Optuna search inside a trust region around each basin the screen kept."""
+    """FID refinement: a seeded Optuna search inside a trust region around each basin the screen kept, starting
+    from the basin's screened points. The region lives in log(1 + weight): its starting half-width is the screen's
+    spacing, and edge and its steps are in those units; weights are sampled uniformly in log weight."""
 
     n_trials: int = 4  # FID trials per region (in rounds of launcher.workers trials per region)
     num_images: int = 512  # images per trial; the same labels for every candidate
-    common_seeds: bool = False  # true: every candidate on the sweep's sampler seeds (else each its own seeds)
+    # Every candidate samples the same labels; its sampler seeds are its own (independent FID noise, which the
+    # smoothing averages out). true: the sweep's seeds for every candidate (common random numbers); on the embedded
+    # backbone they do not shrink the noise of a difference at distinct weights (docs/BENCHMARKS.md, Reference grid).
+    common_seeds: bool = False
     min_weight: float = 0.25  # no weight below this is refined (sampled uniformly in log weight)
     edge: float = 0.25  # a best in the outer `edge` fraction of the region (in log(1 + weight)) is on its edge
     grow: float = 2.0  # the region grows by this when a round's best lies on its edge
     shrink: float = 0.5  # and shrinks by this when a round does not improve the kind's best
     sampler: str = "tpe"  # tpe | random (GP needs a fixed search space; the region moves)
     n_startup_trials: int = 4
-    lengthscale: float = 0.5  # smoothing of the FID surface (tuners.surrogate), in log(1 + weight) units
-    window_kinship: float = 0.5  # how alike two IGG windows at the same weights are assumed, in [0, 1]
+    # Trials (and the screen's points) are ranked by a smoothed FID (Gaussian-process posterior mean of log FID,
+    # tuners/surrogate.py), not by the single noisy value: the lengthscale in log(1 + weight) units, and how alike
+    # two IGG windows (or two guidance intervals) at the same weights are assumed, in [0, 1].
+    lengthscale: float = 0.5
+    window_kinship: float = 0.5
 
 
 @dataclass
 class ConfirmConfig:
-    """Stage 3: a race of the finalists at growing N; a finalist worse than the best beyond noise leaves."""
+    """The race: the finalists at growing N (each rung extends a finalist's own images); a finalist worse than the
+    current best beyond noise (bootstrap over images) leaves; a cost cap keeps at most `keep` of the rest (lowest
+    FID) and `final_max` for the last rung, which decides. Every FID has an interval at `level`."""
 
     finalists: int = 5  # best distinct refined candidates (each kind's best first), plus the published default
-    separation: float = 0.15  # finalists of one kind and window at least this far apart in log(1 + weight)
-    rungs: list[int] = field(default_factory=lambda: [1024, 2048, 4096])  # image counts; the last decides
+    # Finalists of one kind and window are at least this far apart in log(1 + weight): a near neighbour of a
+    # finalist has nearly its smoothed FID, and racing both would spend two finalists on one point.
+    separation: float = 0.15
+    # The last rung decides. On the embedded backbone the basin of good weights is flat to within a few percent,
+    # and fewer images (a race to 3072 or 2048) picked points at its lower edge: seed 2's answer re-measured 1.043 x
+    # the grid best (docs/BENCHMARKS.md, Sweep time budget). Real checkpoints: e.g. [10000, 25000, 50000] (README).
+    rungs: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
     keep: float = 0.5  # cost cap: at most this share of the finalists left (lowest FIDs) go on to the next rung
     final_max: int = 2  # and at most this many to the last rung
-    stop_when_decided: bool = True  # a rung that leaves one finalist ends the race (its FID is at that N)
+    # A rung that leaves one finalist (every other one worse beyond noise) decides the race: it stops there, and
+    # the winner's FID and interval are at that N. false: the winner always goes on to the last rung.
+    stop_when_decided: bool = True
     bootstrap: int = 200  # paired bootstrap resamples over images per comparison
-    stratify: bool = True  # resample inside each condition (class or prompt): the conditions are fixed by design
+    # Resample images inside each condition (every candidate samples the same classes or prompts, so only the
+    # sampler's noise is random). false: over all images, which also redraws the mix of classes and overstates the
+    # noise between sampler seeds (docs/BENCHMARKS.md, Answer quality "Noise model").
+    stratify: bool = True
     level: float = 0.95  # confidence of every interval and of "worse beyond noise"
-    reference: str = MISSING  # FID reference; defaults to backbone.fid_reference
+    reference: str = "${backbone.fid_reference}"  # FID reference: an ADM .npz, an image folder or "shapes"
     reference_num_images: int = 2000  # images of the embedded dataset when reference is "shapes"
     extractor_weights: str | None = None  # local weights of the FID feature extractor (offline clusters)
     clip_weights: str | None = None  # text-to-image: a local Hub CLIP folder; FID jobs also measure the CLIP score
@@ -162,7 +201,7 @@ class ConfirmConfig:
 
 @dataclass
 class LauncherConfig:
-    """Ray actor pool."""
+    """Ray actor pool: start a local Ray (address null) or join a cluster (auto or host:port)."""
 
     workers: int = 2  # actors; each loads the backbone once
     address: str | None = None  # null: start a local Ray; auto or host:port: join a cluster
@@ -176,13 +215,15 @@ class LauncherConfig:
 
 @dataclass
 class TrackingConfig:
-    uri: str = MISSING  # MLflow tracking URI
+    uri: str = "sqlite:///${root}/mlflow.db"  # MLflow tracking store (the one `make ui` opens)
 
 
 @dataclass
 class SweepMeta:
-    name: str = MISSING  # MLflow experiment and Optuna study names; rerunning a name resumes it
-    output_dir: str = MISSING  # best.yaml, report.md and plots
+    # MLflow experiment and Optuna study names; rerunning a name resumes it. One per (backbone, guidance), so the
+    # jobs of -m over backbones and kinds do not collide.
+    name: str = "${backbone.name}-${guidance.name}"
+    output_dir: str = "${root}/sweeps/${sweep.name}"  # best.yaml, report.md and plots
     grid_images: int = 16  # images in each trial's sample grid
     grid_nrow: int = 8  # images per row of the grid
     heatmap_images: int = 4  # images (rows) in each trial's guidance heat map
@@ -193,14 +234,14 @@ class GenerateConfig:
     """``python -m pipeline.generate``: sample one guidance setting as a sweep samples it (by default a winner)."""
 
     best: str | None = None  # a sweep's best.yaml: its backbone, checkpoints, weights and sampling are used
-    w_cfg: float | None = None  # without `best`: the weights (conf/sweep.yaml: the backbone's default CFG)
+    w_cfg: float | None = "${backbone.default_cfg}"  # type: ignore[assignment]  # without `best`: the weights
     w_igg: float | None = None
     window: int | None = None
     num_images: int = 64  # the first N images of the candidate (the sweep's labels, batches and seeds)
     grid: int = 64  # images in grid.png
     nrow: int = 8
     device: str | None = None  # null: cuda if available
-    out: str = MISSING  # grid.png and samples.npz (ADM layout)
+    out: str = "${root}/generate/${sweep.name}"  # grid.png and samples.npz (ADM layout)
 
 
 @dataclass
@@ -208,7 +249,7 @@ class SweepConfig:
     sweep: SweepMeta = field(default_factory=SweepMeta)
     seed: int = 0
     root: str = "mlruns"  # folder of the default stores
-    storage: str = MISSING  # Optuna storage URL (SQLAlchemy)
+    storage: str = "sqlite:///${root}/optuna.db"  # Optuna storage URL (SQLAlchemy)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -221,10 +262,29 @@ class SweepConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
+def schema_keys(width: int = 110) -> str:
+    """Every key of the schema, fully qualified, a line (wrapped at `width`) per section: ``--help``'s key list."""
+
+    def walk(node: Any, prefix: str) -> list[str]:
+        if not dataclasses.is_dataclass(node):
+            return [prefix]
+        return [k for f in dataclasses.fields(node) for k in walk(getattr(node, f.name), f"{prefix}{f.name}.")]
+
+    cfg = SweepConfig()
+    sections = [[k.rstrip(".") for k in walk(getattr(cfg, f.name), f"{f.name}.")] for f in dataclasses.fields(cfg)]
+    top = [keys[0] for keys in sections if len(keys) == 1]  # seed, root, storage: one line
+    lines = []
+    for keys in [top, *(keys for keys in sections if len(keys) > 1)]:
+        lines += textwrap.wrap(" ".join(keys), width, initial_indent="  ", subsequent_indent="    ")
+    return "\n".join(lines)
+
+
 def _register() -> None:
     ConfigStore.instance().store(name="schema", node=SweepConfig)
     if not OmegaConf.has_resolver("weights"):
         OmegaConf.register_new_resolver("weights", lambda name: str(WEIGHTS_DIR / name))
+    if not OmegaConf.has_resolver("schema_keys"):
+        OmegaConf.register_new_resolver("schema_keys", schema_keys)
 
 
 _register()
@@ -282,9 +342,23 @@ def to_schema(cfg: DictConfig) -> SweepConfig:
     return schema
 
 
-def _positive(key: str, value: float, example: str) -> None:
+def _override(value: Any) -> str:
+    """A value as a Hydra override writes it: null, true, [a,b]."""
+    if value is None or isinstance(value, bool):
+        return str(value).lower() if value is not None else "null"
+    if isinstance(value, list):
+        return f"[{','.join(_override(v) for v in value)}]"
+    return str(value)
+
+
+def _eg(key: str) -> str:
+    """``e.g. key=<the schema's default>``: the fix a message suggests is the default, stated once (the schema)."""
+    return f"e.g. {key}={_override(functools.reduce(getattr, key.split('.'), SweepConfig()))}"
+
+
+def _positive(key: str, value: float) -> None:
     if value <= 0:
-        raise ConfigError(f"{key} must be positive (got {value}); set e.g. {key}={example}")
+        raise ConfigError(f"{key} must be positive (got {value}); set {_eg(key)}")
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -360,7 +434,7 @@ def validate(cfg: SweepConfig) -> None:
     if not g.kinds or len(set(g.kinds)) != len(g.kinds):
         raise ConfigError(f"guidance.kinds={g.kinds} must list distinct kinds; e.g. guidance.kinds=[cfg,igg,mixed]")
     for kind in g.kinds:
-        _choice("guidance.kinds", kind, KINDS)
+        _choice("guidance.kinds", kind, tuple(KINDS))
     _choice("guidance.schedule", g.schedule, SCHEDULES)
     K = len(cfg.backbone.patch_nums)
     end = K if g.schedule_end is None else g.schedule_end
@@ -377,32 +451,32 @@ def validate(cfg: SweepConfig) -> None:
         _choice("confirm.metrics", metric, FID_METRICS)
     if "fid" not in c.metrics:
         raise ConfigError("confirm.metrics must include fid (it ranks the candidates); e.g. confirm.metrics=[fid,isc]")
-    for key, value, example in (
-        ("search.n_startup_trials", s.n_startup_trials, "8"),
-        ("search.max_weight", s.max_weight, "30"),
-        ("refine.n_trials", r.n_trials, "6"),
-        ("refine.num_images", r.num_images, "512"),
-        ("screen.regions", cfg.screen.regions, "3"),
-        ("refine.n_startup_trials", r.n_startup_trials, "4"),
-        ("refine.lengthscale", r.lengthscale, "0.5"),
-        ("refine.min_weight", r.min_weight, "0.25"),
-        ("confirm.finalists", c.finalists, "4"),
-        ("confirm.final_max", c.final_max, "2"),
-        ("confirm.bootstrap", c.bootstrap, "200"),
-        ("proxy.num_images", p.num_images, "32"),
-        ("proxy.batch_size", p.batch_size, "32"),
-        ("confirm.batch_size", c.batch_size, "64"),
-        ("confirm.reference_num_images", c.reference_num_images, "2000"),
-        ("sweep.grid_images", cfg.sweep.grid_images, "16"),
-        ("sweep.grid_nrow", cfg.sweep.grid_nrow, "8"),
-        ("sweep.heatmap_images", cfg.sweep.heatmap_images, "4"),
-        ("launcher.workers", la.workers, "2"),
-        ("launcher.cpus_per_worker", la.cpus_per_worker, "1"),
-        ("launcher.gpus_per_worker", la.gpus_per_worker, "1"),
-        ("launcher.object_store_memory", la.object_store_memory, "200000000"),
-        ("launcher.connect_timeout_s", la.connect_timeout_s, "15"),
+    for key, value in (
+        ("search.n_startup_trials", s.n_startup_trials),
+        ("search.max_weight", s.max_weight),
+        ("refine.n_trials", r.n_trials),
+        ("refine.num_images", r.num_images),
+        ("screen.regions", cfg.screen.regions),
+        ("refine.n_startup_trials", r.n_startup_trials),
+        ("refine.lengthscale", r.lengthscale),
+        ("refine.min_weight", r.min_weight),
+        ("confirm.finalists", c.finalists),
+        ("confirm.final_max", c.final_max),
+        ("confirm.bootstrap", c.bootstrap),
+        ("proxy.num_images", p.num_images),
+        ("proxy.batch_size", p.batch_size),
+        ("confirm.batch_size", c.batch_size),
+        ("confirm.reference_num_images", c.reference_num_images),
+        ("sweep.grid_images", cfg.sweep.grid_images),
+        ("sweep.grid_nrow", cfg.sweep.grid_nrow),
+        ("sweep.heatmap_images", cfg.sweep.heatmap_images),
+        ("launcher.workers", la.workers),
+        ("launcher.cpus_per_worker", la.cpus_per_worker),
+        ("launcher.gpus_per_worker", la.gpus_per_worker),
+        ("launcher.object_store_memory", la.object_store_memory),
+        ("launcher.connect_timeout_s", la.connect_timeout_s),
     ):
-        _positive(key, value, example)
+        _positive(key, value)
     if la.num_cpus is not None and la.num_cpus < la.workers * la.cpus_per_worker:
         raise ConfigError(
             f"launcher.num_cpus={la.num_cpus} is fewer than launcher.workers x cpus_per_worker "
@@ -414,42 +488,42 @@ def validate(cfg: SweepConfig) -> None:
                        ("confirm.level", c.level),
                        ("confirm.keep", c.keep)):
         if not 0.0 < value < 1.0:
-            raise ConfigError(f"{key}={value} must lie strictly between 0 and 1; e.g. {key}=0.5")
+            raise ConfigError(f"{key}={value} must lie strictly between 0 and 1; {_eg(key)}")
     for key, value in (("search.grow", s.grow), ("refine.grow", r.grow)):
         if value <= 1.0:
-            raise ConfigError(f"{key}={value} must be > 1 (the factor a range grows by); e.g. {key}=2")
+            raise ConfigError(f"{key}={value} must be > 1 (the factor a range grows by); {_eg(key)}")
     if not 0.0 < r.min_weight < s.max_weight:
         raise ConfigError(f"refine.min_weight={r.min_weight} must lie in (0, search.max_weight={s.max_weight}) "
-                          "(weights are refined in log scale); e.g. refine.min_weight=0.25")
+                          f"(weights are refined in log scale); {_eg('refine.min_weight')}")
     if c.separation < 0.0:
         raise ConfigError(f"confirm.separation={c.separation} must be >= 0 (0: any distinct finalists); "
-                          "e.g. confirm.separation=0.15")
+                          f"{_eg('confirm.separation')}")
     if not 0.0 <= r.window_kinship <= 1.0:
         raise ConfigError(
-            f"refine.window_kinship={r.window_kinship} must lie in [0, 1]; e.g. refine.window_kinship=0.5")
+            f"refine.window_kinship={r.window_kinship} must lie in [0, 1]; {_eg('refine.window_kinship')}")
     if c.bootstrap < 2:
-        raise ConfigError(f"confirm.bootstrap={c.bootstrap} must be >= 2 resamples; e.g. confirm.bootstrap=200")
+        raise ConfigError(f"confirm.bootstrap={c.bootstrap} must be >= 2 resamples; {_eg('confirm.bootstrap')}")
     sc = cfg.screen
     if sc.points < 2:
-        raise ConfigError(f"screen.points={sc.points} must be >= 2 (the ends of the range); e.g. screen.points=10")
+        raise ConfigError(f"screen.points={sc.points} must be >= 2 (the ends of the range); {_eg('screen.points')}")
     if not 0.0 < sc.keep <= 1.0:
-        raise ConfigError(f"screen.keep={sc.keep} must lie in (0, 1]; e.g. screen.keep=0.4")
+        raise ConfigError(f"screen.keep={sc.keep} must lie in (0, 1]; {_eg('screen.keep')}")
     if not sc.shares or any(not 0.0 < share < 1.0 for share in sc.shares):
         raise ConfigError(f"screen.shares={sc.shares} must hold shares of w' in w + w' strictly between 0 and 1; "
-                          "e.g. screen.shares=[0.5]")
+                          f"{_eg('screen.shares')}")
     if not sc.rungs or any(b <= a for a, b in itertools.pairwise(sc.rungs)) or sc.rungs[-1] > r.num_images:
         raise ConfigError(f"screen.rungs={sc.rungs} must rise, up to refine.num_images={r.num_images}; "
-                          "e.g. screen.rungs=[256,512]")
+                          f"{_eg('screen.rungs')}")
     n_images = sorted({*sc.rungs, r.num_images, *c.rungs})
     if not c.rungs or any(b <= a for a, b in itertools.pairwise([r.num_images, *c.rungs])):
         raise ConfigError(f"confirm.rungs={c.rungs} must rise above refine.num_images={r.num_images}; "
-                          "e.g. confirm.rungs=[1024,2048,4096]")
+                          f"{_eg('confirm.rungs')}")
     if any(n % c.batch_size for n in n_images):
         raise ConfigError(f"screen.rungs, refine.num_images and confirm.rungs ({n_images}) must be multiples of "
                           f"confirm.batch_size={c.batch_size}, so a larger N extends a smaller one; "
-                          "e.g. confirm.batch_size=64")
+                          f"{_eg('confirm.batch_size')}")
     if c.decimals < 0 or la.max_retries < 0:
-        raise ConfigError("confirm.decimals and launcher.max_retries must be >= 0; e.g. confirm.decimals=2")
+        raise ConfigError(f"confirm.decimals and launcher.max_retries must be >= 0; {_eg('confirm.decimals')}")
     for name in ("w_cfg", "w_igg"):
         _range(f"search.{name}", getattr(s, name))
         if getattr(s, name)[1] > s.max_weight:
@@ -466,7 +540,7 @@ def validate(cfg: SweepConfig) -> None:
     if s.intervals is not None:
         _intervals(s.intervals, g.schedule, K)
     if not p.design or any(not 0.0 <= f <= 1.0 for f in p.design):
-        raise ConfigError(f"proxy.design={p.design} must hold fractions in [0, 1]; e.g. proxy.design=[0.25,0.5,1]")
+        raise ConfigError(f"proxy.design={p.design} must hold fractions in [0, 1]; {_eg('proxy.design')}")
     if cfg.backbone.fid_image_size is not None and cfg.backbone.fid_image_size < 1:
         raise ConfigError(f"backbone.fid_image_size={cfg.backbone.fid_image_size} must be >= 1 (or null: the sampled "
                           "size); e.g. backbone.fid_image_size=256")

@@ -18,12 +18,42 @@ With the guidance nudge ``Δ = cond − uncond`` (B, l, V)::
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 SCHEDULES = ("linear", "constant", "interval")
+
+
+@dataclass(frozen=True)
+class GuidanceKind:
+    """One guidance kind: the weights it sets (the other term is dropped), whether it has IGG's window, the seed
+    stream of its sampler, and how reports show it. Adding a kind is one entry of :data:`KINDS` plus its math."""
+
+    name: str
+    weights: tuple[str, ...]  # of w_cfg, w_igg
+    seed: int  # its refinement sampler's stream (tuners.refine)
+    colour: str  # matplotlib colour of its bars and curves
+    label: str
+
+    @property
+    def windowed(self) -> bool:
+        """Whether it has IGG's attention window."""
+        return "w_igg" in self.weights
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """Its Optuna parameters: the weights, and the window when it has one."""
+        return (*self.weights, *(("window",) if self.windowed else ()))
+
+
+KINDS = {k.name: k for k in (
+    GuidanceKind("cfg", ("w_cfg",), 101, "tab:blue", "CFG alone"),
+    GuidanceKind("igg", ("w_igg",), 102, "tab:orange", "IGG alone"),
+    GuidanceKind("mixed", ("w_cfg", "w_igg"), 103, "tab:green", "CFG and IGG"),
+)}
 
 
 def _term_weight(w: float | None, ratio: float, name: str) -> float:

@@ -36,6 +36,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.config import ConfigError, compose_config, store_lock
 from pipeline.files import atomic_write
+from pipeline.guidance import KINDS
 from pipeline.report import read_best
 from pipeline.tracking import ROLE_TAG, artifact_root
 from tuners.screen import Rho
@@ -45,7 +46,6 @@ EXPERIMENT = "guidetune-summaries"  # the MLflow experiment of every summary (on
 FOLDER_TAG = "guidetune.summary"  # the summary's folder, on its run
 MULTIRUN_YAML = "multirun.yaml"  # what Hydra writes in the folder of a multirun
 FILES = ("summary.yaml", "summary.md", "summary.png")
-COLORS = {"cfg": "tab:blue", "igg": "tab:orange", "mixed": "tab:green"}  # the answer's bar, by kind
 DEFAULT_COLOR = "lightgray"  # the published default CFG's bar
 
 
@@ -192,7 +192,7 @@ def summary_png(summary: Mapping[str, Any]) -> bytes:
         ax.bar(x, fid, width, yerr=[low, high], capsize=4, color=colors, hatch=hatch, edgecolor="black",
                linewidth=0.5)
 
-    bars(-width / 2, "", [COLORS[r["kind"]] for r in rows], None)
+    bars(-width / 2, "", [KINDS[r["kind"]].colour for r in rows], None)
     bars(width / 2, "default_", [DEFAULT_COLOR] * len(rows), "//")
     for i, r in enumerate(rows):
         if r["gain"] is not None:
@@ -203,7 +203,7 @@ def summary_png(summary: Mapping[str, Any]) -> bytes:
     ax.set_ylabel(f"FID ({level:.0%} interval)" if level is not None else "FID")
     ax.set_title("answer vs the published default CFG (annotated: the gain)", fontsize=9)
     kinds = dict.fromkeys(r["kind"] for r in rows)
-    handles = [Patch(facecolor=COLORS[k], edgecolor="black", label=f"answer: {k}") for k in kinds]
+    handles = [Patch(facecolor=KINDS[k].colour, edgecolor="black", label=f"answer: {k}") for k in kinds]
     handles.append(Patch(facecolor=DEFAULT_COLOR, edgecolor="black", hatch="//", label="published default CFG"))
     ax.legend(handles=handles, fontsize=8)
     for col, backbone in enumerate(backbones):
@@ -214,11 +214,11 @@ def summary_png(summary: Mapping[str, Any]) -> bytes:
                 low = [f - lo for f, lo in zip(c["fid"], c["fid_low"], strict=True)]
                 high = [hi - f for f, hi in zip(c["fid"], c["fid_high"], strict=True)]
                 curve_ax.errorbar(c["total"], c["fid"], yerr=[low, high], fmt="o", ms=3, capsize=2, alpha=0.4,
-                                  color=COLORS[c["kind"]])
-                curve_ax.plot(c["total"], c["smoothed"], "-", color=COLORS[c["kind"]],
+                                  color=KINDS[c["kind"]].colour)
+                curve_ax.plot(c["total"], c["smoothed"], "-", color=KINDS[c["kind"]].colour,
                               label=label if len(mine) == 1 else f"{r['sweep']}: {label}")
             answer = sum(w for w in (r["w_cfg"], r["w_igg"]) if w is not None)
-            curve_ax.axvline(answer, color=COLORS[r["kind"]], ls=":", lw=1)
+            curve_ax.axvline(answer, color=KINDS[r["kind"]].colour, ls=":", lw=1)
         curve_ax.set_xscale("function", functions=(lambda w: np.log1p(np.maximum(w, 0)), np.expm1))
         curve_ax.set_xlabel("w + w' (log(1 + w) axis); dotted: the answer")
         curve_ax.set_ylabel(f"FID at {next(iter(curves[mine[0]['sweep']].values()))['num_images']} images")

@@ -41,6 +41,7 @@ from pipeline.config import (
 from pipeline.distributed import ClusterLostError, RayPool, check_capacity, connect
 from pipeline.fid import FidEvaluator, Reference, file_digest, reference_source
 from pipeline.files import atomic_write
+from pipeline.guidance import KINDS
 from pipeline.report import (
     Best,
     curves_png,
@@ -237,7 +238,7 @@ def write_outputs(cfg: SweepConfig, best: Best, racers: list[Racer], winner: Rac
     if proxy is not None:
         e_name, d_name = EVENNESS_SIGNAL[cfg.proxy.evenness], DIVERGENCE_SIGNAL[cfg.proxy.reference]
         for kind in cfg.guidance.kinds:
-            weight = "w_cfg" if kind == "cfg" else "w_igg"
+            weight = KINDS[kind].weights[-1]
             rows = [(getattr(c, weight), r.signals[e_name], r.signals[d_name]) for c, r in proxy.records()
                     if c.kind == kind]
             if rows:

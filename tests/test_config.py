@@ -16,7 +16,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from omegaconf import MISSING
+import yaml
 from sweep_fixtures import micro_overrides, write_micro_backbone
 
 from pipeline.config import (
@@ -28,7 +28,9 @@ from pipeline.config import (
     LauncherConfig,
     ProxyConfig,
     RefineConfig,
+    ScreenConfig,
     SearchConfig,
+    SweepConfig,
     compose_config,
     group_options,
     load_config,
@@ -160,7 +162,15 @@ BAD = [
     (["confirm.rungs=[1000]"], "must be multiples of confirm.batch_size=64"),
     (["proxy.num_images=-4"], "proxy.num_images must be positive (got -4)"),
     (["confirm.finalists=0"], "confirm.finalists must be positive"),
-    (["refine.num_images=16", "confirm.batch_size=16"], "refine.num_images=16 must exceed the 16 features of"),
+    (["screen.rungs=[16]", "refine.num_images=32", "confirm.batch_size=16"],
+     "screen.rungs=[16] must start above the 16 features of"),
+    (["screen.rungs=[512,256]"], "screen.rungs=[512, 256] must rise, up to refine.num_images=512; "
+                                 "e.g. screen.rungs=[256,512]"),
+    (["screen.rungs=[256,1024]"], "screen.rungs=[256, 1024] must rise, up to refine.num_images=512"),
+    (["screen.points=1"], "screen.points=1 must be >= 2 (the ends of the range); e.g. screen.points=10"),
+    (["screen.keep=0"], "screen.keep=0.0 must lie in (0, 1]"),
+    (["screen.shares=[1.5]"], "screen.shares=[1.5] must hold shares of w' in w + w' strictly between 0 and 1"),
+    (["screen.regions=0"], "screen.regions must be positive (got 0); set e.g. screen.regions=3"),
     (["launcher.workers=0"], "launcher.workers must be positive"),
     (["search.n_trials=abc"], "search.n_trials=abc: Value 'abc' of type 'str' could not be converted to Integer"),
     (["search.nope=1"], "Key 'nope' not in 'SearchConfig'"),
@@ -239,11 +249,17 @@ def test_cli_subprocess_exit_code_and_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr and not root.exists()
 
 
-def test_schema_defaults_equal_the_default_yaml():
-    """The dataclass defaults (used by library callers) and conf/*/default.yaml (used by the CLI) must not drift."""
+def test_each_default_is_stated_once_in_the_schema():
+    """The schema (pipeline/config.py) holds every default once: a group's YAML sets only what its option changes
+    (the default options set nothing), so editing a dataclass default changes what the CLI composes."""
+    schema = SweepConfig()
+    for group in ("backbone", "search", "proxy", "screen", "refine", "confirm", "launcher", "tracking"):
+        for option in group_options(group):
+            data = yaml.safe_load((CONF_DIR / group / f"{option}.yaml").read_text()) or {}
+            data.pop("defaults", None)  # a backbone may extend another (conf/backbone/var_d20.yaml)
+            assert all(getattr(getattr(schema, group), k) != v for k, v in data.items()), (group, option, data)
+            assert option not in ("default", "local") or data == {}, (group, option, data)
     cfg = to_schema(compose_config([]))
-    assert cfg.search == SearchConfig()
-    assert cfg.proxy == ProxyConfig()
-    assert cfg.refine == RefineConfig()
-    assert cfg.launcher == LauncherConfig()
-    assert replace(cfg.confirm, reference=MISSING) == ConfirmConfig()
+    assert (cfg.search, cfg.proxy, cfg.screen, cfg.refine, cfg.launcher) == (
+        SearchConfig(), ProxyConfig(), ScreenConfig(), RefineConfig(), LauncherConfig())
+    assert cfg.confirm == replace(ConfirmConfig(), reference=cfg.backbone.fid_reference)

@@ -31,6 +31,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from pipeline.config import RefineConfig, SearchConfig
+from pipeline.guidance import KINDS
 from tuners.driver import drive
 from tuners.jobs import Done, Job, Observer, Pool, TrialRecord
 from tuners.samplers import derive_seed, make_sampler
@@ -38,8 +39,6 @@ from tuners.scoring import FeatureBank, Scorer, scored_record
 from tuners.space import WEIGHTS, Candidate, Region, from_params, interval_code, suggest, trial_params
 from tuners.studies import RECORD, counts_toward_budget, fail_stale, reason_of, record_of, tell
 from tuners.surrogate import log_weights, posterior_mean
-
-KIND_SEED = {"cfg": 101, "igg": 102, "mixed": 103}  # independent sampler streams per kind
 
 
 @dataclass(frozen=True)
@@ -115,7 +114,7 @@ class RefineStage:
             weights = start.centre.weights()
             initial = Region(dict(weights), dict.fromkeys(weights, start.radius), self.search.max_weight,
                              self.refine.min_weight)
-            self.regions[name] = RegionSearch(name, start, KIND_SEED[start.kind] + 1000 * i, study, initial)
+            self.regions[name] = RegionSearch(name, start, KINDS[start.kind].seed + 1000 * i, study, initial)
 
     def run(self, pool: Pool) -> None:
         """Rounds until every region has asked refine.n_trials trials (resumed trials included)."""

@@ -34,6 +34,7 @@ import torch
 from scipy.stats import norm, spearmanr
 
 from pipeline.config import ScreenConfig
+from pipeline.guidance import KINDS
 from tuners.jobs import Done, Job, Observer, Pool, TrialRecord
 from tuners.proxy import gaps_of
 from tuners.scoring import FeatureBank, Scorer, scored_record
@@ -54,24 +55,25 @@ class Curve:
     interval: Interval | None = None  # with search.intervals: the guided scales
 
     def at(self, total: float) -> Candidate:
-        """The candidate of this curve at total weight `total`."""
-        if self.kind == "cfg":
-            return Candidate(w_cfg=total, w_igg=None, window=None, interval=self.interval)
-        if self.kind == "igg":
-            return Candidate(w_cfg=None, w_igg=total, window=self.window, interval=self.interval)
-        assert self.share is not None
-        return Candidate(w_cfg=(1 - self.share) * total, w_igg=self.share * total, window=self.window,
-                         interval=self.interval)
+        """The candidate of this curve at total weight `total` (w′ = share · total when the kind has both)."""
+        weights = KINDS[self.kind].weights
+        if len(weights) == 1:
+            values = {weights[0]: total}
+        else:
+            assert self.share is not None
+            values = {"w_cfg": (1 - self.share) * total, "w_igg": self.share * total}
+        return Candidate(w_cfg=values.get("w_cfg"), w_igg=values.get("w_igg"),
+                         window=self.window if KINDS[self.kind].windowed else None, interval=self.interval)
 
     def holds(self, candidate: Candidate) -> bool:
         """Whether `candidate` has this curve's kind, window and interval (its total weight may lie anywhere)."""
         return (candidate.kind == self.kind and candidate.interval == self.interval
-                and (self.kind == "cfg" or candidate.window == self.window))
+                and (not KINDS[self.kind].windowed or candidate.window == self.window))
 
     def label(self) -> str:
         """E.g. ``cfg``, ``igg global``, ``mixed w'/(w+w')=0.5 global``."""
-        parts = [self.kind if self.share is None else f"mixed w'/(w+w')={self.share:g}"]
-        if self.kind != "cfg":
+        parts = [self.kind if self.share is None else f"{self.kind} w'/(w+w')={self.share:g}"]
+        if KINDS[self.kind].windowed:
             parts.append("global" if self.window is None else f"window {self.window}")
         if self.interval is not None:
             parts.append(f"scales {interval_code(self.interval)}")
@@ -81,15 +83,9 @@ class Curve:
 def curves_of(kinds: list[str], windows: list[int | None], shares: list[float],
               intervals: list[Interval] | None) -> list[Curve]:
     """Every curve of a sweep, in the order of `kinds`."""
-    out = []
-    for kind in kinds:
-        for interval in intervals or [None]:
-            if kind == "cfg":
-                out.append(Curve(kind, interval=interval))
-            for window in windows if kind != "cfg" else []:
-                out += ([Curve(kind, window=window, interval=interval)] if kind == "igg" else
-                        [Curve(kind, share, window, interval) for share in shares])
-    return out
+    return [Curve(kind, share, window, interval) for kind in kinds for interval in intervals or [None]
+            for window in (windows if KINDS[kind].windowed else [None])
+            for share in (shares if len(KINDS[kind].weights) > 1 else [None])]
 
 
 def total(candidate: Candidate) -> float:

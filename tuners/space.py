@@ -17,8 +17,8 @@ from typing import Any
 import optuna
 
 from pipeline.config import SearchConfig
+from pipeline.guidance import KINDS
 
-KIND_PARAMS = {"cfg": ("w_cfg",), "igg": ("w_igg", "window"), "mixed": ("w_cfg", "w_igg", "window")}
 WEIGHTS = ("w_cfg", "w_igg")
 
 
@@ -54,10 +54,9 @@ class Candidate:
 
     @property
     def kind(self) -> str:
-        """cfg, igg or mixed; ``unguided`` when neither term is on."""
-        if self.w_cfg is not None and self.w_igg is not None:
-            return "mixed"
-        return "cfg" if self.w_cfg is not None else "igg" if self.w_igg is not None else "unguided"
+        """The kind (pipeline.guidance.KINDS) whose weights it sets; ``unguided`` when neither term is on."""
+        weights = tuple(self.weights())
+        return next((k.name for k in KINDS.values() if k.weights == weights), "unguided")
 
     def key(self, decimals: int) -> tuple[float | None, float | None, int | None, Interval | None]:
         """Identity after rounding the weights: candidates with equal keys are the same candidate."""
@@ -109,7 +108,7 @@ class Ranges:
 
     @classmethod
     def start(cls, kinds: list[str], search: SearchConfig) -> Ranges:
-        spans = {k: {w: list(getattr(search, w)) for w in KIND_PARAMS[k] if w in WEIGHTS} for k in kinds}
+        spans = {k: {w: list(getattr(search, w)) for w in KINDS[k].weights} for k in kinds}
         return cls(spans, search.max_weight, search.edge, search.grow)
 
     def at_edge(self, candidate: Candidate) -> list[str]:
@@ -207,9 +206,10 @@ def suggest(trial: optuna.Trial, kind: str, box: dict[str, tuple[float, float]],
             log: bool = False, intervals: list[Interval] | None = None) -> Candidate:
     """Ask the trial for the weights of `kind` inside `box` (weight -> (low, high), low > 0 with `log`: sampled
     uniformly in log w), with IGG a window, and with `intervals` one of them (categorical ``interval``)."""
-    w_cfg = trial.suggest_float("w_cfg", *box["w_cfg"], log=log) if "w_cfg" in KIND_PARAMS[kind] else None
-    w_igg = trial.suggest_float("w_igg", *box["w_igg"], log=log) if "w_igg" in KIND_PARAMS[kind] else None
-    window = trial.suggest_categorical("window", list(windows)) if "window" in KIND_PARAMS[kind] else None
+    params = KINDS[kind].params
+    w_cfg = trial.suggest_float("w_cfg", *box["w_cfg"], log=log) if "w_cfg" in params else None
+    w_igg = trial.suggest_float("w_igg", *box["w_igg"], log=log) if "w_igg" in params else None
+    window = trial.suggest_categorical("window", list(windows)) if "window" in params else None
     interval = None if intervals is None else parse_interval(
         trial.suggest_categorical("interval", [interval_code(i) for i in intervals]))
     return Candidate(w_cfg=w_cfg, w_igg=w_igg, window=window, interval=interval)
