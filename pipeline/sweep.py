@@ -53,10 +53,10 @@ from pipeline.report import (
     write_best,
 )
 from pipeline.tracking import Tracker
-from tuners.confirm import DEFAULT, REFINED, Margin, Racer, RaceStage, default_candidate
+from tuners.confirm import DEFAULT, REFINED, Margin, Racer, RaceResult, RaceStage, default_candidate
 from tuners.jobs import DIVERGENCE_SIGNAL, EVENNESS_SIGNAL, TrialRecord
-from tuners.proxy import ProxyStage, gap_name
-from tuners.refine import RefineStage, Start
+from tuners.proxy import ProxyResult, ProxyStage, gap_name
+from tuners.refine import RefineResult, RefineStage, Start
 from tuners.scoring import FeatureBank, Scorer, candidate_seed
 from tuners.screen import ScreenResult, ScreenStage, curves_of, total, totals
 from tuners.space import Candidate, Ranges
@@ -228,18 +228,18 @@ def answer(cfg: SweepConfig, winner: Racer, margin: Margin | None, racers: list[
 
 
 def write_outputs(cfg: SweepConfig, best: Best, racers: list[Racer], winner: Racer, margin: Margin | None,
-                  proxy: ProxyStage | None, screen: ScreenResult) -> tuple[Path, list[Path]]:
+                  proxy: ProxyResult, screen: ScreenResult) -> tuple[Path, list[Path]]:
     """best.yaml, report.md and the plots in sweep.output_dir; returns (best.yaml, all files)."""
     out = Path(cfg.sweep.output_dir)
     best_path = write_best(out / "best.yaml", best)
     markdown = report_markdown(f"guidetune sweep {cfg.sweep.name}", racers, winner, margin, best, screen)
     files = [best_path, atomic_write(out / "report.md", markdown.encode()),
              atomic_write(out / "curves.png", curves_png(screen, winner.candidate))]
-    if proxy is not None:
+    if proxy.records:
         e_name, d_name = EVENNESS_SIGNAL[cfg.proxy.evenness], DIVERGENCE_SIGNAL[cfg.proxy.reference]
         for kind in cfg.guidance.kinds:
             weight = KINDS[kind].weights[-1]
-            rows = [(getattr(c, weight), r.signals[e_name], r.signals[d_name]) for c, r in proxy.records()
+            rows = [(getattr(c, weight), r.signals[e_name], r.signals[d_name]) for c, r in proxy.records
                     if c.kind == kind]
             if rows:
                 files.append(atomic_write(out / f"proxy_signals_{kind}.png", signals_vs_weight_png(weight, rows)))
@@ -267,7 +267,8 @@ def run(cfg: SweepConfig, evaluator: FidEvaluator, reference: Reference) -> Path
 
 
 class Sweep:
-    """The stages of one sweep over one pool of actors: proxy -> refine -> confirm -> outputs."""
+    """The stages of one sweep over one pool of actors, each built from the last one's result: proxy -> screen ->
+    refine -> race; then the outputs."""
 
     def __init__(self, cfg: SweepConfig, evaluator: FidEvaluator, reference: Reference, tracker: Tracker,
                  studies: dict):
@@ -282,36 +283,62 @@ class Sweep:
 
     def run(self) -> Path:
         cfg = self.cfg
-        studies = self.studies
-        studies["proxy"].set_user_attr(SETTINGS_ATTR, resume_settings(cfg))
-        kinds = list(cfg.guidance.kinds)
+        self.studies["proxy"].set_user_attr(SETTINGS_ATTR, resume_settings(cfg))
         pool = RayPool(cfg, self.reference)
+        results: list[Any] = []
         try:
-            proxy = None
-            if cfg.search.n_trials > 0:
-                proxy = ProxyStage(studies["proxy"], kinds, cfg.search, cfg.proxy, cfg.seed, self.tracker)
-                proxy.run(pool)
-            screen = self._screen(kinds, proxy).run(pool)
-            starts = self._starts(screen)
-            for name in starts:
-                studies[f"refine/{name}"] = open_study(cfg.storage, study_name(cfg.sweep.name, f"refine/{name}"))
-            refine = RefineStage({name: studies[f"refine/{name}"] for name in starts}, starts, cfg.refine, cfg.search,
-                                 cfg.seed, self.tracker, self.bank, self.scorer)
-            refine.run(pool)
-            racers = [Racer(c, REFINED, refine_fid=rec.value, refine_smoothed=smoothed)
-                      for c, rec, smoothed in refine.finalists(cfg.confirm.finalists, cfg.confirm.decimals,
-                                                                cfg.confirm.separation)]
-            default = default_candidate(cfg.backbone)
-            if all(r.candidate.key(cfg.confirm.decimals) != default.key(cfg.confirm.decimals) for r in racers):
-                racers.append(Racer(default, DEFAULT))
-            race = RaceStage(studies["confirm"], racers, cfg.confirm, self.tracker, self.bank, self.scorer)
-            winner, margin = race.run(pool)
+            for stage in (self._proxy, self._screen, self._refine, self._race):  # each built from the last result
+                results.append(stage(results[-1] if results else None).run(pool))
         finally:
             pool.close()
+        proxy, screen, _, race = results
+        return self._outputs(proxy, screen, race)
+
+    def _proxy(self, _: None) -> ProxyStage:
+        cfg = self.cfg
+        return ProxyStage(self.studies["proxy"], list(cfg.guidance.kinds), cfg.search, cfg.proxy, cfg.seed,
+                          self.tracker, cfg.confirm.decimals)
+
+    def _screen(self, proxy: ProxyResult) -> ScreenStage:
+        """The global stage over [refine.min_weight, search.max_weight]; the proxy's pick of each kind is one more
+        point on its curves."""
+        cfg = self.cfg
+        floor, cap = cfg.refine.min_weight, cfg.search.max_weight
+        return ScreenStage(self.studies["screen"], curves_of(list(cfg.guidance.kinds), cfg.search.windows,
+                                                             cfg.screen.shares, cfg.search.interval_choices()),
+                           totals(cfg.screen.points, floor, cap), [c for c in proxy.picks if floor <= total(c) <= cap],
+                           cfg.screen, cfg.refine.lengthscale, gap_name(cfg.proxy.evenness, cfg.proxy.reference),
+                           self.tracker, self.bank, self.scorer)
+
+    def _refine(self, screen: ScreenResult) -> RefineStage:
+        """A trust region per basin the screen kept, each with its study refine/<kind>-<i>."""
+        cfg = self.cfg
+        starts = self._starts(screen)
+        for name in starts:
+            self.studies[f"refine/{name}"] = open_study(cfg.storage, study_name(cfg.sweep.name, f"refine/{name}"))
+        return RefineStage({name: self.studies[f"refine/{name}"] for name in starts}, starts, cfg.refine, cfg.search,
+                           cfg.seed, self.tracker, self.bank, self.scorer)
+
+    def _race(self, refine: RefineResult) -> RaceStage:
+        """The refinement's finalists and the backbone's published CFG (unless it is one of them)."""
+        cfg = self.cfg
+        racers = [Racer(c, REFINED, refine_fid=rec.value, refine_smoothed=smoothed)
+                  for c, rec, smoothed in refine.finalists(cfg.confirm.finalists, cfg.confirm.decimals,
+                                                           cfg.confirm.separation)]
+        default = default_candidate(cfg.backbone)
+        if all(r.candidate.key(cfg.confirm.decimals) != default.key(cfg.confirm.decimals) for r in racers):
+            racers.append(Racer(default, DEFAULT))
+        return RaceStage(self.studies["confirm"], racers, cfg.confirm, self.tracker, self.bank, self.scorer)
+
+    def _outputs(self, proxy: ProxyResult, screen: ScreenResult, race: RaceResult) -> Path:
+        """best.yaml, report.md and the plots, then the parent run's summary in MLflow; the path of best.yaml."""
+        cfg, kinds = self.cfg, list(self.cfg.guidance.kinds)
+        winner, margin, racers = race.winner, race.margin, race.racers
         records = {stage: [record_of(t) for t in s.get_trials(deepcopy=False) if counts_toward_budget(t)]
-                   for stage, s in studies.items()}
+                   for stage, s in self.studies.items()}
         cost = costs({"proxy": records["proxy"], "screen": records["screen"],
-                      "refine": [r for name in starts for r in records[f"refine/{name}"] if r.stage == "refine"],
+                      "refine": [r for stage, rs in records.items() if stage.startswith("refine/") for r in rs
+                                 if r.stage == "refine"],
                       "confirm": records["confirm"]})
         versus = self._versus(racers, screen) if {"cfg", "igg"} <= set(kinds) else None
         best = answer(cfg, winner, margin, racers, screened_ranges(kinds, cfg), cost, screen, versus)
@@ -333,18 +360,6 @@ class Sweep:
         self.tracker.log_summary(metrics, tags, files, {RACE_TABLE: race_table(racers, winner),
                                                         SCREEN_TABLE: screen_table(screen)})
         return best_path
-
-    def _screen(self, kinds: list[str], proxy: ProxyStage | None) -> ScreenStage:
-        """The global stage over [refine.min_weight, search.max_weight]; the proxy's pick of each kind is one more
-        point on its curves."""
-        cfg = self.cfg
-        floor, cap = cfg.refine.min_weight, cfg.search.max_weight
-        picks = [c for k in kinds for c, _ in (proxy.best(k, 1, cfg.confirm.decimals) if proxy else [])]
-        return ScreenStage(self.studies["screen"],
-                           curves_of(kinds, cfg.search.windows, cfg.screen.shares, cfg.search.interval_choices()),
-                           totals(cfg.screen.points, floor, cap), [c for c in picks if floor <= total(c) <= cap],
-                           cfg.screen, cfg.refine.lengthscale, gap_name(cfg.proxy.evenness, cfg.proxy.reference),
-                           self.tracker, self.bank, self.scorer)
 
     def _starts(self, screen: ScreenResult) -> dict[str, Start]:
         """A trust region per refined basin (<kind>-<i>), its half-width the screen's spacing, seeded with the

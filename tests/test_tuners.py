@@ -387,7 +387,7 @@ def refine_history(stage: RefineStage) -> dict[str, list]:
 def test_refinement_leaves_the_starting_range_for_the_optimum(tmp_path, scorer):
     stage = refine_stage(tmp_path, scorer)
     pool = StubPool()
-    stage.run(pool)
+    result = stage.run(pool)
     assert all(j.fid and j.num_images == REFINE.num_images for j in pool.seen)
     best_cfg = stage.regions["cfg-0"].best[0]
     best_igg = stage.regions["igg-0"].best[0]
@@ -395,7 +395,7 @@ def test_refinement_leaves_the_starting_range_for_the_optimum(tmp_path, scorer):
     assert abs(strength(best_igg) - W_STAR) < 3.0
     assert "grew" in stage.history()["cfg-0"]
     assert all(len(s.counted()) == REFINE.n_trials for s in stage.regions.values())
-    finalists = stage.finalists(3, 2, 0.0)
+    finalists = result.finalists(3, 2, 0.0)
     assert {c.kind for c, _, _ in finalists[:2]} == {"cfg", "igg"} and len(finalists) == 3
     assert finalists[0][2] <= finalists[1][2]  # each kind's best by smoothed FID, best kind first
     assert {c for c, _, _ in finalists[:2]} == {best_cfg, best_igg}
@@ -405,9 +405,9 @@ def test_refinement_leaves_the_starting_range_for_the_optimum(tmp_path, scorer):
 
 def test_finalists_skip_near_neighbours_of_a_chosen_one(tmp_path, scorer):
     stage = refine_stage(tmp_path, scorer)
-    stage.run(StubPool())
-    every = stage.finalists(16, 2, 0.0)
-    apart = stage.finalists(16, 2, 0.3)
+    result = stage.run(StubPool())
+    every = result.finalists(16, 2, 0.0)
+    apart = result.finalists(16, 2, 0.3)
     assert apart[0] == every[0] and len(apart) < len(every)
 
     def u(c: Candidate) -> list[float]:
@@ -461,7 +461,8 @@ def test_race_extends_images_eliminates_the_worse_and_measures_the_margin(tmp_pa
         b.put(job, {"features": features(job)})
     racers = [Racer(near, REFINED), Racer(other, REFINED), Racer(far, DEFAULT)]
     pool = StubPool()
-    winner, margin = race_stage(tmp_path, scorer, racers).run(pool)
+    race = race_stage(tmp_path, scorer, racers).run(pool)
+    winner, margin = race.winner, race.margin
     assert winner.candidate == near
     assert pool.seen[0].candidate == far  # the longest job of a rung goes first (the others extend their images)
     starts = {(j.candidate, j.num_images): j.start for j in pool.seen}
@@ -475,8 +476,8 @@ def test_race_extends_images_eliminates_the_worse_and_measures_the_margin(tmp_pa
     whole = {"features": torch.from_numpy(features(Job(near, 64, b.seed_of(near), fid=True)))}
     assert s["fid"] == pytest.approx(scorer.fid(whole)["fid"], rel=1e-9)
     again = StubPool()
-    winner2, _ = race_stage(tmp_path, scorer, [Racer(near, REFINED), Racer(other, REFINED), Racer(far, DEFAULT)]
-                            ).run(again)
+    winner2 = race_stage(tmp_path, scorer, [Racer(near, REFINED), Racer(other, REFINED), Racer(far, DEFAULT)]
+                         ).run(again).winner
     assert again.seen == [] and winner2.scores == winner.scores  # resumed from the ledger: nothing redone
 
 
@@ -488,7 +489,8 @@ def test_a_race_left_with_one_finalist_is_decided(tmp_path, scorer, stop):
     race = RaceStage(study, [Racer(best, REFINED), Racer(worse, DEFAULT)], confirm, Recorder(), bank(tmp_path),
                      scorer)
     pool = StubPool()
-    winner, margin = race.run(pool)
+    result = race.run(pool)
+    winner, margin = result.winner, result.margin
     assert winner.candidate == best and margin is not None and margin.separated and margin.num_images == 32
     if stop:  # the default left at the first rung: nothing more is sampled, the winner's FID is at N=32
         assert race.decided_at == 32 and winner.reached == 32 and max(j.num_images for j in pool.seen) == 32
@@ -543,7 +545,8 @@ def test_a_stale_confirm_job_is_redone(tmp_path, scorer):
     pool = StubPool()
     race = RaceStage(study, [Racer(c, REFINED)], ConfirmConfig(**{**CONFIRM.__dict__, "rungs": [32]}),
                      Recorder(), bank(tmp_path), scorer)
-    winner, margin = race.run(pool)
+    result = race.run(pool)
+    winner, margin = result.winner, result.margin
     assert study.trials[0].state == TrialState.FAIL and RECORD not in study.trials[0].user_attrs
     assert len(pool.seen) == 1 and margin is None and math.isfinite(winner.fid)
 
@@ -659,11 +662,11 @@ def test_a_region_starts_from_the_screened_points_without_drawing_them_again(tmp
     start = Start("cfg", basin.point.candidate, result.spacing, seeds)
     stage = refine_stage(tmp_path, scorer, kinds=("cfg",), name="screen", refine=refine, starts={"cfg-0": start})
     pool = StubPool(evaluate=humped)
-    stage.run(pool)
+    refined = stage.run(pool)
     search = stage.regions["cfg-0"]
     told = search.counted()
     assert len(told) == len(seeds) + refine.n_trials and len(pool.seen) == refine.n_trials
     assert [record_of(t).stage for t in told[: len(seeds)]] == ["screen"] * len(seeds)
     assert all(record_of(t).images == 0 for t in told[: len(seeds)])  # their images count in the screen's cost
     assert {from_params(t.params) for t in told[: len(seeds)]} == {Candidate(**r.candidate) for r in seeds}
-    assert abs(math.log1p(stage.finalists(1, 2, 0.0)[0][0].w_cfg) - U_B) <= result.spacing
+    assert abs(math.log1p(refined.finalists(1, 2, 0.0)[0][0].w_cfg) - U_B) <= result.spacing

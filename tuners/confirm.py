@@ -71,6 +71,16 @@ class Margin:
 
 
 @dataclass
+class RaceResult:
+    """The race's answer: the winner, its margin over the runner-up (None when nothing else was scored), and every
+    finalist with its scores and how it left."""
+
+    winner: Racer
+    margin: Margin | None
+    racers: list[Racer]
+
+
+@dataclass
 class RaceStage:
     """The race of one sweep. Call :meth:`run`; it returns the winner and its margin over the runner-up."""
 
@@ -90,7 +100,7 @@ class RaceStage:
     def _finish(self, last: bool):
         return lambda job, done: scored_record("confirm", job, done, self.bank, self.scorer, all_metrics=last)
 
-    def run(self, pool: Pool) -> tuple[Racer, Margin | None]:
+    def run(self, pool: Pool) -> RaceResult:
         alive = list(self.racers)
         rungs = self.confirm.rungs
         for r, n in enumerate(rungs):
@@ -122,7 +132,7 @@ class RaceStage:
                 racer.left = f"cut at N={n} by the cost cap (not separated)"
             alive = alive[:cap]
         winner = min(alive, key=lambda x: x.fid)
-        return winner, self._margin(winner)
+        return RaceResult(winner, self._margin(winner), self.racers)
 
     def _eliminate(self, alive: list[Racer], n: int) -> list[Racer]:
         best = min(alive, key=lambda x: x.scores[n]["fid"])

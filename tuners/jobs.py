@@ -1,14 +1,14 @@
 """What the driver sends to a worker, what comes back, and the two interfaces the stages are written against.
 
 A worker (a Ray actor in production, see pipeline/distributed.py) turns a `Job` into an `Evaluation`: numbers and PNG
-bytes only. The stages in tuners/proxy.py and tuners/confirm.py talk to workers through a `Pool` and report every
-trial to an `Observer` (MLflow in production); neither knows about Ray or MLflow.
+bytes only. Every `Stage` (proxy, screen, refine, race) talks to workers through a `Pool`, runs its jobs as `Steps`
+of the driver loop and reports every trial to an `Observer` (MLflow in production); none knows about Ray or MLflow.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -18,6 +18,7 @@ SIGNALS = ("token_evenness", "vocab_evenness", "div_uncond", "div_cond")
 CLIP_LAYER = "clip_score"  # the per-image CLIP score among an FID job's features (text-to-image, confirm.clip_weights)
 EVENNESS_SIGNAL = {"vocab": "vocab_evenness", "tokens": "token_evenness"}
 DIVERGENCE_SIGNAL = {"uncond": "div_uncond", "cond": "div_cond"}
+R_co = TypeVar("R_co", covariant=True)
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,27 @@ class Pool(Protocol):
     def submit(self, tag: int, job: Job) -> None: ...
 
     def wait(self) -> Done: ...
+
+
+class Steps(Protocol):
+    """The jobs of a stage as the driver loop (:func:`tuners.driver.drive`) runs them: its counters are the
+    object's fields, never closures."""
+
+    def next_job(self) -> tuple[int, Job] | None:
+        """The next (tag, job) to submit, or None when there is nothing to submit now."""
+        ...
+
+    def on_done(self, done: Done) -> None:
+        """Take one finished job (in completion order)."""
+        ...
+
+
+class Stage(Protocol[R_co]):
+    """One stage of a sweep (proxy, screen, refine, race): built from the previous stage's result, its state in the
+    Optuna storage (a resumed sweep rebuilds it), and its own typed result, the next stage's input."""
+
+    def run(self, pool: Pool) -> R_co:
+        ...
 
 
 class Observer(Protocol):

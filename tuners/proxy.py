@@ -11,7 +11,7 @@ and the budget are the stage's state, stored on the study (user attr ``state``),
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import optuna
 import torch
@@ -49,8 +49,16 @@ class ProxyState:
 
 
 @dataclass
+class ProxyResult:
+    """What the proxy found: its lowest-gap candidate of each kind, and every trial (for the signal plots)."""
+
+    picks: list[Candidate]
+    records: list[tuple[Candidate, TrialRecord]]
+
+
+@dataclass
 class ProxyStage:
-    """The proxy search of one sweep. Call :meth:`run`; then :meth:`best` per kind for the FID stage."""
+    """The proxy search of one sweep (none with ``search.n_trials=0``). Call :meth:`run`."""
 
     study: optuna.Study
     kinds: list[str]
@@ -59,10 +67,14 @@ class ProxyStage:
     seed: int
     observer: Observer
 
+    decimals: int = 6  # candidates equal after rounding their weights are one (the picks are distinct)
+
     def __post_init__(self) -> None:
         self.ranges = Ranges.start(self.kinds, self.search)
         self.objective = gap_name(self.proxy.evenness, self.proxy.reference)
         stored = self.study.user_attrs.get(STATE)
+        if self.search.n_trials == 0:
+            return
         if stored is not None:
             self.state = ProxyState(**stored)
             self.ranges.spans = self.state.spans
@@ -90,71 +102,32 @@ class ProxyStage:
                 chosen[c.key(decimals)] = (c, float(rec.value))  # type: ignore[arg-type]
         return list(chosen.values())
 
-    def run(self, pool: Pool) -> None:
+    def run(self, pool: Pool) -> ProxyResult:
         """Run trials until the budget is told; grow the ranges of kinds whose best sits at an edge, and go on."""
-        while True:
+        while self.search.n_trials > 0:
             self._run_budget(pool)
-            if self.state.grows >= self.search.max_grows or self.search.n_trials == 0:
-                return
+            if self.state.grows >= self.search.max_grows:
+                break
             grown = [kind for kind in self.kinds if (best := self.best(kind, 1, 6)) and self.ranges.widen(best[0][0])]
             if not grown:
-                return
+                break
             self.state.grows += 1
             self.state.budget += max(1, self.search.n_trials // 2)
             self._save()
+        return ProxyResult([c for k in self.kinds for c, _ in self.best(k, 1, self.decimals)], self.records())
 
     def _run_budget(self, pool: Pool) -> None:
-        """Ask and tell until `state.budget` trials are told; reproducible for a seed and a number of workers W.
-
-        Trial i (the i-th to use budget) is asked by a sampler seeded with (seed, i) when exactly trials 0..i-W are
-        told and i-W+1..i-1 run (constant liar sees those); results are told in index order, so the search does not
-        depend on which worker finishes first. Trials a dead driver left running are failed and asked again first.
-        """
+        """Ask and tell until `state.budget` trials are told (:class:`Budget`). Trials a dead driver left running
+        are failed and asked again first."""
         for params in fail_stale(self.study):
             self.study.enqueue_trial(params)
         told = sum(counts_toward_budget(t) for t in self.study.get_trials(deepcopy=False))
-        asked = told
-        budget = self.state.budget
-        lag = pool.idle() + pool.pending()
-        running: dict[int, tuple[int, optuna.Trial, Job]] = {}
-        arrived: dict[int, tuple[optuna.Trial, Job, Done]] = {}
+        steps = Budget(self, self.state.budget, pool.idle() + pool.pending(), told)
+        drive(pool, steps, desc="proxy", total=max(steps.budget - told, 0))
+        steps.flush(steps.budget)
 
-        def flush(upto: int) -> None:
-            nonlocal told
-            while told < upto and told in arrived:
-                self._tell(*arrived.pop(told))
-                told += 1
-
-        def next_job() -> tuple[int, Job] | None:
-            nonlocal asked
-            if asked >= budget:
-                flush(budget)
-                return None
-            flush(asked - lag + 1)
-            if told < asked - lag + 1:
-                return None  # the result of trial asked-W is not in yet
-            self.study.sampler = make_sampler(self.search.sampler, derive_seed(self.seed, asked),
-                                              self.search.n_startup_trials)
-            trial = self.study.ask()
-            kind = trial.suggest_categorical("kind", list(self.kinds))
-            box = {w: tuple(span) for w, span in self.ranges.spans[kind].items()}
-            job = Job(suggest(trial, kind, box, self.search.windows, intervals=self.search.interval_choices()),
-                      self.proxy.num_images, self.seed)
-            running[trial.number] = (asked, trial, job)
-            asked += 1
-            self.observer.started("proxy", trial.number, job)
-            return trial.number, job
-
-        def on_done(done: Done) -> None:
-            index, trial, job = running.pop(done.tag)
-            arrived[index] = (trial, job, done)
-            if asked >= budget:
-                flush(budget)
-
-        drive(pool, next_job, on_done, desc="proxy", total=max(budget - told, 0))
-        flush(budget)
-
-    def _tell(self, trial: optuna.Trial, job: Job, done: Done) -> None:
+    def finish(self, trial: optuna.Trial, job: Job, done: Done) -> None:
+        """Tell one finished trial: its gap (or why it failed), to the observer first, then to Optuna."""
         reason = reason_of(done)
         signals = done.evaluation.signals if done.evaluation is not None else {}
         gaps = gaps_of(signals) if reason is None else {}
@@ -169,3 +142,55 @@ class ProxyStage:
             selected = {"E": signals[e_name], "D": signals[d_name], "gap": gaps[self.objective]}
             self.observer.finished("proxy", trial.number, job, done, {**selected, **gaps})
         tell(self.study, trial, record)
+
+
+@dataclass
+class Budget:
+    """One budget of proxy trials as driver steps, reproducible for a seed and a number of workers W (`lag`).
+
+    Trial i (the i-th to use budget) is asked by a sampler seeded with (seed, i) when exactly trials 0..i-W are
+    told and i-W+1..i-1 run (constant liar sees those); results are told in index order, so the search does not
+    depend on which worker finishes first.
+    """
+
+    stage: ProxyStage
+    budget: int  # trials told when it is spent
+    lag: int  # W: the workers
+    told: int  # trials told so far (this budget's and before)
+    asked: int = field(init=False)
+    running: dict[int, tuple[int, optuna.Trial, Job]] = field(default_factory=dict)  # tag -> (index, trial, job)
+    arrived: dict[int, tuple[optuna.Trial, Job, Done]] = field(default_factory=dict)  # index -> finished, not told
+
+    def __post_init__(self) -> None:
+        self.asked = self.told
+
+    def flush(self, upto: int) -> None:
+        """Tell the arrived trials in index order, up to index `upto` (excluded)."""
+        while self.told < upto and self.told in self.arrived:
+            self.stage.finish(*self.arrived.pop(self.told))
+            self.told += 1
+
+    def next_job(self) -> tuple[int, Job] | None:
+        if self.asked >= self.budget:
+            self.flush(self.budget)
+            return None
+        self.flush(self.asked - self.lag + 1)
+        if self.told < self.asked - self.lag + 1:
+            return None  # the result of trial asked-W is not in yet
+        st = self.stage
+        st.study.sampler = make_sampler(st.search.sampler, derive_seed(st.seed, self.asked), st.search.n_startup_trials)
+        trial = st.study.ask()
+        kind = trial.suggest_categorical("kind", list(st.kinds))
+        box = {w: tuple(span) for w, span in st.ranges.spans[kind].items()}
+        job = Job(suggest(trial, kind, box, st.search.windows, intervals=st.search.interval_choices()),
+                  st.proxy.num_images, st.seed)
+        self.running[trial.number] = (self.asked, trial, job)
+        self.asked += 1
+        st.observer.started("proxy", trial.number, job)
+        return trial.number, job
+
+    def on_done(self, done: Done) -> None:
+        index, trial, job = self.running.pop(done.tag)
+        self.arrived[index] = (trial, job, done)
+        if self.asked >= self.budget:
+            self.flush(self.budget)

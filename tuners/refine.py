@@ -116,7 +116,7 @@ class RefineStage:
                              self.refine.min_weight)
             self.regions[name] = RegionSearch(name, start, KINDS[start.kind].seed + 1000 * i, study, initial)
 
-    def run(self, pool: Pool) -> None:
+    def run(self, pool: Pool) -> RefineResult:
         """Rounds until every region has asked refine.n_trials trials (resumed trials included)."""
         self.per_round = per_round = pool.idle() + pool.pending()
         intervals = self.search.interval_choices()
@@ -133,7 +133,7 @@ class RefineStage:
             todo = [(s, i) for s in self.regions.values()
                     for i in range(s.asked(), min(self.refine.n_trials, s.asked() + per_round))]
             if not todo:
-                return
+                return self.result()
             for search in self.regions.values():
                 probe = search.region.probe()
                 waiting = search.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
@@ -189,31 +189,20 @@ class RefineStage:
                                  shrink=self.refine.shrink)
 
     def _round(self, pool: Pool, todo: list[tuple[RegionSearch, int]]) -> None:
-        running: dict[int, tuple[RegionSearch, optuna.Trial, Job]] = {}
-        queue = list(enumerate(todo))
+        drive(pool, Round(self, list(enumerate(todo))), desc="refine", total=len(todo))
 
-        def next_job() -> tuple[int, Job] | None:
-            if not queue:
-                return None
-            tag, (search, index) = queue.pop(0)
-            search.study.sampler = make_sampler(self.refine.sampler,
-                                                derive_seed(derive_seed(self.seed, search.stream), index),
-                                                self.refine.n_startup_trials)
-            trial = search.study.ask()
-            with warnings.catch_warnings():  # an enqueued warm start or pattern step may lie outside the box
-                warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range", category=UserWarning)
-                candidate = suggest(trial, search.kind, search.region.box(), self.search.windows, log=True,
-                                    intervals=self.search.interval_choices())
-            job = Job(candidate, self.refine.num_images, self.bank.seed_of(candidate), fid=True)
-            running[tag] = (search, trial, job)
-            self.observer.started(f"refine/{search.name}", trial.number, job)
-            return tag, job
-
-        def on_done(done: Done) -> None:
-            search, trial, job = running.pop(done.tag)
-            search.pending.append((trial, job, done))
-
-        drive(pool, next_job, on_done, desc="refine", total=len(todo))
+    def ask(self, search: RegionSearch, index: int) -> tuple[optuna.Trial, Job]:
+        """Ask trial `index` of a region (its sampler seeded with the region's stream and `index`): its FID job."""
+        search.study.sampler = make_sampler(self.refine.sampler, derive_seed(derive_seed(self.seed, search.stream),
+                                                                             index), self.refine.n_startup_trials)
+        trial = search.study.ask()
+        with warnings.catch_warnings():  # an enqueued centre or pattern step may lie outside the box
+            warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range", category=UserWarning)
+            candidate = suggest(trial, search.kind, search.region.box(), self.search.windows, log=True,
+                                intervals=self.search.interval_choices())
+        job = Job(candidate, self.refine.num_images, self.bank.seed_of(candidate), fid=True)
+        self.observer.started(f"refine/{search.name}", trial.number, job)
+        return trial, job
 
     def _close_round(self, search: RegionSearch) -> None:
         """Tell the round's results of one kind in ask order."""
@@ -234,15 +223,54 @@ class RefineStage:
             self.observer.finished(stage, trial.number, job, done, record.metrics)
         tell(search.study, trial, record)
 
+    def history(self) -> dict[str, list[str]]:
+        """Per region, what each round did to it (grew, kept, shrank)."""
+        return {k: list(s.region.history) for k, s in self.regions.items()}
+
+    def result(self) -> RefineResult:
+        """Every told trial of every region with its smoothed FID, lowest first."""
+        scored = sorted(((from_params(t.params), record_of(t), value) for s in self.regions.values()
+                         for t, value in self.smoothed(s.counted())), key=lambda crv: crv[2])
+        return RefineResult(scored, list(dict.fromkeys(s.kind for s in self.regions.values())), self.history())
+
+
+@dataclass
+class Round:
+    """One round of the refinement as driver steps: the (region, index) trials to ask, in order; each finished job
+    waits in its region until the round is told (in ask order)."""
+
+    stage: RefineStage
+    queue: list[tuple[int, tuple[RegionSearch, int]]]  # (tag, (region, trial index)) still to ask
+    running: dict[int, tuple[RegionSearch, optuna.Trial, Job]] = field(default_factory=dict)
+
+    def next_job(self) -> tuple[int, Job] | None:
+        if not self.queue:
+            return None
+        tag, (search, index) = self.queue.pop(0)
+        trial, job = self.stage.ask(search, index)
+        self.running[tag] = (search, trial, job)
+        return tag, job
+
+    def on_done(self, done: Done) -> None:
+        search, trial, job = self.running.pop(done.tag)
+        search.pending.append((trial, job, done))
+
+
+@dataclass
+class RefineResult:
+    """The refinement's trials, each with its smoothed FID (lowest first), the kinds refined, what the regions did."""
+
+    scored: list[tuple[Candidate, TrialRecord, float]]
+    kinds: list[str]
+    history: dict[str, list[str]]
+
     def finalists(self, count: int, decimals: int, separation: float) -> list[tuple[Candidate, TrialRecord, float]]:
         """Up to `count` distinct candidates by smoothed FID: each kind's best (best kind first), then the next
         lowest over all kinds, skipping any within `separation` (Euclidean, in log(1 + w)) of a chosen one of the
         same kind and window: the smoothed FID of such a neighbour is nearly the chosen one's, so racing it would
         spend a finalist on one point twice. Each comes with its trial record and its smoothed FID."""
-        scored = sorted(((from_params(t.params), record_of(t), value) for s in self.regions.values()
-                         for t, value in self.smoothed(s.counted())), key=lambda crv: crv[2])
-        kinds = dict.fromkeys(s.kind for s in self.regions.values())
-        heads = [next(crv for crv in scored if crv[0].kind == k) for k in kinds
+        scored = self.scored
+        heads = [next(crv for crv in scored if crv[0].kind == k) for k in self.kinds
                  if any(crv[0].kind == k for crv in scored)]
 
         def near(a: Candidate, b: Candidate) -> bool:
@@ -258,6 +286,3 @@ class RefineStage:
                 chosen.append(crv)
         return chosen
 
-    def history(self) -> dict[str, list[str]]:
-        """Per region, what each round did to it (grew, kept, shrank)."""
-        return {k: list(s.region.history) for k, s in self.regions.items()}

@@ -137,6 +137,6 @@ class Ledger:
 
     def run(self, pool: Pool) -> dict[str, TrialRecord]:
         """Evaluate the jobs not yet COMPLETE; return the record of every job that has one (key -> record)."""
-        drive(pool, self.next_job, self.on_done, desc=self.stage, total=len(self.todo))
+        drive(pool, self, desc=self.stage, total=len(self.todo))
         finished = self.completed()
         return {key: finished[key] for key in self.jobs if key in finished}
