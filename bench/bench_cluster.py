@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="guidetune-cluster-"))
     atexit.register(shutil.rmtree, work, True)
     from pipeline.config import load_config
-    from pipeline.sweep import fid_reference
+    from pipeline.preflight import fid_reference
 
     fid_reference(load_config(sweep_args(work / "root", "local", args.overrides)))  # cached for all three
     load_before = os.getloadavg()[0]

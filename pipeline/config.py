@@ -8,14 +8,11 @@ with command-line overrides, checks every value, and returns a typed `SweepConfi
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import functools
 import itertools
 import os
 import tempfile
 import textwrap
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,7 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.files import sqlite_path
 from pipeline.guidance import KINDS, SCHEDULES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -398,32 +396,6 @@ def _writable_root(key: str, folder: Path) -> None:
             f"{key}: {folder} is not writable ({type(err).__name__}: {probe}); choose a writable folder, "
             "e.g. root=/tmp/guidetune"
         ) from None
-
-
-def sqlite_path(url: str) -> Path | None:
-    """The file of a `sqlite:///path` URL, or None for other stores."""
-    prefix = "sqlite:///"
-    return Path(url[len(prefix) :]) if url.startswith(prefix) else None
-
-
-@contextmanager
-def store_lock(url: str) -> Iterator[None]:
-    """Serialise opening a SQLite store across processes (an exclusive flock on ``<db>.lock``).
-
-    Two drivers that create the same fresh SQLite file at once both run its schema migrations and one crashes;
-    holding this lock while a store is opened (and created) prevents it. Other stores need no lock.
-    """
-    db = sqlite_path(url)
-    if db is None:
-        yield
-        return
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.parent / f"{db.name}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def validate(cfg: SweepConfig) -> None:

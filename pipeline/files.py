@@ -1,12 +1,15 @@
-"""Crash-safe file writes: a reader (or a run killed mid-write) sees the old file or the new one, never a half."""
+"""Crash-safe file writes (a reader, or a run killed mid-write, sees the old file or the new one, never a half) and the
+cross-process lock that guards creating a SQLite store."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pickle
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -56,3 +59,29 @@ def load_weights(path: str | Path, *, what: str, fix: str) -> object:
         found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n|$)", str(e))
         reason = found.group(1) if found else type(e).__name__
         raise ValueError(f"{what} {path}: torch.load(weights_only=True) refused it ({reason}); {fix}") from None
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a `sqlite:///path` URL, or None for other stores."""
+    prefix = "sqlite:///"
+    return Path(url[len(prefix) :]) if url.startswith(prefix) else None
+
+
+@contextmanager
+def store_lock(url: str) -> Iterator[None]:
+    """Serialise opening a SQLite store across processes (an exclusive flock on ``<db>.lock``).
+
+    Two drivers that create the same fresh SQLite file at once both run its schema migrations and one crashes;
+    holding this lock while a store is opened (and created) prevents it. Other stores need no lock.
+    """
+    db = sqlite_path(url)
+    if db is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.parent / f"{db.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -34,8 +34,8 @@ from mlflow.entities import Metric, RunTag
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.config import ConfigError, compose_config, store_lock
-from pipeline.files import atomic_write
+from pipeline.config import ConfigError, compose_config
+from pipeline.files import atomic_write, store_lock
 from pipeline.guidance import KINDS
 from pipeline.report import read_best
 from pipeline.tracking import ROLE_TAG, artifact_root

@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking.context.registry import resolve_tags
 
-from pipeline.config import sqlite_path, store_lock
+from pipeline.files import sqlite_path, store_lock
 from tuners.jobs import Done, Job
 
 SWEEP_TAG = "guidetune.sweep"

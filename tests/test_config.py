@@ -36,7 +36,8 @@ from pipeline.config import (
     load_config,
     to_schema,
 )
-from pipeline.sweep import SETTINGS_ATTR, main, resume_settings
+from pipeline.preflight import SETTINGS_ATTR, resume_settings
+from pipeline.sweep import main
 from tuners.studies import study_name
 
 REPO = Path(__file__).resolve().parent.parent

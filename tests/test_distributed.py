@@ -29,8 +29,8 @@ from pipeline.distributed import (
 )
 from pipeline.fid import FidEvaluator
 from pipeline.metrics import trial_mean
+from pipeline.preflight import fid_reference
 from pipeline.sampling import sample, spread_labels
-from pipeline.sweep import fid_reference
 from tuners.jobs import SIGNALS, Job
 from tuners.samplers import derive_seed
 from tuners.space import Candidate

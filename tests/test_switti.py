@@ -385,8 +385,8 @@ def test_the_sweep_worker_runs_proxy_and_fid_jobs_on_switti(tmp_path):
     from pipeline.clip_score import ClipScorer
     from pipeline.config import load_config
     from pipeline.distributed import Worker, worker_files
+    from pipeline.preflight import fid_reference
     from pipeline.sampling import Sampling, seeded_batches, sweep_conditions
-    from pipeline.sweep import fid_reference
     from tuners.jobs import Job
     from tuners.space import Candidate
 
