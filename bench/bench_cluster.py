@@ -42,7 +42,8 @@ from loopback import HEAD, enter, in_namespace, kill_all, start_nodes  # noqa: E
 
 SECTION = "A Ray cluster"
 WORKERS = 2
-BUDGET = ["search.n_trials=12", "refine.n_trials=2", "refine.num_images=128", "confirm.finalists=2",
+BUDGET = ["search.n_trials=12", "screen.points=4", "screen.rungs=[128]", "screen.regions=1", "refine.n_trials=2",
+          "refine.num_images=128", "confirm.finalists=2",
           "confirm.rungs=[192,256]", "confirm.reference_num_images=512", f"launcher.workers={WORKERS}"]
 CLUSTER = ["launcher=cluster", f"launcher.address={HEAD}", "launcher.cpus_per_worker=1"]
 SETUPS = {"local": ([], []), "1 node": ([2], CLUSTER), "2 nodes": ([1, 1], CLUSTER)}  # node CPUs, extra overrides

@@ -14,14 +14,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hydra import initialize_config_dir
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra._internal.utils import get_args_parser
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 
 from pipeline.config import ConfigError
+from pipeline.internals import hydra_args_parser, hydra_jobs
 
 # Hydra flags that would compose another config than conf/sweep.yaml, which the checks before Hydra do not see.
 OTHER_CONFIG_FLAGS = ("config_path", "config_name", "config_dir", "experimental_rerun")
@@ -31,7 +30,7 @@ HELP = "see `python -m pipeline.sweep --help`"
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Hydra's flags and overrides, parsed by Hydra's own parser; ConfigError for what Hydra would refuse."""
-    parser = get_args_parser()
+    parser = hydra_args_parser()
     parser.exit_on_error = False
     try:
         args, extra = parser.parse_known_args(list(argv))
@@ -80,7 +79,7 @@ def job_overrides(args: argparse.Namespace, config_dir: Path) -> list[list[str]]
                                   "list as key=[a,b]")
             return [list(args.overrides)]
         try:
-            [jobs] = BasicSweeper.split_arguments(overrides, max_batch_size=None)
+            jobs = hydra_jobs(overrides)
         except HydraException as err:
             raise ConfigError(f"{err}; sweep with key=a,b, range(...), choice(...) or glob(...)") from None
     return jobs

@@ -19,7 +19,6 @@ import socket
 import time
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -27,13 +26,13 @@ from urllib.parse import urlparse
 import numpy as np
 import ray
 import torch
-from ray._private import ray_constants
 from ray.exceptions import RayActorError, RayTaskError
 from torch import Tensor
 
 from pipeline.backbones.load import checkpoint_keys, load_backbone
 from pipeline.config import ConfigError, LauncherConfig, SweepConfig
 from pipeline.fid import FidEvaluator, Reference
+from pipeline.internals import ray_node_address, ray_single_node
 from pipeline.metrics import trial_mean
 from pipeline.report import heatmap_png, sample_grid_png
 from pipeline.sampling import Sampling, seeded_batches, sweep_conditions
@@ -225,17 +224,6 @@ def _probe(address: str, timeout_s: float) -> None:
         )
 
 
-@contextmanager
-def _single_node() -> Iterator[None]:
-    """Ray's multi-node switch (``ray_constants.ENABLE_RAY_CLUSTER``) off inside the block, restored after."""
-    before = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = before
-
-
 def connect(launcher: LauncherConfig) -> bool:
     """Join the cluster at launcher.address, or start a local Ray on loopback; True when this call started Ray.
 
@@ -250,12 +238,12 @@ def connect(launcher: LauncherConfig) -> bool:
         # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read at import); off for this call, every process of the local Ray
         # listens on 127.0.0.1 only. Clusters are unaffected: their nodes are started by `ray start`. address="local"
         # starts a Ray of its own even when another one runs on this machine (never joins it).
-        with _single_node():
+        with ray_single_node():
             ray.init(
                 address="local",
                 num_cpus=launcher.num_cpus or launcher.workers * launcher.cpus_per_worker,
                 object_store_memory=launcher.object_store_memory,
-                _node_ip_address=LOOPBACK,
+                **ray_node_address(LOOPBACK),
                 **quiet,
             )
         return True

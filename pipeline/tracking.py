@@ -18,9 +18,9 @@ from typing import Any
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
-from mlflow.tracking.context.registry import resolve_tags
 
 from pipeline.files import sqlite_path, store_lock
+from pipeline.internals import mlflow_source_tags
 from tuners.jobs import Done, Job
 
 SWEEP_TAG = "guidetune.sweep"
@@ -82,7 +82,7 @@ class Tracker:
             if found is not None and found.tags.get(KIND_TAG) != MODEL_DEVELOPMENT:
                 self.client.set_experiment_tag(self.experiment_id, KIND_TAG, MODEL_DEVELOPMENT)
         # what MLflow's fluent start_run sets: user, source name and type, git commit of the source
-        self.source_tags: dict[str, str] = resolve_tags({})
+        self.source_tags: dict[str, str] = mlflow_source_tags()
         self.parent_id = ""
         self.runs: dict[tuple[str, int], str] = {}
 

@@ -44,7 +44,7 @@ def cfg(tmp_path_factory):
     paths = write_micro_backbone(d / "ckpt")
     return load_config([
         *micro_overrides(paths, d / "root"), "proxy.batch_size=4", "confirm.batch_size=16",
-        "confirm.reference_num_images=40", "refine.num_images=32", "confirm.rungs=[48,64]",
+        "confirm.reference_num_images=40", "refine.num_images=32", "screen.rungs=[32]", "confirm.rungs=[48,64]",
         "sweep.grid_images=4", "sweep.grid_nrow=2", "sweep.heatmap_images=2",
         "launcher.workers=2", "launcher.max_retries=1"])
 
