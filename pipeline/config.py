@@ -144,7 +144,10 @@ class RefineConfig:
     from the basin's screened points. The region lives in log(1 + weight): its starting half-width is the screen's
     spacing, and edge and its steps are in those units; weights are sampled uniformly in log weight."""
 
-    n_trials: int = 4  # FID trials per region (in rounds of launcher.workers trials per region)
+    # FID trials per region (in rounds of launcher.workers trials per region). The screen already resolves a basin
+    # to its spacing, so a region needs few: at 4 a default sweep on `tiny` sampled 30,240 images (over the
+    # 30,000 budget) and its answer was a screened point all the same (docs/BENCHMARKS.md, Answer quality).
+    n_trials: int = 2
     num_images: int = 512  # images per trial; the same labels for every candidate
     # Every candidate samples the same labels; its sampler seeds are its own (independent FID noise, which the
     # smoothing averages out). true: the sweep's seeds for every candidate (common random numbers); on the embedded
