@@ -251,6 +251,13 @@ def screen_table(screen: ScreenResult) -> dict[str, list]:
     return columns
 
 
+def log_weight_axis(ax, cap: float) -> None:
+    """An x axis in u = log(1 + w), the screen's spacing, with ticks at readable weights up to `cap`."""
+    ax.set_xscale("function", functions=(lambda w: np.log1p(np.maximum(w, 0)), np.expm1))
+    ticks = [t for t in (0.25, 0.5, 1, 2, 3, 5, 8, 12, 20, 30, 50, 100) if t <= cap] + [cap]
+    ax.set_xticks(sorted(set(ticks)), [f"{t:g}" for t in sorted(set(ticks))])
+
+
 def curves_png(screen: ScreenResult, winner: Candidate) -> bytes:
     """Each curve's FID over the whole range (log(1 + w) axis) with its intervals: the first rung's points, the
     smoothed curve, the survivors at the last rung, the basins kept for refinement (rings) and the winner (star)."""
@@ -272,14 +279,14 @@ def curves_png(screen: ScreenResult, winner: Candidate) -> bytes:
             ax.errorbar([p.total for p in top], [p.scores[n]["fid"] for p in top],
                         yerr=[[p.scores[n]["fid"] - p.scores[n]["fid_low"] for p in top],
                               [p.scores[n]["fid_high"] - p.scores[n]["fid"] for p in top]],
-                        fmt="s", color=colour, capsize=2, ms=5, label=f"N={n}")
+                        fmt="s", color=colour, capsize=2, ms=5, label=f"{curve.kind}: the best, N={n}")
         for b in screen.refined:
             if b.point.curve == curve:
                 ax.plot([b.point.total], [b.point.scores[n]["fid"]], "o", ms=14, mfc="none", color=colour)
     ax.axvline(sum(winner.weights().values()), color="k", ls=":", lw=1)
     ax.plot([], [], "o", ms=10, mfc="none", color="grey", label="basin refined")
     ax.plot([], [], "k:", label=f"winner: {winner.label()}")
-    ax.set_xscale("function", functions=(lambda w: np.log1p(np.maximum(w, 0)), np.expm1))
+    log_weight_axis(ax, max(p.total for p in screen.points))
     ax.set_xlabel("guidance weight w + w' (log(1 + w) axis)")
     ax.set_ylabel("FID")
     ax.legend(fontsize=7)

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-import numpy as np
 import yaml
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
@@ -37,7 +36,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pipeline.config import ConfigError, compose_config
 from pipeline.files import atomic_write, store_lock
 from pipeline.guidance import KINDS
-from pipeline.report import read_best
+from pipeline.report import log_weight_axis, read_best
 from pipeline.tracking import ROLE_TAG, artifact_root
 from tuners.screen import Rho
 from tuners.space import Candidate
@@ -219,7 +218,7 @@ def summary_png(summary: Mapping[str, Any]) -> bytes:
                               label=label if len(mine) == 1 else f"{r['sweep']}: {label}")
             answer = sum(w for w in (r["w_cfg"], r["w_igg"]) if w is not None)
             curve_ax.axvline(answer, color=KINDS[r["kind"]].colour, ls=":", lw=1)
-        curve_ax.set_xscale("function", functions=(lambda w: np.log1p(np.maximum(w, 0)), np.expm1))
+        log_weight_axis(curve_ax, max(t for r in mine for c in curves[r["sweep"]].values() for t in c["total"]))
         curve_ax.set_xlabel("w + w' (log(1 + w) axis); dotted: the answer")
         curve_ax.set_ylabel(f"FID at {next(iter(curves[mine[0]['sweep']].values()))['num_images']} images")
         curve_ax.set_title(f"{backbone}: FID over the whole range", fontsize=9)
