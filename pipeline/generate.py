@@ -26,9 +26,9 @@ from torchvision.utils import save_image
 
 from pipeline.backbones.base import ScaleWiseBackbone, TextToImageBackbone
 from pipeline.backbones.load import load_backbone
+from pipeline.best import Best, read_best
 from pipeline.config import ConfigError, SweepConfig, compose_config, to_schema
 from pipeline.fid import NpzWriter, file_digest
-from pipeline.report import Best, read_best
 from pipeline.sampling import Sampling, check_sampling_args, seeded_batches
 
 BEST_KEY = "generate.best"
@@ -54,14 +54,14 @@ def _value(v: object) -> str:
 def winner_overrides(best: Best) -> list[str]:
     """Overrides that make the sweep's configuration sample `best`'s winner as the sweep did."""
     s, ckpt = best.sampling, best.checkpoints
-    values = {"backbone.vae_ckpt": ckpt["vae_ckpt"]["path"], "backbone.var_ckpt": ckpt["var_ckpt"]["path"],
+    values = {"backbone.vae_ckpt": ckpt["vae_ckpt"].path, "backbone.var_ckpt": ckpt["var_ckpt"].path,
               "generate.w_cfg": best.w_cfg, "generate.w_igg": best.w_igg, "generate.window": best.window,
-              "guidance.schedule": s["schedule"], "guidance.schedule_start": s["schedule_start"],
-              "guidance.schedule_end": s["schedule_end"], "backbone.top_k": s["top_k"], "backbone.top_p": s["top_p"],
-              "seed": s["seed"], "confirm.batch_size": s["batch_size"],
-              **{f"backbone.{k}": ckpt[k]["path"] for k in ("text_encoder", "text_encoder_2") if k in ckpt},
-              **{f"backbone.{k}": s[k] for k in ("last_scale_temp", "drop_uncond") if k in s}}
-    patch_nums = ",".join(map(str, s["patch_nums"]))
+              "guidance.schedule": s.schedule, "guidance.schedule_start": s.schedule_start,
+              "guidance.schedule_end": s.schedule_end, "backbone.top_k": s.top_k, "backbone.top_p": s.top_p,
+              "seed": s.seed, "confirm.batch_size": s.batch_size,
+              **{f"backbone.{k}": ckpt[k].path for k in ("text_encoder", "text_encoder_2") if k in ckpt},
+              "backbone.last_scale_temp": s.last_scale_temp, "backbone.drop_uncond": s.drop_uncond}
+    patch_nums = ",".join(map(str, s.patch_nums))
     return [f"backbone={best.backbone}", f"backbone.patch_nums=[{patch_nums}]",
             *(f"{k}={_value(v)}" for k, v in values.items())]
 
@@ -94,9 +94,9 @@ def configure(argv: list[str]) -> tuple[SweepConfig, Best | None]:
         for key in best.checkpoints:
             path = getattr(cfg.backbone, key)
             digest = file_digest(path) if Path(path).exists() else "missing"
-            if digest != best.checkpoints[key]["sha256"]:
+            if digest != best.checkpoints[key].sha256:
                 raise ConfigError(f"backbone.{key}={path} (sha256 {digest[:12]}) is not the checkpoint the sweep "
-                                  f"used (sha256 {best.checkpoints[key]['sha256'][:12]}); give that file")
+                                  f"used (sha256 {best.checkpoints[key].sha256[:12]}); give that file")
     return cfg, best
 
 

@@ -8,19 +8,32 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.backbones.load import checkpoint_keys
+from pipeline.best import (
+    BasinRecord,
+    Best,
+    Checkpoint,
+    Cost,
+    Default,
+    Difference,
+    Interval,
+    MarginRecord,
+    RhoRecord,
+    Sampling,
+    Scored,
+    Versus,
+    write_best,
+)
 from pipeline.config import SweepConfig
 from pipeline.fid import file_digest
 from pipeline.files import atomic_write
 from pipeline.guidance import KINDS
 from pipeline.report import (
-    Best,
     curves_png,
     race_table,
     report_markdown,
     screen_curves,
     screen_table,
     signals_vs_weight_png,
-    write_best,
 )
 from pipeline.tracking import Tracker
 from tuners.confirm import DEFAULT, Margin, Racer, RaceResult
@@ -34,16 +47,16 @@ RACE_TABLE = "confirm_race.json"  # the race as an MLflow table on the parent ru
 SCREEN_TABLE = "screen_curves.json"  # every screened point (the FID curves) as an MLflow table
 
 
-def costs(records: dict[str, list[TrialRecord]]) -> dict[str, dict[str, float]]:
+def costs(records: dict[str, list[TrialRecord]]) -> dict[str, Cost]:
     """Per stage: trials, images sampled and worker seconds of its finished trials; and the total."""
-    out = {stage: {"trials": len(recs), "images": sum(r.images for r in recs),
-                   "worker_s": round(sum(r.worker_s for r in recs), 2)} for stage, recs in records.items()}
-    out["total"] = {k: sum(c[k] for c in out.values()) for k in ("trials", "images", "worker_s")}
+    out = {stage: Cost(len(recs), sum(r.images for r in recs), round(sum(r.worker_s for r in recs), 2))
+           for stage, recs in records.items()}
+    out["total"] = Cost(*(sum(getattr(c, k) for c in out.values()) for k in ("trials", "images", "worker_s")))
     return out
 
 
 def answer(cfg: SweepConfig, winner: Racer, margin: Margin | None, racers: list[Racer], ranges: Ranges,
-           cost: dict, screen: ScreenResult, versus: dict | None) -> Best:
+           cost: dict[str, Cost], screen: ScreenResult, igg_vs_cfg: Versus | None) -> Best:
     """best.yaml of a finished race."""
     n = winner.reached
     scores = winner.scores[n]
@@ -53,47 +66,45 @@ def answer(cfg: SweepConfig, winner: Racer, margin: Margin | None, racers: list[
         return {**r.candidate.as_dict(), "kind": r.candidate.kind, "num_images": m,
                 **{k: r.scores[m][k] for k in ("fid", "fid_low", "fid_high")}}
 
-    default = next((r for r in racers if r.role == DEFAULT), None)
-    default_out = None
-    if default is not None and default.scores:
-        m = default.reached
-        default_out = {**scored(default, m), "gain": default.scores[m]["fid"] - winner.scores[m]["fid"]
-                       if m in winner.scores else None}
+    default = next((r for r in racers if r.role == DEFAULT and r.scores), None)
+    gain = None if default is None or default.reached not in winner.scores else (
+        default.scores[default.reached]["fid"] - winner.scores[default.reached]["fid"])
     return Best(
         backbone=cfg.backbone.name, guidance=cfg.guidance.name, kind=c.kind, w_cfg=c.w_cfg, w_igg=c.w_igg,
         window=c.window, fid=scores["fid"], fid_low=scores["fid_low"], fid_high=scores["fid_high"], num_images=n,
         at_bound=ranges.bounds(c),
-        runner_up=scored(margin.runner_up, margin.num_images) if margin else None,
-        margin=None if margin is None else {"diff": margin.diff, "low": margin.low, "high": margin.high,
-                                            "num_images": margin.num_images, "separated": margin.separated},
-        default=default_out, cost=cost,
+        runner_up=Scored(**scored(margin.runner_up, margin.num_images)) if margin else None,
+        margin=None if margin is None else MarginRecord(margin.diff, margin.low, margin.high, margin.num_images,
+                                                        margin.separated),
+        default=None if default is None else Default(**scored(default, default.reached), gain=gain),
+        cost=cost,
         interval=(list(c.interval) if c.interval is not None else None if cfg.search.intervals is None
                   else [cfg.guidance.schedule_start, cfg.guidance.schedule_end]),  # a default CFG: the sweep's own
-        clip_score={"value": scores["clip_score"], "low": scores["clip_score_low"],
-                    "high": scores["clip_score_high"]} if "clip_score" in scores else None,
-        sampling={"schedule": cfg.guidance.schedule,
-                  "schedule_start": cfg.guidance.schedule_start if c.interval is None else c.interval[0],
-                  "schedule_end": cfg.guidance.schedule_end if c.interval is None else c.interval[1],
-                  "top_k": cfg.backbone.top_k, "top_p": cfg.backbone.top_p,
-                  "seed": candidate_seed(cfg.seed, c, common=cfg.refine.common_seeds), "sweep_seed": cfg.seed,
-                  "batch_size": cfg.confirm.batch_size, "level": cfg.confirm.level,
-                  "bootstrap": f"{cfg.confirm.bootstrap} resamples, "
-                               + ("inside each condition" if cfg.confirm.stratify else "over all images"),
-                  "patch_nums": list(cfg.backbone.patch_nums),
-                  "last_scale_temp": cfg.backbone.last_scale_temp, "drop_uncond": cfg.backbone.drop_uncond,
-                  "labels": ("image i: class i*P mod C (pipeline.sampling.spread_labels)" if cfg.backbone.kind == "var"
-                             else f"image i: prompt i*P mod N of {cfg.backbone.prompts} "
-                                  "(pipeline.sampling.spread_prompts)"),
-                  "batch_seeds": "derive_seed(seed, batch index) (tuners.samplers); seed: the winner's "
-                                 "(tuners.scoring.candidate_seed of sweep_seed)"},
-        checkpoints={key: {"path": getattr(cfg.backbone, key), "sha256": file_digest(getattr(cfg.backbone, key))}
+        clip_score=Interval(scores["clip_score"], scores["clip_score_low"], scores["clip_score_high"])
+        if "clip_score" in scores else None,
+        sampling=Sampling(
+            schedule=cfg.guidance.schedule,
+            schedule_start=cfg.guidance.schedule_start if c.interval is None else c.interval[0],
+            schedule_end=cfg.guidance.schedule_end if c.interval is None else c.interval[1],
+            top_k=cfg.backbone.top_k, top_p=cfg.backbone.top_p,
+            seed=candidate_seed(cfg.seed, c, common=cfg.refine.common_seeds), sweep_seed=cfg.seed,
+            batch_size=cfg.confirm.batch_size, level=cfg.confirm.level,
+            bootstrap=f"{cfg.confirm.bootstrap} resamples, "
+                      + ("inside each condition" if cfg.confirm.stratify else "over all images"),
+            patch_nums=list(cfg.backbone.patch_nums), last_scale_temp=cfg.backbone.last_scale_temp,
+            drop_uncond=cfg.backbone.drop_uncond,
+            labels=("image i: class i*P mod C (pipeline.sampling.spread_labels)" if cfg.backbone.kind == "var"
+                    else f"image i: prompt i*P mod N of {cfg.backbone.prompts} (pipeline.sampling.spread_prompts)"),
+            batch_seeds="derive_seed(seed, batch index) (tuners.samplers); seed: the winner's "
+                        "(tuners.scoring.candidate_seed of sweep_seed)"),
+        checkpoints={key: Checkpoint(getattr(cfg.backbone, key), file_digest(getattr(cfg.backbone, key)))
                      for key in checkpoint_keys(cfg.backbone)},
-        basins=[{"curve": b.point.curve.label(), **b.point.candidate.as_dict(), "kind": b.point.curve.kind,
-                 "num_images": screen.num_images, "fid": b.point.scores[screen.num_images]["fid"],
-                 "smoothed": b.smoothed, "refined": b in screen.refined,
-                 "worse": None if b.worse is None else dict(b.worse)} for b in screen.basins],
-        versus=versus,
-        proxy_rho=None if screen.rho is None else asdict(screen.rho),
+        basins=[BasinRecord(curve=b.point.curve.label(), kind=b.point.curve.kind, **b.point.candidate.as_dict(),
+                            num_images=screen.num_images, fid=b.point.scores[screen.num_images]["fid"],
+                            smoothed=b.smoothed, refined=b in screen.refined,
+                            worse=None if b.worse is None else Difference(**b.worse)) for b in screen.basins],
+        versus=igg_vs_cfg,
+        proxy_rho=None if screen.rho is None else RhoRecord(**asdict(screen.rho)),
         curves=screen_curves(screen),
     )
 
@@ -137,7 +148,7 @@ def screened_ranges(kinds: list[str], cfg: SweepConfig) -> Ranges:
     return ranges
 
 
-def versus(racers: list[Racer], screen: ScreenResult, bank: FeatureBank, scorer: Scorer) -> dict | None:
+def versus(racers: list[Racer], screen: ScreenResult, bank: FeatureBank, scorer: Scorer) -> Versus | None:
     """IGG against CFG (None unless the sweep has both kinds): FID(CFG's best) − FID(IGG's best) on the most images
     both have, with its interval. A kind's best is its best finalist (most images, then lowest FID), else its best
     screened point."""
@@ -156,14 +167,14 @@ def versus(racers: list[Racer], screen: ScreenResult, bank: FeatureBank, scorer:
     features = {k: bank.get(c, n, layers) for k, (c, _) in best.items()}
     diff = scorer.difference(features["cfg"], features["igg"])
     fid = {k: scorer.fid(f)["fid"] for k, f in features.items()}
-    return {"cfg": best["cfg"][0].label(), "igg": best["igg"][0].label(), "num_images": n, "fid_cfg": fid["cfg"],
-            "fid_igg": fid["igg"], **diff, "verdict": versus_verdict(diff)}
+    return Versus(**diff, cfg=best["cfg"][0].label(), igg=best["igg"][0].label(), num_images=n, fid_cfg=fid["cfg"],
+                  fid_igg=fid["igg"], verdict=versus_verdict(diff))
 
 
 
 
 def publish(cfg: SweepConfig, proxy: ProxyResult, screen: ScreenResult, race: RaceResult,
-            records: dict[str, list[TrialRecord]], igg_vs_cfg: dict | None, tracker: Tracker) -> Path:
+            records: dict[str, list[TrialRecord]], igg_vs_cfg: Versus | None, tracker: Tracker) -> Path:
     """best.yaml, report.md and the plots, then the parent run's summary in MLflow; the path of best.yaml.
 
     `records`: every finished trial by study stage (proxy, screen, refine/<region>, confirm), for the cost.
@@ -182,9 +193,9 @@ def publish(cfg: SweepConfig, proxy: ProxyResult, screen: ScreenResult, race: Ra
               "raise it to look further", file=sys.stderr)
     c = winner.candidate
     metrics = {"best_fid": best.fid, "best_fid_low": best.fid_low, "best_fid_high": best.fid_high,
-               **({f"best_clip_score_{k}": v for k, v in best.clip_score.items()} if best.clip_score else {}),
-               **({f"proxy_rho_{k}": float(v) for k, v in best.proxy_rho.items()} if best.proxy_rho else {}),
-               **{f"cost_{stage}_{k}": float(v) for stage, cs in cost.items() for k, v in cs.items()}}
+               **({f"best_clip_score_{k}": v for k, v in asdict(best.clip_score).items()} if best.clip_score else {}),
+               **({f"proxy_rho_{k}": float(v) for k, v in asdict(best.proxy_rho).items()} if best.proxy_rho else {}),
+               **{f"cost_{stage}_{k}": float(v) for stage, cs in cost.items() for k, v in asdict(cs).items()}}
     metrics.update({f"best_{k}": float(v) for k, v in c.as_dict().items() if v is not None and k != "interval"})
     if margin is not None:
         metrics.update({"margin": margin.diff, "margin_low": margin.low, "margin_high": margin.high})

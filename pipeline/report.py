@@ -6,21 +6,17 @@ atomic (temp file in the same folder, fsync, os.replace): a crash never leaves a
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import math
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from matplotlib.figure import Figure
 from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from pipeline.files import atomic_write
+from pipeline.best import Best, CurveRecord
 from tuners.confirm import Margin, Racer
 from tuners.screen import ScreenResult
 from tuners.space import Candidate, interval_code
@@ -85,63 +81,6 @@ def signals_vs_weight_png(weight_name: str, rows: list[tuple[float, float, float
     return _figure_png(fig)
 
 
-@dataclass
-class Best:
-    """The content of best.yaml: the answer, how sure it is, what it cost, and how to sample it again."""
-
-    backbone: str
-    guidance: str  # the guidance config compared (auto: every kind)
-    kind: str  # the winner's kind: cfg | igg | mixed
-    w_cfg: float | None
-    w_igg: float | None
-    window: int | None
-    fid: float
-    fid_low: float  # the interval at confirm.level (paired bootstrap over images)
-    fid_high: float
-    num_images: int  # N of that FID
-    at_bound: dict  # weight -> inside | low | cap (cap: the range could not grow further)
-    runner_up: dict | None  # candidate, FID and interval at the N it shares with the winner
-    margin: dict | None  # FID(runner-up) - FID(winner): diff, low, high, num_images, separated
-    default: dict | None  # the published default CFG: w_cfg, FID and interval, N, and the gain of the winner
-    cost: dict  # stage -> images sampled, worker seconds, trials; and the total
-    sampling: dict  # schedule, interval, top_k, top_p, seed, labels: what reproduces the winner's images
-    checkpoints: dict  # file -> sha256
-    interval: list | None = None  # the winner's guidance interval [start, end] when search.intervals searched it
-    clip_score: dict | None = None  # text-to-image with confirm.clip_weights: the winner's value, low, high at N
-    basins: list | None = None  # the screen's basins (best first): curve, weights, FID, smoothed, refined, worse
-    versus: dict | None = None  # IGG against CFG: FID(CFG's best) - FID(IGG's best) with its interval, verdict
-    proxy_rho: dict | None = None  # Spearman's rho(gap, FID) over the screened points: value, low, high, n
-    curves: dict | None = None  # per screen curve: kind, num_images, total, fid, fid_low, fid_high, smoothed
-
-    def as_dict(self) -> dict:
-        def clean(x):
-            if isinstance(x, float):
-                return x if math.isfinite(x) else None
-            if isinstance(x, dict):
-                return {k: clean(v) for k, v in x.items()}
-            return x
-
-        return {k: clean(getattr(self, k)) for k in BEST_KEYS}
-
-
-BEST_KEYS = tuple(Best.__dataclass_fields__)
-
-
-def write_best(path: str | Path, best: Best) -> Path:
-    """best.yaml (keys BEST_KEYS), written atomically."""
-    return atomic_write(path, yaml.safe_dump(best.as_dict(), sort_keys=False).encode())
-
-
-def read_best(path: str | Path) -> Best:
-    """Load and check a best.yaml; ValueError naming the problem if it is not one."""
-    data = yaml.safe_load(Path(path).read_text())
-    required = {k for k, f in Best.__dataclass_fields__.items() if f.default is dataclasses.MISSING}
-    if not isinstance(data, dict) or not required <= set(data) <= set(BEST_KEYS):
-        keys = sorted(data) if isinstance(data, dict) else data
-        raise ValueError(f"{path} is not a guidetune best.yaml (keys {keys}); rerun the sweep to write it")
-    return Best(**{k: (math.nan if v is None and k in ("fid", "fid_low", "fid_high") else v) for k, v in data.items()})
-
-
 def _fmt(x: float | None, digits: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
 
@@ -171,9 +110,9 @@ def report_markdown(title: str, racers: list[Racer], winner: Racer, margin: Marg
     n = best.num_images
     lines = [f"# {title}", "",
              f"Best: **{winner.candidate.label()}** ({best.kind}), FID {_fmt(best.fid)} "
-             f"[{_fmt(best.fid_low)}, {_fmt(best.fid_high)}] at N={n} ({best.sampling['level']:.0%} interval)"
-             + (f"; CLIP score {_fmt(best.clip_score['value'])} [{_fmt(best.clip_score['low'])}, "
-                f"{_fmt(best.clip_score['high'])}]" if best.clip_score else "") + ".", ""]
+             f"[{_fmt(best.fid_low)}, {_fmt(best.fid_high)}] at N={n} ({best.sampling.level:.0%} interval)"
+             + (f"; CLIP score {_fmt(best.clip_score.value)} [{_fmt(best.clip_score.low)}, "
+                f"{_fmt(best.clip_score.high)}]" if best.clip_score else "") + ".", ""]
     if margin is None:
         lines.append("No runner-up was scored: the winner is not compared with anything.")
     elif margin.separated:
@@ -202,7 +141,7 @@ def report_markdown(title: str, racers: list[Racer], winner: Racer, margin: Marg
     lines += ["", *screen_markdown(screen, best)]
     lines += ["", "| stage | trials | images sampled | worker s |", "|---|---:|---:|---:|"]
     for stage, c in best.cost.items():
-        lines.append(f"| {stage} | {c['trials']} | {c['images']} | {c['worker_s']:.1f} |")
+        lines.append(f"| {stage} | {c.trials} | {c.images} | {c.worker_s:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -215,8 +154,8 @@ def screen_markdown(screen: ScreenResult, best: Best) -> list[str]:
              "(curves.png)."]
     if best.versus is not None:
         v = best.versus
-        lines += ["", f"- {v['verdict']} at N={v['num_images']} (CFG {v['cfg']}: {_fmt(v['fid_cfg'])}, "
-                      f"IGG {v['igg']}: {_fmt(v['fid_igg'])})."]
+        lines += ["", f"- {v.verdict} at N={v.num_images} (CFG {v.cfg}: {_fmt(v.fid_cfg)}, IGG {v.igg}: "
+                      f"{_fmt(v.fid_igg)})."]
     lines += ["", f"- Proxy: {screen.rho.verdict()}." if screen.rho else
               "- Proxy: too few screened points with a gap for ρ(gap, FID)."]
     lines += ["", f"Basins (local minima of a curve's smoothed FID), best first, at N={n}:", "",
@@ -293,16 +232,17 @@ def curves_png(screen: ScreenResult, winner: Candidate) -> bytes:
     return _figure_png(fig)
 
 
-def screen_curves(screen: ScreenResult) -> dict[str, dict]:
+def screen_curves(screen: ScreenResult) -> dict[str, CurveRecord]:
     """best.yaml's ``curves``: per curve, its points at the first rung (every point has it) in order of weight."""
     first = min(n for p in screen.points for n in p.scores)
-    out: dict[str, dict] = {}
+    out: dict[str, CurveRecord] = {}
     for p in screen.points:
         if first in p.scores:
-            curve = out.setdefault(p.curve.label(), {"kind": p.curve.kind, "num_images": first, "total": [], "fid": [],
-                                                     "fid_low": [], "fid_high": [], "smoothed": []})
-            for key, value in (("total", p.total), ("fid", p.scores[first]["fid"]),
-                               ("fid_low", p.scores[first]["fid_low"]), ("fid_high", p.scores[first]["fid_high"]),
-                               ("smoothed", p.smoothed[first])):
-                curve[key].append(value)
+            curve = out.setdefault(p.curve.label(), CurveRecord(p.curve.kind, first))
+            score = p.scores[first]
+            curve.total.append(p.total)
+            curve.fid.append(score["fid"])
+            curve.fid_low.append(score["fid_low"])
+            curve.fid_high.append(score["fid_high"])
+            curve.smoothed.append(p.smoothed[first])
     return out

@@ -20,8 +20,8 @@ import io
 import math
 import sys
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -33,10 +33,11 @@ from mlflow.entities import Metric, RunTag
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.best import Best, CurveRecord, plain, read_best
 from pipeline.config import ConfigError, compose_config
 from pipeline.files import atomic_write, store_lock
 from pipeline.guidance import KINDS
-from pipeline.report import log_weight_axis, read_best
+from pipeline.report import log_weight_axis
 from pipeline.tracking import ROLE_TAG, artifact_root
 from tuners.screen import Rho
 from tuners.space import Candidate
@@ -56,63 +57,115 @@ def _num(x: float | None) -> float:
     return math.inf if x is None or not math.isfinite(x) else x
 
 
-def job_row(best: Mapping[str, Any], sweep: str) -> dict[str, Any]:
+@dataclass
+class JobRow:
     """One sweep's line of the summary: its answer and FID interval, the default CFG's, and the gain over it."""
-    default = best["default"] or {}
-    gain, default_fid = default.get("gain"), default.get("fid")
-    return {
-        "sweep": sweep, "backbone": best["backbone"], "guidance": best["guidance"], "kind": best["kind"],
-        "w_cfg": best["w_cfg"], "w_igg": best["w_igg"], "window": best["window"],
-        "fid": best["fid"], "fid_low": best["fid_low"], "fid_high": best["fid_high"], "num_images": best["num_images"],
-        "separated": None if best["margin"] is None else best["margin"]["separated"],  # from the sweep's runner-up
-        "default_w_cfg": default.get("w_cfg"), "default_fid": default_fid, "default_fid_low": default.get("fid_low"),
-        "default_fid_high": default.get("fid_high"), "default_num_images": default.get("num_images"),
-        "gain": gain,  # FID(default) - FID(answer) on the same images, at default_num_images: > 0 is better
-        "gain_pct": None if gain is None or not default_fid else 100.0 * gain / default_fid,
-        "versus": (best.get("versus") or {}).get("verdict"),  # IGG against CFG on this backbone, with its interval
-        "proxy": None if not best.get("proxy_rho") else Rho(**best["proxy_rho"]).verdict(),
-    }
+
+    sweep: str
+    backbone: str
+    guidance: str
+    kind: str
+    w_cfg: float | None
+    w_igg: float | None
+    window: int | None
+    fid: float
+    fid_low: float
+    fid_high: float
+    num_images: int
+    separated: bool | None  # from the sweep's runner-up
+    default_w_cfg: float | None = None
+    default_fid: float | None = None
+    default_fid_low: float | None = None
+    default_fid_high: float | None = None
+    default_num_images: int | None = None
+    gain: float | None = None  # FID(default) - FID(answer) on the same images, at default_num_images: > 0 is better
+    gain_pct: float | None = None
+    versus: str | None = None  # IGG against CFG on this backbone, with its interval
+    proxy: str | None = None  # the proxy's direction on this backbone
+
+    @classmethod
+    def of(cls, best: Best, sweep: str) -> JobRow:
+        d = best.default
+        gain = None if d is None else d.gain
+        return cls(
+            sweep=sweep, backbone=best.backbone, guidance=best.guidance, kind=best.kind, w_cfg=best.w_cfg,
+            w_igg=best.w_igg, window=best.window, fid=best.fid, fid_low=best.fid_low, fid_high=best.fid_high,
+            num_images=best.num_images, separated=None if best.margin is None else best.margin.separated,
+            default_w_cfg=None if d is None else d.w_cfg, default_fid=None if d is None else d.fid,
+            default_fid_low=None if d is None else d.fid_low, default_fid_high=None if d is None else d.fid_high,
+            default_num_images=None if d is None else d.num_images, gain=gain,
+            gain_pct=None if gain is None or d is None or not d.fid else 100.0 * gain / d.fid,
+            versus=None if best.versus is None else best.versus.verdict,
+            proxy=None if best.proxy_rho is None else Rho(**asdict(best.proxy_rho)).verdict())
 
 
-def best_of(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+@dataclass
+class RunnerUp:
+    sweep: str
+    kind: str
+    fid: float
+    fid_low: float
+    fid_high: float
+
+
+@dataclass
+class BackboneBest:
     """The best guidance among one backbone's sweeps (lowest FID), and whether its interval clears the runner-up's."""
-    ranked = sorted(rows, key=lambda r: _num(r["fid"]))
-    best = ranked[0]
-    runner = ranked[1] if len(ranked) > 1 else None
-    separated = None
-    if runner is not None and best["fid_high"] is not None and runner["fid_low"] is not None:
-        separated = runner["fid_low"] > best["fid_high"]  # the two intervals do not overlap
-    keys = ("sweep", "guidance", "kind", "w_cfg", "w_igg", "window", "fid", "fid_low", "fid_high", "num_images",
-            "gain", "gain_pct")
-    return {
-        **{k: best[k] for k in keys},
-        "runner_up": None if runner is None else {k: runner[k] for k in ("sweep", "kind", "fid", "fid_low",
-                                                                          "fid_high")},
-        "separated": separated,
-        "same_num_images": len({r["num_images"] for r in ranked}) == 1,  # FID falls with N: compare at one N
-    }
+
+    sweep: str
+    guidance: str
+    kind: str
+    w_cfg: float | None
+    w_igg: float | None
+    window: int | None
+    fid: float
+    fid_low: float
+    fid_high: float
+    num_images: int
+    gain: float | None
+    gain_pct: float | None
+    runner_up: RunnerUp | None
+    separated: bool | None  # the two intervals do not overlap
+    same_num_images: bool  # FID falls with N: compare at one N
+
+    @classmethod
+    def of(cls, rows: Sequence[JobRow]) -> BackboneBest:
+        ranked = sorted(rows, key=lambda r: _num(r.fid))
+        best, runner = ranked[0], ranked[1] if len(ranked) > 1 else None
+        separated = None
+        if runner is not None and best.fid_high is not None and runner.fid_low is not None:
+            separated = runner.fid_low > best.fid_high
+        return cls(
+            sweep=best.sweep, guidance=best.guidance, kind=best.kind, w_cfg=best.w_cfg, w_igg=best.w_igg,
+            window=best.window, fid=best.fid, fid_low=best.fid_low, fid_high=best.fid_high,
+            num_images=best.num_images, gain=best.gain, gain_pct=best.gain_pct,
+            runner_up=None if runner is None else RunnerUp(runner.sweep, runner.kind, runner.fid, runner.fid_low,
+                                                           runner.fid_high),
+            separated=separated, same_num_images=len({r.num_images for r in ranked}) == 1)
 
 
-def summarize(bests: Sequence[Mapping[str, Any]], names: Sequence[str] | None = None) -> dict[str, Any]:
-    """The summary of finished sweeps.
+@dataclass
+class Summary:
+    """The summary of finished sweeps: one row per sweep (in the order given), each backbone's best guidance over
+    its sweeps, the confidence of the intervals, and each sweep's screen curves over the whole range."""
 
-    Args:
-        bests: the content of each sweep's best.yaml (pipeline.report.Best.as_dict()).
-        names: each sweep's name (default ``<backbone>-<guidance>``, the default sweep.name).
+    level: float | None
+    jobs: list[JobRow]
+    backbones: dict[str, BackboneBest]
+    curves: dict[str, dict[str, CurveRecord]]
 
-    Returns:
-        ``jobs``: one row per sweep, in the order given (job_row); ``backbones``: backbone -> its best guidance over
-        its sweeps (best_of); ``level``: the confidence of the intervals; ``curves``: sweep -> its screen's FID
-        curves over the whole range (best.yaml's ``curves``).
-    """
+
+def summarize(bests: Sequence[Best], names: Sequence[str] | None = None) -> Summary:
+    """The summary of finished sweeps (their best.yaml records; names default to ``<backbone>-<guidance>``, the
+    default sweep.name)."""
     if not bests:
         raise ValueError("no sweeps to summarize")
-    names = list(names) if names is not None else [f"{b['backbone']}-{b['guidance']}" for b in bests]
-    rows = [job_row(best, name) for best, name in zip(bests, names, strict=True)]
-    backbones = {b: best_of([r for r in rows if r["backbone"] == b])
-                 for b in dict.fromkeys(r["backbone"] for r in rows)}
-    curves = {r["sweep"]: best.get("curves") or {} for r, best in zip(rows, bests, strict=True)}
-    return {"level": bests[0]["sampling"].get("level"), "jobs": rows, "backbones": backbones, "curves": curves}
+    names = list(names) if names is not None else [f"{b.backbone}-{b.guidance}" for b in bests]
+    rows = [JobRow.of(best, name) for best, name in zip(bests, names, strict=True)]
+    backbones = {b: BackboneBest.of([r for r in rows if r.backbone == b])
+                 for b in dict.fromkeys(r.backbone for r in rows)}
+    curves = {r.sweep: best.curves for r, best in zip(rows, bests, strict=True)}
+    return Summary(bests[0].sampling.level, rows, backbones, curves)
 
 
 # ------------------------------------------------------------------------------------------------ rendering
@@ -122,62 +175,61 @@ def _f(x: float | None, digits: int = 2) -> str:
     return "-" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
 
-def _answer(row: Mapping[str, Any]) -> str:
-    return f"{row['kind']} {Candidate(row['w_cfg'], row['w_igg'], row['window']).label()}"
+def _answer(row: JobRow | BackboneBest) -> str:
+    return f"{row.kind} {Candidate(row.w_cfg, row.w_igg, row.window).label()}"
 
 
-def _fid(row: Mapping[str, Any], prefix: str = "") -> str:
-    return f"{_f(row[f'{prefix}fid'])} [{_f(row[f'{prefix}fid_low'])}, {_f(row[f'{prefix}fid_high'])}]"
+def _fid(row: Any, prefix: str = "") -> str:
+    return f"{_f(getattr(row, f'{prefix}fid'))} [{_f(getattr(row, f'{prefix}fid_low'))}, " \
+           f"{_f(getattr(row, f'{prefix}fid_high'))}]"
 
 
-def summary_markdown(summary: Mapping[str, Any]) -> str:
+def summary_markdown(summary: Summary) -> str:
     """summary.md: one row per sweep, then the best guidance of each backbone in words."""
-    level = summary["level"]
+    level = summary.level
     interval = f"{level:.0%} interval" if level is not None else "interval"
     lines = ["# guidetune summary", "",
              f"| sweep | backbone | guidance | best kind | w | w′ | window | FID [{interval}] | N | "
              f"default CFG | default FID [{interval}] | N | gain over the default |",
              "|---|---|---|---|---:|---:|---|---|---:|---|---|---:|---|"]
-    for r in summary["jobs"]:
-        window = "-" if r["w_igg"] is None else "global" if r["window"] is None else str(r["window"])
-        default = "-" if r["default_fid"] is None else f"w={_f(r['default_w_cfg'])}"
-        gain = "-" if r["gain"] is None else f"{r['gain']:+.2f} ({_f(r['gain_pct'], 0)} %)"
+    for r in summary.jobs:
+        window = "-" if r.w_igg is None else "global" if r.window is None else str(r.window)
+        default = "-" if r.default_fid is None else f"w={_f(r.default_w_cfg)}"
+        gain = "-" if r.gain is None else f"{r.gain:+.2f} ({_f(r.gain_pct, 0)} %)"
         lines.append(
-            f"| {r['sweep']} | {r['backbone']} | {r['guidance']} | {r['kind']} | {_f(r['w_cfg'])} | {_f(r['w_igg'])} | "
-            f"{window} | {_fid(r)} | {r['num_images']} | {default} | "
-            f"{'-' if r['default_fid'] is None else _fid(r, 'default_')} | {r['default_num_images'] or '-'} | {gain} |")
+            f"| {r.sweep} | {r.backbone} | {r.guidance} | {r.kind} | {_f(r.w_cfg)} | {_f(r.w_igg)} | "
+            f"{window} | {_fid(r)} | {r.num_images} | {default} | "
+            f"{'-' if r.default_fid is None else _fid(r, 'default_')} | {r.default_num_images or '-'} | {gain} |")
     lines += ["", "A gain is FID(default CFG) − FID(answer) on the same images (at the default's N): > 0, the answer "
               "is better.", ""]
-    checks = [r for r in summary["jobs"] if r["versus"] or r["proxy"]]
+    checks = [r for r in summary.jobs if r.versus or r.proxy]
     if checks:
         lines += ["## IGG against CFG, and the proxy's direction, per sweep", ""]
-        lines += [f"- **{r['sweep']}**: " + "; ".join(x for x in (r["versus"], r["proxy"]) if x) + "."
-                  for r in checks]
+        lines += [f"- **{r.sweep}**: " + "; ".join(x for x in (r.versus, r.proxy) if x) + "." for r in checks]
         lines.append("")
     lines += ["## Best guidance per backbone", ""]
-    for backbone, b in summary["backbones"].items():
-        text = f"- **{backbone}**: {_answer(b)} (sweep {b['sweep']}), FID {_fid(b)} at N={b['num_images']}"
-        runner = b["runner_up"]
+    for backbone, b in summary.backbones.items():
+        text = f"- **{backbone}**: {_answer(b)} (sweep {b.sweep}), FID {_fid(b)} at N={b.num_images}"
+        runner = b.runner_up
         if runner is None:
             text += "; the only sweep of this backbone."
-        elif b["separated"]:
-            text += (f"; separated from the runner-up {runner['sweep']} ({runner['kind']}, FID {_fid(runner)}): "
+        elif b.separated:
+            text += (f"; separated from the runner-up {runner.sweep} ({runner.kind}, FID {_fid(runner)}): "
                      "the intervals do not overlap.")
         else:
-            text += (f"; **not separated** from the runner-up {runner['sweep']} ({runner['kind']}, FID "
+            text += (f"; **not separated** from the runner-up {runner.sweep} ({runner.kind}, FID "
                      f"{_fid(runner)}): the intervals overlap, either is as good as these sweeps can tell.")
-        if not b["same_num_images"]:
+        if not b.same_num_images:
             text += " Its sweeps end at different N (FID falls as N grows): compare them with care."
         lines.append(text)
     return "\n".join(lines) + "\n"
 
 
-def summary_png(summary: Mapping[str, Any]) -> bytes:
+def summary_png(summary: Summary) -> bytes:
     """summary.png: per sweep, the answer's FID and the default CFG's, each with its interval (bars); below, per
     backbone, each kind's FID over the whole range (the screen's curves, with their intervals)."""
-    rows = summary["jobs"]
-    curves = summary.get("curves") or {}
-    backbones = [b for b in summary["backbones"] if any(curves.get(r["sweep"]) for r in rows if r["backbone"] == b)]
+    rows, curves = summary.jobs, summary.curves
+    backbones = [b for b in summary.backbones if any(curves.get(r.sweep) for r in rows if r.backbone == b)]
     fig = Figure(figsize=(max(4.5 * max(len(backbones), 1), 1.2 * len(rows) + 2.0), 8.0 if backbones else 4.0))
     grid = fig.add_gridspec(2 if backbones else 1, max(len(backbones), 1))
     ax = fig.add_subplot(grid[0, :])
@@ -185,42 +237,42 @@ def summary_png(summary: Mapping[str, Any]) -> bytes:
 
     def bars(offset: float, prefix: str, colors: list[str], hatch: str | None) -> None:
         x = [i + offset for i in range(len(rows))]
-        fid = [_nan(r[f"{prefix}fid"]) for r in rows]
-        low = [f - _nan(r[f"{prefix}fid_low"]) for f, r in zip(fid, rows, strict=True)]
-        high = [_nan(r[f"{prefix}fid_high"]) - f for f, r in zip(fid, rows, strict=True)]
+        fid = [_nan(getattr(r, f"{prefix}fid")) for r in rows]
+        low = [f - _nan(getattr(r, f"{prefix}fid_low")) for f, r in zip(fid, rows, strict=True)]
+        high = [_nan(getattr(r, f"{prefix}fid_high")) - f for f, r in zip(fid, rows, strict=True)]
         ax.bar(x, fid, width, yerr=[low, high], capsize=4, color=colors, hatch=hatch, edgecolor="black",
                linewidth=0.5)
 
-    bars(-width / 2, "", [KINDS[r["kind"]].colour for r in rows], None)
+    bars(-width / 2, "", [KINDS[r.kind].colour for r in rows], None)
     bars(width / 2, "default_", [DEFAULT_COLOR] * len(rows), "//")
     for i, r in enumerate(rows):
-        if r["gain"] is not None:
-            ax.annotate(f"{r['gain']:+.2f}", (i, _nan(r["fid_high"])), textcoords="offset points", xytext=(0, 4),
+        if r.gain is not None:
+            ax.annotate(f"{r.gain:+.2f}", (i, _nan(r.fid_high)), textcoords="offset points", xytext=(0, 4),
                         ha="center", fontsize=8)
-    ax.set_xticks(range(len(rows)), [f"{r['sweep']}\n{r['kind']}" for r in rows], fontsize=8)
-    level = summary["level"]
+    ax.set_xticks(range(len(rows)), [f"{r.sweep}\n{r.kind}" for r in rows], fontsize=8)
+    level = summary.level
     ax.set_ylabel(f"FID ({level:.0%} interval)" if level is not None else "FID")
     ax.set_title("answer vs the published default CFG (annotated: the gain)", fontsize=9)
-    kinds = dict.fromkeys(r["kind"] for r in rows)
+    kinds = dict.fromkeys(r.kind for r in rows)
     handles = [Patch(facecolor=KINDS[k].colour, edgecolor="black", label=f"answer: {k}") for k in kinds]
     handles.append(Patch(facecolor=DEFAULT_COLOR, edgecolor="black", hatch="//", label="published default CFG"))
     ax.legend(handles=handles, fontsize=8)
     for col, backbone in enumerate(backbones):
         curve_ax = fig.add_subplot(grid[1, col])
-        mine = [r for r in rows if r["backbone"] == backbone and curves.get(r["sweep"])]
+        mine = [r for r in rows if r.backbone == backbone and curves.get(r.sweep)]
         for r in mine:
-            for label, c in curves[r["sweep"]].items():
-                low = [f - lo for f, lo in zip(c["fid"], c["fid_low"], strict=True)]
-                high = [hi - f for f, hi in zip(c["fid"], c["fid_high"], strict=True)]
-                curve_ax.errorbar(c["total"], c["fid"], yerr=[low, high], fmt="o", ms=3, capsize=2, alpha=0.4,
-                                  color=KINDS[c["kind"]].colour)
-                curve_ax.plot(c["total"], c["smoothed"], "-", color=KINDS[c["kind"]].colour,
-                              label=label if len(mine) == 1 else f"{r['sweep']}: {label}")
-            answer = sum(w for w in (r["w_cfg"], r["w_igg"]) if w is not None)
-            curve_ax.axvline(answer, color=KINDS[r["kind"]].colour, ls=":", lw=1)
-        log_weight_axis(curve_ax, max(t for r in mine for c in curves[r["sweep"]].values() for t in c["total"]))
+            for label, c in curves[r.sweep].items():
+                low = [f - lo for f, lo in zip(c.fid, c.fid_low, strict=True)]
+                high = [hi - f for f, hi in zip(c.fid, c.fid_high, strict=True)]
+                curve_ax.errorbar(c.total, c.fid, yerr=[low, high], fmt="o", ms=3, capsize=2, alpha=0.4,
+                                  color=KINDS[c.kind].colour)
+                curve_ax.plot(c.total, c.smoothed, "-", color=KINDS[c.kind].colour,
+                              label=label if len(mine) == 1 else f"{r.sweep}: {label}")
+            answer = sum(w for w in (r.w_cfg, r.w_igg) if w is not None)
+            curve_ax.axvline(answer, color=KINDS[r.kind].colour, ls=":", lw=1)
+        log_weight_axis(curve_ax, max(t for r in mine for c in curves[r.sweep].values() for t in c.total))
         curve_ax.set_xlabel("w + w' (log(1 + w) axis); dotted: the answer")
-        curve_ax.set_ylabel(f"FID at {next(iter(curves[mine[0]['sweep']].values()))['num_images']} images")
+        curve_ax.set_ylabel(f"FID at {next(iter(curves[mine[0].sweep].values())).num_images} images")
         curve_ax.set_title(f"{backbone}: FID over the whole range", fontsize=9)
         curve_ax.legend(fontsize=6)
     buf = io.BytesIO()
@@ -284,7 +336,7 @@ def find_sources(paths: Sequence[Path]) -> list[Source]:
     return sources
 
 
-def read_sources(sources: Sequence[Source]) -> list[dict[str, Any]]:
+def read_sources(sources: Sequence[Source]) -> list[Best]:
     """The best.yaml of each sweep; ConfigError for a sweep that has none (not finished) or a file that is not one."""
     bests = []
     for source in sources:
@@ -292,20 +344,20 @@ def read_sources(sources: Sequence[Source]) -> list[dict[str, Any]]:
             raise ConfigError(f"sweep {source.name} has no {source.best_yaml}: it has not finished; rerun its command "
                               "(the same command resumes it)")
         try:
-            bests.append(read_best(source.best_yaml).as_dict())
+            bests.append(read_best(source.best_yaml))
         except (ValueError, yaml.YAMLError) as err:
             raise ConfigError(str(err).splitlines()[0]) from None
     return bests
 
 
-def write_summary(folder: Path, summary: Mapping[str, Any]) -> list[Path]:
+def write_summary(folder: Path, summary: Summary) -> list[Path]:
     """summary.yaml, summary.md and summary.png in folder (each written atomically); their paths, yaml first."""
-    data = (yaml.safe_dump(dict(summary), sort_keys=False).encode(), summary_markdown(summary).encode(),
+    data = (yaml.safe_dump(plain(asdict(summary)), sort_keys=False).encode(), summary_markdown(summary).encode(),
             summary_png(summary))
     return [atomic_write(folder / name, content) for name, content in zip(FILES, data, strict=True)]
 
 
-def log_summary(uri: str, folder: Path, summary: Mapping[str, Any], files: Sequence[Path]) -> str:
+def log_summary(uri: str, folder: Path, summary: Summary, files: Sequence[Path]) -> str:
     """One MLflow run per summary folder in the experiment guidetune-summaries: per-sweep metrics, the table, the
     files; its id. A summary built again for the same folder replaces that folder's earlier run."""
     with store_lock(uri):  # the client creates a fresh SQLite store; concurrent creators would crash
@@ -317,15 +369,14 @@ def log_summary(uri: str, folder: Path, summary: Mapping[str, Any], files: Seque
         client.delete_run(old.info.run_id)
     run_id = client.create_run(experiment, run_name=folder.name,
                                tags={ROLE_TAG: "summary", FOLDER_TAG: str(folder.resolve())}).info.run_id
-    rows = summary["jobs"]
+    rows = [asdict(r) for r in summary.jobs]
     now = int(time.time() * 1000)
     metrics = [Metric(f"{r['sweep']}.{k}", float(r[k]), now, 0) for r in rows
                for k in ("fid", "fid_low", "fid_high", "default_fid", "gain")
                if r[k] is not None and math.isfinite(r[k])]
-    tags = [RunTag(f"guidetune.best.{backbone}", f"{b['sweep']}: {_answer(b)}")
-            for backbone, b in summary["backbones"].items()]
-    tags += [RunTag(f"guidetune.separated.{backbone}", str(b["separated"]))
-             for backbone, b in summary["backbones"].items()]
+    tags = [RunTag(f"guidetune.best.{backbone}", f"{b.sweep}: {_answer(b)}")
+            for backbone, b in summary.backbones.items()]
+    tags += [RunTag(f"guidetune.separated.{backbone}", str(b.separated)) for backbone, b in summary.backbones.items()]
     client.log_batch(run_id, metrics=metrics, tags=tags)
     client.log_table(run_id, data={k: [r[k] for r in rows] for k in rows[0]}, artifact_file="summary_table.json")
     for path in files:

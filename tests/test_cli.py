@@ -5,6 +5,7 @@ backbone, real local Ray and stores) that ends with its summary; plus the summar
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from mlflow import MlflowClient
 from sweep_fixtures import micro_overrides, write_micro_backbone
 
 from pipeline import summary
-from pipeline.report import Best
+from pipeline.best import Best, CurveRecord, Default, MarginRecord, RhoRecord, Sampling, Versus
 from pipeline.sweep import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -197,16 +198,14 @@ def test_summary_command_refuses_what_is_not_a_sweep(multirun, tmp_path, capsys)
 
 
 def best(backbone: str, guidance: str, kind: str, fid: tuple[float, float, float], default: tuple | None,
-         w_cfg: float | None = None, w_igg: float | None = None, n: int = 4096) -> dict:
+         w_cfg: float | None = None, w_igg: float | None = None, n: int = 4096) -> Best:
     """A best.yaml as a finished sweep writes it (only what the summary reads is meaningful)."""
-    out = None
-    if default is not None:
-        out = {"w_cfg": 1.5, "w_igg": None, "window": None, "kind": "cfg", "num_images": n,
-               "fid": default[0], "fid_low": default[1], "fid_high": default[2], "gain": default[0] - fid[0]}
+    out = None if default is None else Default(1.5, None, None, "cfg", n, *default, gain=default[0] - fid[0])
     return Best(backbone=backbone, guidance=guidance, kind=kind, w_cfg=w_cfg, w_igg=w_igg, window=None, fid=fid[0],
                 fid_low=fid[1], fid_high=fid[2], num_images=n, at_bound={}, runner_up=None,
-                margin={"diff": 1.0, "low": 0.2, "high": 1.8, "num_images": n, "separated": True}, default=out,
-                cost={}, sampling={"level": 0.95}, checkpoints={}).as_dict()
+                margin=MarginRecord(1.0, 0.2, 1.8, n, True), default=out, cost={},
+                sampling=Sampling("linear", 0, None, 0, 0.0, 1, 0, 64, 0.95, "200", [1, 2], "i % 8", "seeds"),
+                checkpoints={})
 
 
 def test_summarize_gains_and_the_best_guidance_per_backbone():
@@ -216,17 +215,17 @@ def test_summarize_gains_and_the_best_guidance_per_backbone():
         best("var_d16", "cfg", "cfg", (3.1, 2.9, 3.3), (3.3, 3.1, 3.5), w_cfg=2.0),
         best("var_d16", "mixed", "mixed", (3.0, 2.8, 3.2), None, w_cfg=1.0, w_igg=2.0, n=2048),
     ])
-    jobs = {j["sweep"]: j for j in result["jobs"]}
+    jobs = {j.sweep: j for j in result.jobs}
     assert list(jobs) == ["tiny-cfg", "tiny-igg", "var_d16-cfg", "var_d16-mixed"]
-    assert jobs["tiny-cfg"]["gain"] == pytest.approx(3.0) and jobs["tiny-cfg"]["gain_pct"] == pytest.approx(25.0)
-    assert jobs["tiny-igg"]["gain"] == pytest.approx(4.5) and jobs["tiny-igg"]["default_fid"] == 12.0
-    assert jobs["var_d16-mixed"]["gain"] is None and jobs["var_d16-mixed"]["default_fid"] is None
-    tiny, var = result["backbones"]["tiny"], result["backbones"]["var_d16"]
-    assert (tiny["sweep"], tiny["kind"], tiny["w_igg"], tiny["runner_up"]["sweep"]) == (
+    assert jobs["tiny-cfg"].gain == pytest.approx(3.0) and jobs["tiny-cfg"].gain_pct == pytest.approx(25.0)
+    assert jobs["tiny-igg"].gain == pytest.approx(4.5) and jobs["tiny-igg"].default_fid == 12.0
+    assert jobs["var_d16-mixed"].gain is None and jobs["var_d16-mixed"].default_fid is None
+    tiny, var = result.backbones["tiny"], result.backbones["var_d16"]
+    assert (tiny.sweep, tiny.kind, tiny.w_igg, tiny.runner_up.sweep) == (
         "tiny-igg", "igg", 10.0, "tiny-cfg")
-    assert tiny["separated"] is True and tiny["same_num_images"] is True  # 8.0 < 8.5: the intervals do not overlap
-    assert (var["sweep"], var["separated"], var["same_num_images"]) == ("var_d16-mixed", False, False)
-    assert result["level"] == 0.95
+    assert tiny.separated is True and tiny.same_num_images is True  # 8.0 < 8.5: the intervals do not overlap
+    assert (var.sweep, var.separated, var.same_num_images) == ("var_d16-mixed", False, False)
+    assert result.level == 0.95
     text = summary.summary_markdown(result)
     assert "**tiny**: igg w'=10.00 win=global (sweep tiny-igg), FID 7.50 [7.00, 8.00]" in text
     assert "separated from the runner-up tiny-cfg" in text
@@ -238,22 +237,22 @@ def test_summarize_gains_and_the_best_guidance_per_backbone():
 
 def test_the_summary_shows_the_whole_range_igg_against_cfg_and_the_proxy():
     sweep = best("tiny_small", "auto", "cfg", (24.0, 23.0, 25.0), None, w_cfg=20.0)
-    curve = {"kind": "cfg", "num_images": 256, "total": [0.25, 4.0, 20.0], "fid": [80.0, 45.0, 26.0],
-             "fid_low": [75.0, 40.0, 24.0], "fid_high": [85.0, 50.0, 28.0], "smoothed": [79.0, 44.0, 26.5]}
-    sweep.update(curves={"cfg": curve}, proxy_rho={"value": -0.5, "low": -0.8, "high": -0.1, "n": 33},
-                 versus={"verdict": "CFG beats IGG on this backbone: FID(CFG) - FID(IGG) = -3 [-5, -1]"})
+    curve = CurveRecord("cfg", 256, [0.25, 4.0, 20.0], [80.0, 45.0, 26.0], [75.0, 40.0, 24.0], [85.0, 50.0, 28.0],
+                        [79.0, 44.0, 26.5])
+    sweep = dataclasses.replace(sweep, curves={"cfg": curve}, proxy_rho=RhoRecord(-0.5, -0.8, -0.1, 33), versus=Versus(
+        -3.0, -5.0, -1.0, verdict="CFG beats IGG on this backbone: FID(CFG) - FID(IGG) = -3 [-5, -1]"))
     result = summary.summarize([sweep])
-    assert result["curves"] == {"tiny_small-auto": {"cfg": curve}}
+    assert result.curves == {"tiny_small-auto": {"cfg": curve}}
     text = summary.summary_markdown(result)
     assert "- **tiny_small-auto**: CFG beats IGG on this backbone" in text
     assert "ρ(gap, FID) = -0.50 [-0.80, -0.10] over 33 screened points" in text and "wrong way" in text
-    with_curves, without = summary.summary_png(result), summary.summary_png({**result, "curves": {}})
+    with_curves, without = summary.summary_png(result), summary.summary_png(dataclasses.replace(result, curves={}))
     assert with_curves[:4] == b"\x89PNG" and len(with_curves) > len(without)  # the curve panel is drawn
 
 
 def test_summarize_names_and_a_single_sweep():
     result = summary.summarize([best("tiny", "auto", "cfg", (9.0, 8.0, 10.0), (9.0, 8.0, 10.0), w_cfg=1.5)],
                                names=["run1"])
-    assert result["jobs"][0]["sweep"] == "run1" and result["jobs"][0]["gain"] == 0.0
-    assert result["backbones"]["tiny"]["runner_up"] is None and result["backbones"]["tiny"]["separated"] is None
+    assert result.jobs[0].sweep == "run1" and result.jobs[0].gain == 0.0
+    assert result.backbones["tiny"].runner_up is None and result.backbones["tiny"].separated is None
     assert "the only sweep of this backbone" in summary.summary_markdown(result)

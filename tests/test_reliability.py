@@ -41,7 +41,7 @@ from sweep_fixtures import (
 
 from pipeline.backbones.var import VARConfig, random_var
 from pipeline.backbones.vqvae import VQVAEConfig
-from pipeline.report import Best, read_best, write_best
+from pipeline.best import Best, Checkpoint, Cost, Sampling, read_best, write_best
 from pipeline.sweep import main
 from pipeline.tracking import PARENT_TAG, ROLE_TAG, STAGE_TAG, TRIAL_TAG
 from tuners.studies import RECORD, record_of, study_name
@@ -331,13 +331,14 @@ def test_port_that_is_not_ray_is_named(bad_files, tmp_path, capsys):
 CRASH_BEFORE_RENAME = """
 import os, sys
 from pathlib import Path
-from pipeline import fid, report
+from pipeline import best, fid
 def crash(*args):  # the process dies after the temp file is written, before it replaces the target
     os.kill(os.getpid(), 9)
 os.replace = crash
 if sys.argv[1] == "best":
-    report.write_best(sys.argv[2], report.Best("tiny", "cfg", "cfg", 9.0, None, None, 99.0, 98.0, 100.0, 64,
-                                               {"w_cfg": "inside"}, None, None, None, {}, {}, {}))
+    sampling = best.Sampling("linear", 0, None, 0, 0.0, 1, 0, 64, 0.95, "200 resamples", [1, 2], "i % 8", "seeds")
+    best.write_best(sys.argv[2], best.Best("tiny", "cfg", "cfg", 9.0, None, None, 99.0, 98.0, 100.0, 64,
+                                           {"w_cfg": "inside"}, None, None, None, {}, sampling, {}))
 else:
     weights, cache = sys.argv[2:]
     evaluator = fid.FidEvaluator("guidetune-tiny", weights_path=weights, batch_size=20, cache_dir=cache)
@@ -353,8 +354,9 @@ def crash_before_rename(*args: str) -> None:
 
 def test_crash_before_rename_keeps_the_old_best_yaml(tmp_path):
     path = tmp_path / "best.yaml"
+    sampling = Sampling("linear", 0, None, 0, 0.0, 1, 0, 64, 0.95, "200 resamples", [1, 2], "i % 8", "seeds")
     old = Best("tiny", "cfg", "cfg", 2.0, None, None, 12.5, 11.0, 14.0, 64, {"w_cfg": "inside"}, None, None, None,
-               {}, {}, {})
+               {"total": Cost(3, 192, 1.5)}, sampling, {"var_ckpt": Checkpoint("var.pt", "0" * 64)})
     write_best(path, old)
     crash_before_rename("best", str(path))
     assert read_best(path) == old  # never half-written: the old file, whole

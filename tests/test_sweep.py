@@ -19,8 +19,8 @@ from sweep_fixtures import PATCH_NUMS, micro_overrides, write_micro_backbone
 
 from pipeline import generate
 from pipeline.backbones.var import load_var
+from pipeline.best import BEST_KEYS, read_best
 from pipeline.fid import FidEvaluator
-from pipeline.report import BEST_KEYS, read_best
 from pipeline.sweep import main
 from pipeline.tracking import ROLE_TAG, STAGE_TAG
 from tuners.scoring import FeatureBank
@@ -64,23 +64,23 @@ def test_best_yaml_and_report(sweep):
     assert best.fid_low <= best.fid <= best.fid_high
     # the last rung decides, unless a rung left one finalist (every other one worse beyond noise): then the race
     # stops there and the runner-up's margin is separated at that N
-    assert best.num_images == 72 or (best.num_images == 48 and best.margin["separated"]
-                                     and best.margin["num_images"] == 48)
+    assert best.num_images == 72 or (best.num_images == 48 and best.margin.separated
+                                     and best.margin.num_images == 48)
     assert set(best.at_bound) == {w for w in ("w_cfg", "w_igg") if getattr(best, w) is not None}
     assert set(best.at_bound.values()) <= {"inside", "low", "cap"}
-    assert best.margin is None or best.margin["low"] <= best.margin["diff"] <= best.margin["high"]
-    assert best.default["w_cfg"] == 1.5 and best.default["num_images"] in (48, 72)
+    assert best.margin is None or best.margin.low <= best.margin.diff <= best.margin.high
+    assert best.default.w_cfg == 1.5 and best.default.num_images in (48, 72)
     assert set(best.cost) == {"proxy", "screen", "refine", "confirm", "total"}
-    regions = sum(b["refined"] for b in best.basins)
-    assert 1 <= regions <= 3 and best.basins[0]["refined"] and best.basins[0]["worse"] is None
-    assert best.cost["refine"]["trials"] == REFINE * regions and best.cost["refine"]["images"] == 24 * REFINE * regions
-    assert best.cost["screen"]["images"] >= 24 * POINTS * len(KINDS)  # every kind over the range (+ the proxy's picks)
-    assert best.cost["total"]["images"] == sum(best.cost[s]["images"] for s in ("proxy", "screen", "refine",
+    regions = sum(b.refined for b in best.basins)
+    assert 1 <= regions <= 3 and best.basins[0].refined and best.basins[0].worse is None
+    assert best.cost["refine"].trials == REFINE * regions and best.cost["refine"].images == 24 * REFINE * regions
+    assert best.cost["screen"].images >= 24 * POINTS * len(KINDS)  # every kind over the range (+ the proxy's picks)
+    assert best.cost["total"].images == sum(best.cost[s].images for s in ("proxy", "screen", "refine",
                                                                                  "confirm"))
-    assert best.proxy_rho["low"] <= best.proxy_rho["value"] <= best.proxy_rho["high"]
-    assert best.proxy_rho["n"] >= POINTS * len(KINDS)
-    assert best.versus["low"] <= best.versus["diff"] <= best.versus["high"] and "CFG" in best.versus["verdict"]
-    assert len(best.checkpoints["var_ckpt"]["sha256"]) == 64
+    assert best.proxy_rho.low <= best.proxy_rho.value <= best.proxy_rho.high
+    assert best.proxy_rho.n >= POINTS * len(KINDS)
+    assert best.versus.low <= best.versus.diff <= best.versus.high and "CFG" in best.versus.verdict
+    assert len(best.checkpoints["var_ckpt"].sha256) == 64
     report = (out / "report.md").read_text()
     assert "separated" in report and "| stage | trials | images sampled | worker s |" in report
     rows = [line for line in report.splitlines() if line.startswith("| w") and "|" in line[2:]]
@@ -174,8 +174,8 @@ def test_generate_samples_exactly_the_winner_the_sweep_scored(sweep, tmp_path, c
                              batch_size=cfg.confirm.batch_size, progress=False)
     backbone = load_var(cfg.backbone.vae_ckpt, cfg.backbone.var_ckpt)
     again_NF = evaluator.features(generate.images(backbone, cfg))[evaluator.feature_layer]
-    bank = FeatureBank(best_yaml(sweep).parent / "features", [0, 24, 48, 72], best.sampling["sweep_seed"])
-    assert bank.seed_of(winner) == best.sampling["seed"] != best.sampling["sweep_seed"]  # the winner's own seeds
+    bank = FeatureBank(best_yaml(sweep).parent / "features", [0, 24, 48, 72], best.sampling.sweep_seed)
+    assert bank.seed_of(winner) == best.sampling.seed != best.sampling.sweep_seed  # the winner's own seeds
     scored_NF = bank.get(winner, best.num_images, [evaluator.feature_layer])[evaluator.feature_layer]
     torch.testing.assert_close(again_NF, scored_NF, rtol=1e-4, atol=1e-4)  # the images the race scored
 
@@ -183,7 +183,7 @@ def test_generate_samples_exactly_the_winner_the_sweep_scored(sweep, tmp_path, c
 def test_generate_refuses_another_checkpoint_and_bad_keys(sweep, tmp_path, capsys):
     best = read_best(best_yaml(sweep))
     other = tmp_path / "var.pt"
-    other.write_bytes(Path(best.checkpoints["var_ckpt"]["path"]).read_bytes() + b"\0")
+    other.write_bytes(Path(best.checkpoints["var_ckpt"].path).read_bytes() + b"\0")
     out = tmp_path / "never"
     for args, match in (
         ([f"backbone.var_ckpt={other}"], "is not the checkpoint the sweep used"),
