@@ -52,11 +52,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from benchdoc import ROOT, provenance, publish
-from omegaconf import OmegaConf
+from benchdoc import provenance, publish
 from scipy.stats import spearmanr
 
-from pipeline.config import WEIGHTS_DIR, SearchConfig
+from pipeline.config import SearchConfig, load_config
 from pipeline.files import atomic_write
 
 SECTION = "Reference grid"        # the default backbone's; another's is "Reference grid (NAME)"
@@ -84,17 +83,9 @@ RUNGS = (256, 512, 1024, 2048, 4096)
 
 
 def backbone_checkpoints(name: str) -> dict[str, str]:
-    """vae_ckpt and var_ckpt of conf/backbone/NAME.yaml, ``${weights:...}`` resolved to the embedded weights
-    folder as pipeline.config does; read from that file alone, so that a grid resumes while the rest of conf/ is
-    being edited."""
-    if not OmegaConf.has_resolver("weights"):
-        OmegaConf.register_new_resolver("weights", lambda file: str(WEIGHTS_DIR / file))
-    conf = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "backbone" / f"{name}.yaml"), resolve=True)
-    out = {key: str(conf[key]) for key in ("vae_ckpt", "var_ckpt")}
-    for key, path in out.items():
-        if not Path(path).is_file():
-            raise SystemExit(f"conf/backbone/{name}.yaml: {key}={path} is not a file")
-    return out
+    """vae_ckpt and var_ckpt of the composed conf/backbone/NAME.yaml (backbones extend one another)."""
+    conf = load_config([f"backbone={name}"]).backbone
+    return {"vae_ckpt": str(conf.vae_ckpt), "var_ckpt": str(conf.var_ckpt)}
 
 
 def default_cache(backbone: str) -> Path:
@@ -240,7 +231,7 @@ def load_walls(cache: Path, p: Point, seed: int) -> dict[int, float]:
 def sample_task(args: tuple[str, Point, int, int]) -> tuple[Point, int, int, float]:
     """Extend the cached features of (point, seed) to n images; returns (point, seed, n, seconds spent)."""
     from pipeline.sampling import sample
-    from tuners.samplers import derive_seed
+    from pipeline.seeds import derive_seed
     cache, p, seed, n = Path(args[0]), args[1], args[2], args[3]
     have = load_features(cache, p, seed)
     have = np.zeros((0, 0), np.float32) if have is None else have
@@ -265,7 +256,7 @@ def proxy_task(p_seed: tuple[Point, int]) -> tuple[Point, int, dict[str, float]]
     """The sweep's default proxy trial: 32 images, one batch, seed derive_seed(seed, 0), trial-level signals."""
     from pipeline.metrics import trial_mean
     from pipeline.sampling import sample
-    from tuners.samplers import derive_seed
+    from pipeline.seeds import derive_seed
     p, seed = p_seed
     labels = torch.arange(PROXY_IMAGES) % NUM_CLASSES
     result = sample(_W["backbone"], labels, w_cfg=p.w_cfg, w_igg=p.w_igg, window=p.window,

@@ -95,7 +95,7 @@ def answer(cfg: SweepConfig, winner: Racer, margin: Margin | None, racers: list[
             drop_uncond=cfg.backbone.drop_uncond,
             labels=("image i: class i*P mod C (pipeline.sampling.spread_labels)" if cfg.backbone.kind == "var"
                     else f"image i: prompt i*P mod N of {cfg.backbone.prompts} (pipeline.sampling.spread_prompts)"),
-            batch_seeds="derive_seed(seed, batch index) (tuners.samplers); seed: the winner's "
+            batch_seeds="derive_seed(seed, batch index) (pipeline.seeds); seed: the winner's "
                         "(tuners.scoring.candidate_seed of sweep_seed)"),
         checkpoints={key: Checkpoint(getattr(cfg.backbone, key), file_digest(getattr(cfg.backbone, key)))
                      for key in checkpoint_keys(cfg.backbone)},

@@ -33,7 +33,7 @@ from torch import Tensor
 from pipeline.backbones.base import ScaleWiseBackbone, TextToImageBackbone
 from pipeline.guidance import guide, schedule_ratio
 from pipeline.metrics import divergence, evenness, vocab_evenness
-from tuners.samplers import derive_seed
+from pipeline.seeds import derive_seed
 
 if TYPE_CHECKING:
     from pipeline.config import SweepConfig

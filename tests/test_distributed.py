@@ -31,8 +31,8 @@ from pipeline.fid import FidEvaluator
 from pipeline.metrics import trial_mean
 from pipeline.preflight import fid_reference
 from pipeline.sampling import sample, spread_labels
+from pipeline.seeds import derive_seed
 from tuners.jobs import SIGNALS, Job
-from tuners.samplers import derive_seed
 from tuners.space import Candidate
 
 MIXED = Candidate(w_cfg=2.0, w_igg=1.0, window=3)

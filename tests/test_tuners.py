@@ -21,11 +21,12 @@ from optuna.trial import TrialState
 
 from pipeline.config import BackboneConfig, ConfirmConfig, ProxyConfig, RefineConfig, ScreenConfig, SearchConfig
 from pipeline.fid import FidEvaluator, Reference
+from pipeline.seeds import derive_seed
 from tuners.confirm import DEFAULT, REFINED, Racer, RaceStage, default_candidate
 from tuners.jobs import Done, Evaluation, Job
 from tuners.proxy import ProxyStage, gap_name, gaps_of
 from tuners.refine import RefineStage, Start
-from tuners.samplers import derive_seed, make_sampler
+from tuners.samplers import make_sampler
 from tuners.scoring import FeatureBank, Scorer, candidate_seed
 from tuners.screen import Curve, Rho, ScreenStage, curves_of, descend, spacing, total, totals
 from tuners.space import Candidate, Ranges, Region, design_points, from_params, suggest, trial_params

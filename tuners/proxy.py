@@ -19,9 +19,10 @@ from optuna.trial import TrialState
 
 from pipeline.config import ProxyConfig, SearchConfig
 from pipeline.metrics import equilibrium_gap
+from pipeline.seeds import derive_seed
 from tuners.driver import drive
 from tuners.jobs import DIVERGENCE_SIGNAL, EVENNESS_SIGNAL, Done, Job, Observer, Pool, TrialRecord
-from tuners.samplers import derive_seed, make_sampler
+from tuners.samplers import make_sampler
 from tuners.space import Candidate, Ranges, design_points, from_params, suggest, trial_params
 from tuners.studies import counts_toward_budget, fail_stale, reason_of, record_of, tell
 

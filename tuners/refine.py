@@ -32,9 +32,10 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from pipeline.config import RefineConfig, SearchConfig
 from pipeline.guidance import KINDS
+from pipeline.seeds import derive_seed
 from tuners.driver import drive
 from tuners.jobs import Done, Job, Observer, Pool, TrialRecord
-from tuners.samplers import derive_seed, make_sampler
+from tuners.samplers import make_sampler
 from tuners.scoring import FeatureBank, Scorer, scored_record
 from tuners.space import WEIGHTS, Candidate, Region, from_params, interval_code, suggest, trial_params
 from tuners.studies import RECORD, counts_toward_budget, fail_stale, reason_of, record_of, tell

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import optuna
 
 from pipeline.config import SAMPLERS
@@ -23,8 +22,3 @@ def make_sampler(name: str, seed: int, n_startup_trials: int) -> optuna.samplers
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise ValueError(f"sampler={name!r} is unknown; choose one of {', '.join(SAMPLERS)}")
-
-
-def derive_seed(seed: int, index: int) -> int:
-    """An independent seed for item `index` of a run seeded with `seed` (NumPy SeedSequence of the pair)."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])

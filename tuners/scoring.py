@@ -29,8 +29,8 @@ from pipeline.fid import FidEvaluator, Reference
 from pipeline.files import atomic_write
 from pipeline.metrics import bootstrap_fid, normal_interval, resample_counts
 from pipeline.sampling import spread_labels
+from pipeline.seeds import derive_seed
 from tuners.jobs import CLIP_LAYER, Done, Job, TrialRecord
-from tuners.samplers import derive_seed
 from tuners.space import Candidate
 
 
