@@ -34,7 +34,7 @@ from pipeline.config import ConfigError, LauncherConfig, SweepConfig
 from pipeline.fid import FidEvaluator, Reference
 from pipeline.internals import ray_node_address, ray_single_node
 from pipeline.metrics import trial_mean
-from pipeline.report import heatmap_png, sample_grid_png
+from pipeline.render import heatmap_png, sample_grid_png
 from pipeline.sampling import Sampling, seeded_batches, sweep_conditions
 from tuners.jobs import CLIP_LAYER, SIGNALS, Done, Evaluation, Job
 

@@ -27,13 +27,13 @@ from pipeline.config import SweepConfig
 from pipeline.fid import file_digest
 from pipeline.files import atomic_write
 from pipeline.guidance import KINDS
+from pipeline.render import signals_vs_weight_png
 from pipeline.report import (
     curves_png,
     race_table,
     report_markdown,
     screen_curves,
     screen_table,
-    signals_vs_weight_png,
 )
 from pipeline.tracking import Tracker
 from tuners.confirm import DEFAULT, Margin, Racer, RaceResult

@@ -37,7 +37,7 @@ from pipeline.best import Best, CurveRecord, plain, read_best
 from pipeline.config import ConfigError, compose_config
 from pipeline.files import atomic_write, store_lock
 from pipeline.guidance import KINDS
-from pipeline.report import log_weight_axis
+from pipeline.render import log_weight_axis
 from pipeline.tracking import ROLE_TAG, artifact_root
 from tuners.screen import Rho
 from tuners.space import Candidate

@@ -19,7 +19,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from pipeline.report import sample_grid_png
+from pipeline.render import sample_grid_png
 from pipeline.tracking import (
     CONFIG_ARTIFACT,
     HOST_TAG,
