@@ -36,7 +36,7 @@ from pipeline.report import (
     screen_table,
 )
 from pipeline.tracking import Tracker
-from tuners.confirm import DEFAULT, Margin, Racer, RaceResult
+from tuners.confirm import DEFAULT, REFINED, Margin, Racer, RaceResult
 from tuners.jobs import DIVERGENCE_SIGNAL, EVENNESS_SIGNAL, TrialRecord
 from tuners.proxy import ProxyResult
 from tuners.scoring import FeatureBank, Scorer, candidate_seed
@@ -150,11 +150,11 @@ def screened_ranges(kinds: list[str], cfg: SweepConfig) -> Ranges:
 
 def versus(racers: list[Racer], screen: ScreenResult, bank: FeatureBank, scorer: Scorer) -> Versus | None:
     """IGG against CFG (None unless the sweep has both kinds): FID(CFG's best) − FID(IGG's best) on the most images
-    both have, with its interval. A kind's best is its best finalist (most images, then lowest FID), else its best
-    screened point."""
+    both have, with its interval. A kind's best is its best refined finalist (most images, then lowest FID; the
+    published default CFG is not CFG's best), else its best screened point."""
     best: dict[str, tuple[Candidate, int]] = {}
     for kind in ("cfg", "igg"):
-        mine = [r for r in racers if r.candidate.kind == kind and r.scores]
+        mine = [r for r in racers if r.candidate.kind == kind and r.scores and r.role == REFINED]
         if mine:
             r = min(mine, key=lambda r: (-r.reached, r.fid))
             best[kind] = (r.candidate, r.reached)

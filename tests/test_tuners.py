@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from pipeline.config import BackboneConfig, ConfirmConfig, ProxyConfig, RefineConfig, ScreenConfig, SearchConfig
 from pipeline.fid import FidEvaluator, Reference
+from pipeline.outputs import versus
 from pipeline.seeds import derive_seed
 from tuners.confirm import DEFAULT, REFINED, Racer, RaceStage, default_candidate
 from tuners.jobs import Done, Evaluation, Job
@@ -28,7 +29,19 @@ from tuners.proxy import ProxyStage, gap_name, gaps_of
 from tuners.refine import RefineStage, Start
 from tuners.samplers import make_sampler
 from tuners.scoring import FeatureBank, Scorer, candidate_seed
-from tuners.screen import Curve, Rho, ScreenStage, curves_of, descend, spacing, total, totals
+from tuners.screen import (
+    Basin,
+    Curve,
+    Rho,
+    ScreenPoint,
+    ScreenResult,
+    ScreenStage,
+    curves_of,
+    descend,
+    spacing,
+    total,
+    totals,
+)
 from tuners.space import Candidate, Ranges, Region, design_points, from_params, suggest, trial_params
 from tuners.studies import RECORD, fail_stale, job_key, open_study, record_of, study_name
 from tuners.surrogate import log_weights, posterior_mean
@@ -671,3 +684,19 @@ def test_a_region_starts_from_the_screened_points_without_drawing_them_again(tmp
     assert all(record_of(t).images == 0 for t in told[: len(seeds)])  # their images count in the screen's cost
     assert {from_params(t.params) for t in told[: len(seeds)]} == {Candidate(**r.candidate) for r in seeds}
     assert abs(math.log1p(refined.finalists(1, 2, 0.0)[0][0].w_cfg) - U_B) <= result.spacing
+
+
+def test_igg_against_cfg_takes_cfgs_best_not_the_published_default(tmp_path, scorer):
+    b = bank(tmp_path)
+    cfg_best, default, igg = Candidate(9.0, None, None), Candidate(1.5, None, None), Candidate(None, 18.0, None)
+    for c in (cfg_best, default, igg):
+        for start, n in ((0, 16), (16, 32)):
+            job = Job(c, n, b.seed_of(c), fid=True, start=start)
+            b.put(job, {"features": features(job)})
+    racers = [Racer(igg, REFINED, scores={32: {"fid": 1.0}}), Racer(default, DEFAULT, scores={32: {"fid": 9.0}})]
+    point = ScreenPoint(Curve("cfg"), 9.0, scores={16: {"fid": 1.0}})
+    screen = ScreenResult([point], [Basin(point, 1.0)], [], 16, 0.36, None)
+    result = versus(racers, screen, b, scorer)  # CFG's best is its screened basin, not the default in the race
+    assert (result.cfg, result.igg, result.num_images) == (cfg_best.label(), igg.label(), 16)
+    assert result.low <= result.diff <= result.high and result.verdict.endswith("includes 0") == (result.low <= 0
+                                                                                                  <= result.high)
