@@ -105,6 +105,26 @@ def backbone_mismatch(name: str, best: dict, ckpts: dict[str, str]) -> str | Non
     return None
 
 
+def rho_cell(best: dict) -> str:
+    """The sweep's ρ(gap, FID) over its screened points, with its interval ("-" before the screen existed)."""
+    r = best.get("proxy_rho")
+    return "-" if not r else f"{r['value']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}]"
+
+
+def stage_costs(bests: list[dict]) -> list[str]:
+    """Table rows: per stage of the default sweeps, images and worker seconds, mean (min-max)."""
+    stages = list(dict.fromkeys(k for b in bests for k in b["cost"]))
+    lines = [f"Cost per stage over the {len(bests)} default sweeps, mean (min-max):", "",
+             "| stage | images | worker s |", "|---|---:|---:|"]
+    for stage in stages:
+        cells = []
+        for key in ("images", "worker_s"):
+            values = [b["cost"][stage][key] for b in bests if stage in b["cost"]]
+            cells.append(f"{statistics.mean(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})")
+        lines.append(f"| {stage} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
 def variant_arg(text: str) -> tuple[str, list[int]]:
     """``name`` or ``name@s1,s2,...``: a variant and its sweep seeds (none given: the first of --seeds)."""
     name, _, seeds = text.partition("@")
@@ -227,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         by_variant.setdefault(variant, {})[seed] = (ratio, c["images"])
         rows.append(f"| {name} | {variant} | {seed} | {pt.label()} | {b['fid']:.2f} [{b['fid_low']:.2f}, "
                     f"{b['fid_high']:.2f}] | {statistics.mean(fids.values()):.3f} | {ratio:.3f} | {worst:.3f} | "
-                    f"{c['images']} | {c['worker_s']:.0f} | {f'{wall / 60:.1f}' if math.isfinite(wall) else '-'} |")
+                    f"{c['images']} | {c['worker_s']:.0f} | {f'{wall / 60:.1f}' if math.isfinite(wall) else '-'} | "
+                    f"{rho_cell(b)} |")
     variant_lines = []
     for variant, runs in by_variant.items():
         if variant in ("default", "earlier settings"):
@@ -261,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         "the sweep seed). Wall minutes: the run that finished the sweep (a finished sweep is read, not rerun).",
         "",
         "| sweep | variant | seed | answer | sweep's FID [95 %] | re-measured FID | ÷ grid best | worst seed "
-        "| images | worker s | wall min |",
-        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
+        "| images | worker s | wall min | ρ(gap, FID) [95 %] |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|",
         *rows,
         "",
         f"Default sweeps: answer ÷ grid best {min(ratios):.3f} to {max(ratios):.3f} over {len(ratios)} seeds "
@@ -271,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
            "ratio a few percent either side of 1 is inside the noise of this re-measurement." if three_seeds else ""),
         "",
         *([*variant_lines, ""] if variant_lines else []),
+        *stage_costs([a[2] for a in answers.values() if a[1] == "default"]),
+        "",
         f"Cost baseline, a RandAR-style grid scaled to this backbone (w from 2 to 8 in steps of 0.5 at "
         f"{BASELINE_N} images per point, the best rerun at {BASELINE_BEST_N}): CFG and IGG alone "
         f"{baseline_1d:,} images; with mixed guidance on the same 13 x 13 grid {baseline_all:,} images. The default "
