@@ -8,7 +8,7 @@ a branch name at import) in an environment that also has what it imports (diffus
 pytz); it is not needed by the tests, nor committed. Without it only the parity table (from the committed fixtures)
 and IGG's overhead are measured.
 
-1. Parity: tests/data/switti/reference.pt, the official pipeline's tokens for 15 settings on tiny random weights
+1. Parity: tests/data/switti/reference.pt, the official pipeline's tokens for 20 settings on tiny random weights
    (made by tests/switti_reference.py), against our sampler on the same Hub folders.
 2. Speed: a random Switti of depth ``--depth`` and width 64 per head at the 256 px schedule (680 tokens), vocabulary
    4096, the tiny CLIP towers of the fixtures and a small VQVAE decoder, built once with the official classes and
