@@ -426,32 +426,15 @@ def validate(cfg: SweepConfig) -> None:
         _choice("confirm.metrics", metric, FID_METRICS)
     if "fid" not in c.metrics:
         raise ConfigError("confirm.metrics must include fid (it ranks the candidates); e.g. confirm.metrics=[fid,isc]")
-    for key, value in (
-        ("search.n_startup_trials", s.n_startup_trials),
-        ("search.max_weight", s.max_weight),
-        ("refine.n_trials", r.n_trials),
-        ("refine.num_images", r.num_images),
-        ("screen.regions", cfg.screen.regions),
-        ("refine.n_startup_trials", r.n_startup_trials),
-        ("refine.lengthscale", r.lengthscale),
-        ("refine.min_weight", r.min_weight),
-        ("confirm.finalists", c.finalists),
-        ("confirm.final_max", c.final_max),
-        ("confirm.bootstrap", c.bootstrap),
-        ("proxy.num_images", p.num_images),
-        ("proxy.batch_size", p.batch_size),
-        ("confirm.batch_size", c.batch_size),
-        ("confirm.reference_num_images", c.reference_num_images),
-        ("sweep.grid_images", cfg.sweep.grid_images),
-        ("sweep.grid_nrow", cfg.sweep.grid_nrow),
-        ("sweep.heatmap_images", cfg.sweep.heatmap_images),
-        ("launcher.workers", la.workers),
-        ("launcher.cpus_per_worker", la.cpus_per_worker),
-        ("launcher.gpus_per_worker", la.gpus_per_worker),
-        ("launcher.object_store_memory", la.object_store_memory),
-        ("launcher.connect_timeout_s", la.connect_timeout_s),
+    for key in (
+        "search.n_startup_trials", "search.max_weight", "refine.n_trials", "refine.num_images", "screen.regions",
+        "refine.n_startup_trials", "refine.lengthscale", "refine.min_weight", "confirm.finalists",
+        "confirm.final_max", "confirm.bootstrap", "proxy.num_images", "proxy.batch_size", "confirm.batch_size",
+        "confirm.reference_num_images", "sweep.grid_images", "sweep.grid_nrow", "sweep.heatmap_images",
+        "launcher.workers", "launcher.cpus_per_worker", "launcher.gpus_per_worker", "launcher.object_store_memory",
+        "launcher.connect_timeout_s",
     ):
-        _positive(key, value)
+        _positive(key, functools.reduce(getattr, key.split("."), cfg))
     if la.num_cpus is not None and la.num_cpus < la.workers * la.cpus_per_worker:
         raise ConfigError(
             f"launcher.num_cpus={la.num_cpus} is fewer than launcher.workers x cpus_per_worker "

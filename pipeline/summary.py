@@ -21,7 +21,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -58,11 +58,10 @@ def _num(x: float | None) -> float:
 
 
 @dataclass
-class JobRow:
-    """One sweep's line of the summary: its answer and FID interval, the default CFG's, and the gain over it."""
+class Answer:
+    """A sweep's answer: its guidance and its FID with the interval at N."""
 
     sweep: str
-    backbone: str
     guidance: str
     kind: str
     w_cfg: float | None
@@ -72,7 +71,14 @@ class JobRow:
     fid_low: float
     fid_high: float
     num_images: int
-    separated: bool | None  # from the sweep's runner-up
+
+
+@dataclass
+class JobRow(Answer):
+    """One sweep's line of the summary: its answer and FID interval, the default CFG's, and the gain over it."""
+
+    backbone: str = ""
+    separated: bool | None = None  # from the sweep's runner-up
     default_w_cfg: float | None = None
     default_fid: float | None = None
     default_fid_low: float | None = None
@@ -109,24 +115,14 @@ class RunnerUp:
 
 
 @dataclass
-class BackboneBest:
+class BackboneBest(Answer):
     """The best guidance among one backbone's sweeps (lowest FID), and whether its interval clears the runner-up's."""
 
-    sweep: str
-    guidance: str
-    kind: str
-    w_cfg: float | None
-    w_igg: float | None
-    window: int | None
-    fid: float
-    fid_low: float
-    fid_high: float
-    num_images: int
-    gain: float | None
-    gain_pct: float | None
-    runner_up: RunnerUp | None
-    separated: bool | None  # the two intervals do not overlap
-    same_num_images: bool  # FID falls with N: compare at one N
+    gain: float | None = None
+    gain_pct: float | None = None
+    runner_up: RunnerUp | None = None
+    separated: bool | None = None  # the two intervals do not overlap
+    same_num_images: bool = True  # FID falls with N: compare at one N
 
     @classmethod
     def of(cls, rows: Sequence[JobRow]) -> BackboneBest:
@@ -136,9 +132,7 @@ class BackboneBest:
         if runner is not None and best.fid_high is not None and runner.fid_low is not None:
             separated = runner.fid_low > best.fid_high
         return cls(
-            sweep=best.sweep, guidance=best.guidance, kind=best.kind, w_cfg=best.w_cfg, w_igg=best.w_igg,
-            window=best.window, fid=best.fid, fid_low=best.fid_low, fid_high=best.fid_high,
-            num_images=best.num_images, gain=best.gain, gain_pct=best.gain_pct,
+            **{f.name: getattr(best, f.name) for f in fields(Answer)}, gain=best.gain, gain_pct=best.gain_pct,
             runner_up=None if runner is None else RunnerUp(runner.sweep, runner.kind, runner.fid, runner.fid_low,
                                                            runner.fid_high),
             separated=separated, same_num_images=len({r.num_images for r in ranked}) == 1)

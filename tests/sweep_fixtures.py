@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import optuna
 import torch
 
 from pipeline.backbones.var import VARConfig, random_var
 from pipeline.backbones.vqvae import VQVAEConfig
 from pipeline.data.classifier import ClassifierConfig, ShapeClassifier, save_classifier
+from tuners.studies import RECORD, record_of, study_name
 
 PATCH_NUMS = (1, 2, 4)
 FEATURE_DIM = 16  # FID needs more images than this
@@ -50,3 +52,20 @@ def micro_overrides(paths: dict[str, Path], root: Path) -> list[str]:
         f"backbone.patch_nums=[{','.join(map(str, PATCH_NUMS))}]",
         f"confirm.extractor_weights={paths['cls']}",
     ]
+
+
+LEDGERS = ("screen", "confirm")  # studies whose trials are fixed jobs (user attr ``job``), not searched parameters
+
+
+def study_trials(storage: str, name: str, stages: tuple[str, ...]) -> dict[str, list[optuna.trial.FrozenTrial]]:
+    """The trials of a sweep's studies by stage; a study not created yet (a refinement region is opened after the
+    screen) has none."""
+    existing = set(optuna.get_all_study_names(storage))
+    return {stage: optuna.load_study(study_name=study_name(name, stage), storage=storage).trials
+            if study_name(name, stage) in existing else [] for stage in stages}
+
+
+def ran(stage: str, trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a trial was run by its own stage, not told to it: a refinement region's first trials are the screen's
+    points around its basin (their record says screen, and their MLflow run is the screen's)."""
+    return not (stage.startswith("refine/") and RECORD in trial.user_attrs and record_of(trial).stage == "screen")

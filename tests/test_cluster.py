@@ -22,10 +22,20 @@ import pytest
 from loopback import HEAD, in_namespace, processes_in
 from mlflow import MlflowClient
 from optuna.trial import TrialState
-from sweep_fixtures import SMALL_DESIGN, SMALL_STUDIES, SMALL_SWEEP, SMALL_TRIALS, micro_overrides, write_micro_backbone
+from sweep_fixtures import (
+    LEDGERS,
+    SMALL_DESIGN,
+    SMALL_STUDIES,
+    SMALL_SWEEP,
+    SMALL_TRIALS,
+    micro_overrides,
+    ran,
+    study_trials,
+    write_micro_backbone,
+)
 
 from pipeline.tracking import HOST_TAG, NODE_TAG, PARENT_TAG, ROLE_TAG, STAGE_TAG, TRIAL_TAG
-from tuners.studies import RECORD, study_name
+from tuners.studies import RECORD
 
 TESTS = Path(__file__).resolve().parent
 CLUSTER = ["launcher=cluster", f"launcher.address={HEAD}", "launcher.workers=2", "launcher.cpus_per_worker=1"]
@@ -67,9 +77,7 @@ def runs(cluster, name: str) -> tuple:
 
 
 def trials(cluster, name: str) -> dict[str, list[optuna.trial.FrozenTrial]]:
-    storage = f"sqlite:///{cluster['root']}/optuna.db"
-    return {stage: optuna.load_study(study_name=study_name(name, stage), storage=storage).trials
-            for stage in SMALL_STUDIES}
+    return study_trials(f"sqlite:///{cluster['root']}/optuna.db", name, SMALL_STUDIES)
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -137,11 +145,11 @@ def test_every_trial_completes_exactly_once(cluster):
     by_stage = trials(cluster, "lost")
     complete = {s: [t for t in ts if t.state == TrialState.COMPLETE] for s, ts in by_stage.items()}
     assert len(complete["proxy"]) == SMALL_TRIALS + SMALL_DESIGN
-    for stage, done in complete.items():  # a search trial is its parameters; a confirm trial runs a job of its own
-        keys = [json.dumps(t.params, sort_keys=True) if stage != "confirm" else t.user_attrs["job"] for t in done]
+    for stage, done in complete.items():  # a search trial is its parameters; a ledger trial runs a job of its own
+        keys = [json.dumps(t.params, sort_keys=True) if stage not in LEDGERS else t.user_attrs["job"] for t in done]
         assert len(keys) == len(set(keys)), stage
     interrupted = [t for ts in by_stage.values() for t in ts if t.state == TrialState.FAIL]
     assert interrupted and all(RECORD not in t.user_attrs for t in interrupted)  # only the cluster loss failed any
     _, children = runs(cluster, "lost")
     finished = [(r.data.tags[STAGE_TAG], int(r.data.tags[TRIAL_TAG])) for r in children if r.info.status == "FINISHED"]
-    assert sorted(finished) == sorted((s, t.number) for s, done in complete.items() for t in done)
+    assert sorted(finished) == sorted((s, t.number) for s, done in complete.items() for t in done if ran(s, t))

@@ -36,6 +36,8 @@ from sweep_fixtures import (
     SMALL_SWEEP,
     SMALL_TRIALS,
     micro_overrides,
+    ran,
+    study_trials,
     write_micro_backbone,
 )
 
@@ -85,7 +87,7 @@ class Sweep:
 
 
 def snapshot(storage: str, name: str) -> dict[str, list[optuna.trial.FrozenTrial]]:
-    return {stage: optuna.load_study(study_name=study_name(name, stage), storage=storage).trials for stage in STAGES}
+    return study_trials(storage, name, STAGES)
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +194,8 @@ def test_mlflow_runs_match_optuna_after_kills(runs):
         assert all(key not in seen for seen in by_status.values())  # one run per trial
         by_status.setdefault(run.info.status, set()).add(key)
     assert set(by_status) == {"FINISHED", "FAILED", "KILLED"}
-    assert by_status["FINISHED"] == {(s, t.number) for s in STAGES for t in trials[s] if t.state == TrialState.COMPLETE}
+    assert by_status["FINISHED"] == {(s, t.number) for s in STAGES for t in trials[s]
+                                     if t.state == TrialState.COMPLETE and ran(s, t)}
     assert by_status["FAILED"] == {(s, t.number) for s in STAGES for t in trials[s]
                                    if t.state == TrialState.FAIL and RECORD in t.user_attrs}
     stale = {(s, t.number) for s in STAGES for t in trials[s] if t.state == TrialState.FAIL and RECORD not in
