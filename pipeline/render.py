@@ -76,5 +76,5 @@ def signals_vs_weight_png(weight_name: str, rows: list[tuple[float, float, float
 def log_weight_axis(ax: Axes, cap: float) -> None:
     """An x axis in u = log(1 + w), the screen's spacing, with ticks at readable weights up to `cap`."""
     ax.set_xscale("function", functions=(lambda w: np.log1p(np.maximum(w, 0)), np.expm1))
-    ticks = [t for t in (0.25, 0.5, 1, 2, 3, 5, 8, 12, 20, 30, 50, 100) if t <= cap] + [cap]
+    ticks = [t for t in (0.25, 1, 2, 3, 5, 8, 12, 20, 30, 50, 100) if t <= cap] + [cap]
     ax.set_xticks(sorted(set(ticks)), [f"{t:g}" for t in sorted(set(ticks))])
