@@ -43,8 +43,8 @@ import yaml
 from bench_grid import DEFAULT_BACKBONE, GRID_SEEDS, NUM_CLASSES, RUNGS, Grid, Point, default_cache, make_point
 from benchdoc import ROOT, publish
 
-from pipeline.fid import file_digest
-from pipeline.metrics import bootstrap_fid, resample_counts
+from pipeline.core.metrics import bootstrap_fid, resample_counts
+from pipeline.fid.fidelity import file_digest
 
 SECTION = "Answer quality"  # the default backbone's; another's is "Answer quality (NAME)"
 DEFAULT_RUNS = Path("/work/answercache")

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python bench/bench_cluster.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     work = Path(tempfile.mkdtemp(prefix="guidetune-cluster-"))
     atexit.register(shutil.rmtree, work, True)
-    from pipeline.config import load_config
+    from pipeline.config.schema import load_config
     from pipeline.preflight import fid_reference
 
     fid_reference(load_config(sweep_args(work / "root", "local", args.overrides)))  # cached for all three

@@ -35,7 +35,7 @@ import torch
 from benchdoc import provenance, publish
 from mlflow import MlflowClient
 
-from pipeline.tracking import NODE_TAG
+from pipeline.runtime.tracking import NODE_TAG
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "Costs"

@@ -28,8 +28,8 @@ from benchdoc import ROOT, provenance, publish
 from matplotlib.figure import Figure
 
 from pipeline.backbones.var import load_var
-from pipeline.config import load_config
-from pipeline.fid import TINY_EXTRACTOR, FidEvaluator, shapes_source
+from pipeline.config.schema import load_config
+from pipeline.fid.fidelity import TINY_EXTRACTOR, FidEvaluator, shapes_source
 
 SECTION = "Embedded backbones: CFG and IGG curves"
 CFG_WEIGHTS = (0, 1, 1.5, 2, 3, 4, 6, 8, 10, 14, 20)

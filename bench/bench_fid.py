@@ -29,7 +29,7 @@ from torchvision.utils import save_image
 
 from pipeline.data.classifier import SHIPPED_CLASSIFIER, ClassifierConfig, ShapeClassifier, save_classifier
 from pipeline.data.shapes import ShapesConfig, make_batch, random_labels
-from pipeline.fid import TINY_EXTRACTOR, BatchSource, FidEvaluator
+from pipeline.fid.fidelity import TINY_EXTRACTOR, BatchSource, FidEvaluator
 
 SECTION = "FID"
 

@@ -55,8 +55,8 @@ import torch
 from benchdoc import provenance, publish
 from scipy.stats import spearmanr
 
-from pipeline.config import SearchConfig, load_config
-from pipeline.files import atomic_write
+from pipeline.config.schema import SearchConfig, load_config
+from pipeline.data.files import atomic_write
 
 SECTION = "Reference grid"        # the default backbone's; another's is "Reference grid (NAME)"
 DEFAULT_BACKBONE = "tiny"
@@ -67,7 +67,7 @@ REF_SEED = 7919                  # reference images: a seed the sweep never uses
 GRID_SEEDS = (1000, 1001, 1002)  # sampler seeds of the grid, never used by the sweep
 PROXY_SEEDS = (0, 1, 2)          # the sweep's own proxy-trial seeds
 PROXY_IMAGES = 32
-DEFAULT_CFG = 1.5                # the backbone's published CFG weight (pipeline.config default_cfg)
+DEFAULT_CFG = 1.5                # the backbone's published CFG weight (pipeline.config.schema default_cfg)
 SIGNALS = ("token_evenness", "vocab_evenness", "div_uncond", "div_cond")
 KINDS = ("cfg", "igg global", "igg window 3", "mixed global")
 WEIGHTS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 17, 20)
@@ -208,7 +208,7 @@ def _init_worker(threads: int, vae: str | None = None, var: str | None = None) -
     torch.set_num_threads(threads)
     from pipeline.backbones.tiny import TINY_VAE, TINY_VAR
     from pipeline.backbones.var import load_var
-    from pipeline.fid import TINY_EXTRACTOR, FidEvaluator
+    from pipeline.fid.fidelity import TINY_EXTRACTOR, FidEvaluator
     _W["backbone"] = load_var(vae or TINY_VAE, var or TINY_VAR)
     _W["evaluator"] = FidEvaluator(TINY_EXTRACTOR, metrics=["fid"], batch_size=BATCH, progress=False)
 
@@ -230,8 +230,8 @@ def load_walls(cache: Path, p: Point, seed: int) -> dict[int, float]:
 
 def sample_task(args: tuple[str, Point, int, int]) -> tuple[Point, int, int, float]:
     """Extend the cached features of (point, seed) to n images; returns (point, seed, n, seconds spent)."""
-    from pipeline.sampling import sample
-    from pipeline.seeds import derive_seed
+    from pipeline.core.sampling import sample
+    from pipeline.core.seeds import derive_seed
     cache, p, seed, n = Path(args[0]), args[1], args[2], args[3]
     have = load_features(cache, p, seed)
     have = np.zeros((0, 0), np.float32) if have is None else have
@@ -254,9 +254,9 @@ def sample_task(args: tuple[str, Point, int, int]) -> tuple[Point, int, int, flo
 
 def proxy_task(p_seed: tuple[Point, int]) -> tuple[Point, int, dict[str, float]]:
     """The sweep's default proxy trial: 32 images, one batch, seed derive_seed(seed, 0), trial-level signals."""
-    from pipeline.metrics import trial_mean
-    from pipeline.sampling import sample
-    from pipeline.seeds import derive_seed
+    from pipeline.core.metrics import trial_mean
+    from pipeline.core.sampling import sample
+    from pipeline.core.seeds import derive_seed
     p, seed = p_seed
     labels = torch.arange(PROXY_IMAGES) % NUM_CLASSES
     result = sample(_W["backbone"], labels, w_cfg=p.w_cfg, w_igg=p.w_igg, window=p.window,
@@ -272,7 +272,7 @@ class Grid:
     """Cached results: feature files per (point, seed), FID from their prefixes, proxy signals, one JSON."""
 
     def __init__(self, cache: Path, args: argparse.Namespace, command: str):
-        from pipeline.fid import TINY_EXTRACTOR, FidEvaluator, shapes_source
+        from pipeline.fid.fidelity import TINY_EXTRACTOR, FidEvaluator, shapes_source
         self.cache, self.args, self.command = cache, args, command
         self.backbone = getattr(args, "backbone", DEFAULT_BACKBONE)
         self.ckpts = backbone_checkpoints(self.backbone)

@@ -1,10 +1,10 @@
 """The import graph of pipeline/ and tuners/ against the layer map: modules, layers, and every upward import.
 
-Layers, bottom up (a module may import its own layer and the ones below): files and seeds; data and prompts;
-backbones; core (guidance, metrics, sampling, pictures); config; fid (FID, CLIP score); tuners (the stages); runtime
-(Ray, MLflow, library internals, Hydra's command line); outputs (best.yaml, report, summary); entry points
-(preflight, sweep, generate, the Hydra callback). Only module-level imports count (an import inside a function is
-a deliberate late binding).
+Layers, bottom up (a module may import its own layer and the ones below), each a folder of pipeline/: data (files,
+datasets, prompts); backbones; core (guidance, metrics, sampling, seeds, pictures); config; fid (FID, CLIP score); then
+tuners/ (the stages); runtime (Ray, MLflow, library internals, Hydra's command line); outputs (best.yaml, report,
+summary); the entry points at pipeline/'s top (preflight, sweep, generate, the Hydra callback). Only module-level
+imports count (an import inside a function is a deliberate late binding).
 
     python bench/bench_layers.py            # the table and the upward imports
     python bench/bench_layers.py --git REV  # the same for a commit (e.g. the one before the redesign)
@@ -19,16 +19,18 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = [  # (layer, module prefixes), bottom first
-    ("files", ["pipeline.files", "pipeline.seeds"]),
-    ("data", ["pipeline.data", "pipeline.prompts"]),
+LAYERS = [  # (layer, module prefixes), bottom first: pipeline/'s folders (and, for --git of an older commit, the
+    # flat modules they held before the move), tuners/ between fid and runtime
+    ("data", ["pipeline.data", "pipeline.files", "pipeline.prompts"]),
     ("backbones", ["pipeline.backbones"]),
-    ("core", ["pipeline.guidance", "pipeline.metrics", "pipeline.sampling", "pipeline.render"]),
+    ("core", ["pipeline.core", "pipeline.seeds", "pipeline.guidance", "pipeline.metrics", "pipeline.sampling",
+              "pipeline.render"]),
     ("config", ["pipeline.config"]),
     ("fid", ["pipeline.fid", "pipeline.clip_score"]),
     ("tuners", ["tuners"]),
-    ("runtime", ["pipeline.distributed", "pipeline.tracking", "pipeline.internals", "pipeline.app"]),
-    ("outputs", ["pipeline.best", "pipeline.report", "pipeline.outputs", "pipeline.summary"]),
+    ("runtime", ["pipeline.runtime", "pipeline.distributed", "pipeline.tracking", "pipeline.internals",
+                 "pipeline.app"]),
+    ("outputs", ["pipeline.outputs", "pipeline.best", "pipeline.report", "pipeline.summary"]),
     ("entry", ["pipeline.preflight", "pipeline.sweep", "pipeline.generate", "pipeline.callbacks"]),
 ]
 

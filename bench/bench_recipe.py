@@ -28,9 +28,9 @@ from benchdoc import BENCHMARKS, write_section
 
 from pipeline.backbones import tiny
 from pipeline.backbones.var import VARBackbone
+from pipeline.core.sampling import sample
 from pipeline.data.classifier import SHIPPED_CLASSIFIER, SHIPPED_SHAPE_CLASSIFIER, accuracy, load_classifier
 from pipeline.data.shapes import NUM_CLASSES, make_batch
-from pipeline.sampling import sample
 
 EVAL_SEED = 3 * tiny.EVAL_SEED_OFFSET
 SECTION = "Embedded backbone: choosing the recipe"

@@ -49,8 +49,8 @@ from livebytes import LiveTensorBytes
 
 from pipeline.backbones.var import VARBackbone, VARConfig, random_var
 from pipeline.backbones.vqvae import VQVAEConfig
-from pipeline.guidance import guide
-from pipeline.sampling import sample
+from pipeline.core.guidance import guide
+from pipeline.core.sampling import sample
 
 SECTION = "Sampler"
 REFERENCE_CH_MULT = (1, 1, 2, 2, 4)      # hard-coded in VAR's VQVAE

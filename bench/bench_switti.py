@@ -38,8 +38,8 @@ import torch
 from benchdoc import ROOT, publish
 
 from pipeline.backbones.switti import PATCH_NUMS, load_switti
-from pipeline.guidance import guide, schedule_ratio
-from pipeline.sampling import sample
+from pipeline.core.guidance import guide, schedule_ratio
+from pipeline.core.sampling import sample
 
 SECTION = "Switti"
 FIXTURES = ROOT / "tests" / "data" / "switti"

@@ -23,10 +23,10 @@ from torchvision.utils import make_grid, save_image
 
 from pipeline.backbones.tiny import EVAL_SEED_OFFSET, TINY_VAE, TINY_VAR, load_vqvae, psnr
 from pipeline.backbones.var import VARBackbone, load_var
+from pipeline.core.sampling import sample
 from pipeline.data.classifier import SHIPPED_SHAPE_CLASSIFIER, accuracy, load_classifier
 from pipeline.data.shapes import CLASS_NAMES, NUM_CLASSES, make_batch
-from pipeline.fid import TINY_EXTRACTOR, FidEvaluator, shapes_source
-from pipeline.sampling import sample
+from pipeline.fid.fidelity import TINY_EXTRACTOR, FidEvaluator, shapes_source
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "Embedded backbone"

@@ -6,7 +6,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from pipeline.files import atomic_write
+from pipeline.data.files import atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from pipeline.tracking import ROLE_TAG, SWEEP_TAG
+from pipeline.runtime.tracking import ROLE_TAG, SWEEP_TAG
 
 LOOPBACK = "127.0.0.1"
 TRAINING = "workflowType=machine_learning"  # the UI's "Model training" view (its default is GenAI)

@@ -9,16 +9,16 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from pipeline.config import ConfigError
-from pipeline.summary import build, multirun_jobs
+from pipeline.config.schema import ConfigError
+from pipeline.outputs.summary import build, multirun_jobs
 
 
 class SummaryCallback(Callback):
     """After the jobs of ``-m``: summary.yaml, summary.md and summary.png in hydra.sweep.dir, one MLflow run in the
     guidetune-summaries experiment of tracking.uri, and ``summary: <path to summary.yaml>`` as the last line.
 
-    The jobs are read back from the folder (each job's .hydra/), as ``python -m pipeline.summary <folder>`` reads them,
-    so the summary does not depend on the Hydra launcher that ran them.
+    The jobs are read back from the folder (each job's .hydra/), as ``python -m pipeline.outputs.summary <folder>``
+    reads them, so the summary does not depend on the Hydra launcher that ran them.
     """
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

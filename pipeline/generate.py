@@ -26,10 +26,10 @@ from torchvision.utils import save_image
 
 from pipeline.backbones.base import ScaleWiseBackbone, TextToImageBackbone
 from pipeline.backbones.load import load_backbone
-from pipeline.best import Best, read_best
-from pipeline.config import ConfigError, SweepConfig, compose_config, to_schema
-from pipeline.fid import NpzWriter, file_digest
-from pipeline.sampling import Sampling, check_sampling_args, seeded_batches
+from pipeline.config.schema import ConfigError, SweepConfig, compose_config, to_schema
+from pipeline.core.sampling import Sampling, check_sampling_args, seeded_batches
+from pipeline.fid.fidelity import NpzWriter, file_digest
+from pipeline.outputs.best import Best, read_best
 
 BEST_KEY = "generate.best"
 USAGE = f"""usage: python -m pipeline.generate [{BEST_KEY}=<best.yaml>] [group=option ...] [key=value ...]

@@ -14,11 +14,11 @@ import ray
 import torch
 
 from pipeline.backbones.load import load_backbone
-from pipeline.config import GROUPS, ConfigError, SweepConfig, load_config
-from pipeline.distributed import check_capacity, connect
-from pipeline.fid import FidEvaluator, Reference, reference_source
-from pipeline.files import sqlite_path, store_lock
-from pipeline.tracking import flatten
+from pipeline.config.schema import GROUPS, ConfigError, SweepConfig, load_config
+from pipeline.data.files import sqlite_path, store_lock
+from pipeline.fid.fidelity import FidEvaluator, Reference, reference_source
+from pipeline.runtime.distributed import check_capacity, connect
+from pipeline.runtime.tracking import flatten
 from tuners.studies import study_name
 
 SETTINGS_ATTR = "settings"  # proxy-study user attr: the settings a resumed sweep must keep
@@ -70,7 +70,7 @@ def check_backbone(cfg: SweepConfig) -> None:
 
 def fid_reference(cfg: SweepConfig) -> tuple[FidEvaluator, Reference]:
     """The driver's FID evaluator and the reference statistics (computed here, cached under <root>/fid_cache)."""
-    # A weights file torch.load(weights_only=True) refuses raises one ValueError naming it (pipeline.files).
+    # A weights file torch.load(weights_only=True) refuses raises one ValueError naming it (pipeline.data.files).
     evaluator = FidEvaluator(
         cfg.backbone.fid_extractor,
         metrics=cfg.confirm.metrics,

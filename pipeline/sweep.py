@@ -5,7 +5,7 @@ Hydra writes anything), then Hydra runs the jobs: a local Ray starts if none is 
 Optuna stores are created and the actors start. The stages, each built from the last one's result: proxy (gap,
 every kind, ranges that grow) -> screen (low-N FID of every kind over the whole range, successive halving, basins)
 -> refine (a trust region per basin kept) -> race (growing N, paired-bootstrap intervals); then the outputs
-(pipeline.outputs). The last line of a sweep is ``best: <path to best.yaml>``; after the jobs of -m,
+(pipeline.outputs.publish). The last line of a sweep is ``best: <path to best.yaml>``; after the jobs of -m,
 pipeline.callbacks writes the summary. Bad input: one line on stderr, exit code 2.
 """
 
@@ -21,9 +21,8 @@ import optuna
 import ray
 from omegaconf import DictConfig
 
-from pipeline.app import job_overrides, parse_args, run_app
 from pipeline.backbones.load import num_conditions
-from pipeline.config import (
+from pipeline.config.schema import (
     CONF_DIR,
     ConfigError,
     SweepConfig,
@@ -31,11 +30,12 @@ from pipeline.config import (
     compose_config,
     validated,
 )
-from pipeline.distributed import ClusterLostError, RayPool, check_capacity, connect
-from pipeline.fid import FidEvaluator, Reference
-from pipeline.outputs import publish, versus
+from pipeline.fid.fidelity import FidEvaluator, Reference
+from pipeline.outputs.publish import publish, versus
 from pipeline.preflight import SETTINGS_ATTR, checked, preflight, resume_settings
-from pipeline.tracking import Tracker
+from pipeline.runtime.app import job_overrides, parse_args, run_app
+from pipeline.runtime.distributed import ClusterLostError, RayPool, check_capacity, connect
+from pipeline.runtime.tracking import Tracker
 from tuners.confirm import DEFAULT, REFINED, Racer, RaceResult, RaceStage, default_candidate
 from tuners.jobs import DIVERGENCE_SIGNAL, EVENNESS_SIGNAL
 from tuners.proxy import ProxyResult, ProxyStage, gap_name

@@ -16,8 +16,8 @@ import yaml
 from mlflow import MlflowClient
 from sweep_fixtures import micro_overrides, write_micro_backbone
 
-from pipeline import summary
-from pipeline.best import Best, CurveRecord, Default, MarginRecord, RhoRecord, Sampling, Versus
+from pipeline.outputs import summary
+from pipeline.outputs.best import Best, CurveRecord, Default, MarginRecord, RhoRecord, Sampling, Versus
 from pipeline.sweep import main
 
 REPO = Path(__file__).resolve().parent.parent

@@ -34,7 +34,7 @@ from sweep_fixtures import (
     write_micro_backbone,
 )
 
-from pipeline.tracking import HOST_TAG, NODE_TAG, PARENT_TAG, ROLE_TAG, STAGE_TAG, TRIAL_TAG
+from pipeline.runtime.tracking import HOST_TAG, NODE_TAG, PARENT_TAG, ROLE_TAG, STAGE_TAG, TRIAL_TAG
 from tuners.studies import RECORD
 
 TESTS = Path(__file__).resolve().parent

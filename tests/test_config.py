@@ -19,7 +19,7 @@ import torch
 import yaml
 from sweep_fixtures import micro_overrides, write_micro_backbone
 
-from pipeline.config import (
+from pipeline.config.schema import (
     CONF_DIR,
     GROUPS,
     WEIGHTS_DIR,
@@ -251,7 +251,7 @@ def test_cli_subprocess_exit_code_and_no_traceback(tmp_path):
 
 
 def test_each_default_is_stated_once_in_the_schema():
-    """The schema (pipeline/config.py) holds every default once: a group's YAML sets only what its option changes
+    """The schema (pipeline/config/schema.py) holds every default once: a group's YAML sets only what its option changes
     (the default options set nothing), so editing a dataclass default changes what the CLI composes."""
     schema = SweepConfig()
     for group in ("backbone", "search", "proxy", "screen", "refine", "confirm", "launcher", "tracking"):

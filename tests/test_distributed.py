@@ -16,8 +16,13 @@ from PIL import Image
 from processes import descendants, listening
 from sweep_fixtures import PATCH_NUMS, micro_overrides, write_micro_backbone
 
-from pipeline.config import load_config
-from pipeline.distributed import (
+from pipeline.config.schema import load_config
+from pipeline.core.metrics import trial_mean
+from pipeline.core.sampling import sample, spread_labels
+from pipeline.core.seeds import derive_seed
+from pipeline.fid.fidelity import FidEvaluator
+from pipeline.preflight import fid_reference
+from pipeline.runtime.distributed import (
     LOOPBACK,
     RayPool,
     Worker,
@@ -27,11 +32,6 @@ from pipeline.distributed import (
     check_capacity,
     connect,
 )
-from pipeline.fid import FidEvaluator
-from pipeline.metrics import trial_mean
-from pipeline.preflight import fid_reference
-from pipeline.sampling import sample, spread_labels
-from pipeline.seeds import derive_seed
 from tuners.jobs import SIGNALS, Job
 from tuners.space import Candidate
 

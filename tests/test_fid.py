@@ -21,7 +21,7 @@ from torchvision.utils import save_image
 
 from pipeline.data.classifier import ClassifierConfig, ShapeClassifier, save_classifier
 from pipeline.data.shapes import make_batch, random_labels
-from pipeline.fid import (
+from pipeline.fid.fidelity import (
     SHORT_NAMES,
     TINY_EXTRACTOR,
     BatchSource,

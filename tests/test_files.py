@@ -6,7 +6,7 @@ import stat
 import pytest
 import torch
 
-from pipeline.files import atomic_write, load_weights
+from pipeline.data.files import atomic_write, load_weights
 
 
 def test_atomic_write_bytes_or_writer_with_plain_permissions(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipeline.guidance import guide, schedule_ratio, window_attention
+from pipeline.core.guidance import guide, schedule_ratio, window_attention
 
 
 def reference_guide(cond, uncond, w_cfg, w_igg, ratio, hw=None, window=None):

@@ -1,5 +1,5 @@
-"""Each private library internal of pipeline/internals.py against the installed library: a failure here names the
-internal an upgrade moved or changed, before a sweep meets it."""
+"""Each private library internal of pipeline/runtime/internals.py against the installed library: a failure here names
+the internal an upgrade moved or changed, before a sweep meets it."""
 
 from __future__ import annotations
 
@@ -12,15 +12,21 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from ray._private import ray_constants
 
-from pipeline.config import CONF_DIR
-from pipeline.internals import hydra_args_parser, hydra_jobs, mlflow_source_tags, ray_node_address, ray_single_node
+from pipeline.config.schema import CONF_DIR
+from pipeline.runtime.internals import (
+    hydra_args_parser,
+    hydra_jobs,
+    mlflow_source_tags,
+    ray_node_address,
+    ray_single_node,
+)
 
 
 def test_hydra_args_parser_is_hydras_command_line():
     args = hydra_args_parser().parse_args(["-m", "--cfg", "job", "seed=1", "backbone=tiny,tiny_small"])
     assert args.multirun and args.cfg == "job" and args.overrides == ["seed=1", "backbone=tiny,tiny_small"]
     assert {"config_path", "config_name", "config_dir", "experimental_rerun", "shell_completion", "info"} <= set(
-        vars(args))  # the flags pipeline.app refuses or counts
+        vars(args))  # the flags pipeline.runtime.app refuses or counts
 
 
 def test_hydra_jobs_expand_sweeps_as_the_basic_sweeper():

@@ -15,7 +15,7 @@ from scipy.special import softmax
 from scipy.stats import entropy
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
-from pipeline.metrics import (
+from pipeline.core.metrics import (
     bootstrap_fid,
     divergence,
     equilibrium_gap,

@@ -43,9 +43,9 @@ from sweep_fixtures import (
 
 from pipeline.backbones.var import VARConfig, random_var
 from pipeline.backbones.vqvae import VQVAEConfig
-from pipeline.best import Best, Checkpoint, Cost, Sampling, read_best, write_best
+from pipeline.outputs.best import Best, Checkpoint, Cost, Sampling, read_best, write_best
+from pipeline.runtime.tracking import PARENT_TAG, ROLE_TAG, STAGE_TAG, TRIAL_TAG
 from pipeline.sweep import main
-from pipeline.tracking import PARENT_TAG, ROLE_TAG, STAGE_TAG, TRIAL_TAG
 from tuners.studies import RECORD, record_of, study_name
 
 REPO = Path(__file__).resolve().parent.parent
@@ -334,7 +334,8 @@ def test_port_that_is_not_ray_is_named(bad_files, tmp_path, capsys):
 CRASH_BEFORE_RENAME = """
 import os, sys
 from pathlib import Path
-from pipeline import best, fid
+from pipeline.fid import fidelity as fid
+from pipeline.outputs import best
 def crash(*args):  # the process dies after the temp file is written, before it replaces the target
     os.kill(os.getpid(), 9)
 os.replace = crash
@@ -369,7 +370,7 @@ def test_crash_before_rename_keeps_the_old_best_yaml(tmp_path):
 
 
 def test_crash_before_rename_leaves_no_reference_cache_a_later_run_trusts(bad_files, tmp_path):
-    from pipeline.fid import FidEvaluator, reference_source
+    from pipeline.fid.fidelity import FidEvaluator, reference_source
 
     cache = tmp_path / "fid_cache"
     crash_before_rename("fid", str(bad_files["cls"]), str(cache))

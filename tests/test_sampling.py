@@ -6,9 +6,9 @@ import torch
 
 from pipeline.backbones.var import VARConfig, random_var
 from pipeline.backbones.vqvae import VQVAEConfig
-from pipeline.guidance import guide
-from pipeline.metrics import divergence, evenness, vocab_evenness
-from pipeline.sampling import sample, sample_top_k_top_p
+from pipeline.core.guidance import guide
+from pipeline.core.metrics import divergence, evenness, vocab_evenness
+from pipeline.core.sampling import sample, sample_top_k_top_p
 
 PN = (1, 2, 3, 4)
 BB = random_var(VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=PN),

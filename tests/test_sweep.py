@@ -19,10 +19,10 @@ from sweep_fixtures import PATCH_NUMS, micro_overrides, write_micro_backbone
 
 from pipeline import generate
 from pipeline.backbones.var import load_var
-from pipeline.best import BEST_KEYS, read_best
-from pipeline.fid import FidEvaluator
+from pipeline.fid.fidelity import FidEvaluator
+from pipeline.outputs.best import BEST_KEYS, read_best
+from pipeline.runtime.tracking import ROLE_TAG, STAGE_TAG
 from pipeline.sweep import main
-from pipeline.tracking import ROLE_TAG, STAGE_TAG
 from tuners.scoring import FeatureBank
 from tuners.space import Candidate
 from tuners.studies import record_of, study_name

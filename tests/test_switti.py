@@ -27,7 +27,7 @@ from pipeline.backbones.switti import (
 )
 from pipeline.backbones.var import VARConfig, random_var
 from pipeline.backbones.vqvae import VQVAE, VQVAEConfig
-from pipeline.sampling import sample
+from pipeline.core.sampling import sample
 
 DATA = Path(__file__).parent / "data" / "switti"
 REF = torch.load(DATA / "reference.pt", weights_only=True)
@@ -283,8 +283,8 @@ def write_prompts(path: Path, prompts: list[str]) -> Path:
 
 
 def test_prompt_sets_are_read_and_spread_deterministically(tmp_path):
-    from pipeline.prompts import read_prompts
-    from pipeline.sampling import Sampling, spread_prompts, sweep_conditions
+    from pipeline.core.sampling import Sampling, spread_prompts, sweep_conditions
+    from pipeline.data.prompts import read_prompts
 
     prompts = ["a cat", 'a "quoted", comma prompt', "a dog", "snow", "the sea"]
     path = write_prompts(tmp_path / "p.csv", prompts)
@@ -315,8 +315,8 @@ def switti_overrides(tmp_path: Path) -> list[str]:
 
 def test_switti_configuration_validates_and_loads(tmp_path):
     from pipeline.backbones.load import checkpoint_keys, load_backbone
-    from pipeline.config import ConfigError, load_config
-    from pipeline.sampling import Sampling
+    from pipeline.config.schema import ConfigError, load_config
+    from pipeline.core.sampling import Sampling
 
     overrides = switti_overrides(tmp_path)
     cfg = load_config([*overrides, "backbone.last_scale_temp=0.5", "guidance.schedule=interval",
@@ -382,11 +382,11 @@ def sweep_overrides(tmp_path: Path) -> list[str]:
 def test_the_sweep_worker_runs_proxy_and_fid_jobs_on_switti(tmp_path):
     import numpy as np
 
-    from pipeline.clip_score import ClipScorer
-    from pipeline.config import load_config
-    from pipeline.distributed import Worker, worker_files
+    from pipeline.config.schema import load_config
+    from pipeline.core.sampling import Sampling, seeded_batches, sweep_conditions
+    from pipeline.fid.clip_score import ClipScorer
     from pipeline.preflight import fid_reference
-    from pipeline.sampling import Sampling, seeded_batches, sweep_conditions
+    from pipeline.runtime.distributed import Worker, worker_files
     from tuners.jobs import Job
     from tuners.space import Candidate
 
@@ -455,7 +455,7 @@ def tiny_clip(folder: Path) -> Path:
 
 
 def test_clip_score_of_prompt_image_pairs(tmp_path):
-    from pipeline.clip_score import ClipScorer
+    from pipeline.fid.clip_score import ClipScorer
 
     scorer = ClipScorer(tiny_clip(tmp_path / "clip"))
     prompts = ["a red cube", "a dog", "green"]

@@ -20,9 +20,9 @@ from pipeline.backbones.tiny import (
 )
 from pipeline.backbones.var import VARConfig, load_var
 from pipeline.backbones.vqvae import VQVAEConfig
+from pipeline.core.sampling import sample
 from pipeline.data.classifier import ClassifierConfig, load_classifier
 from pipeline.data.shapes import NUM_CLASSES, ShapesConfig, make_batch
-from pipeline.sampling import sample
 
 MICRO_PATCH_NUMS = (1, 2, 4)
 
@@ -157,7 +157,7 @@ def test_shipped_weights_fit_the_size_budget():
 
 def test_num_conditions_is_the_checkpoint_s_class_count():
     from pipeline.backbones.load import load_backbone, num_conditions
-    from pipeline.config import load_config
+    from pipeline.config.schema import load_config
 
     for size in tiny.VAR_SIZES:
         b = load_config([f"backbone={size}"]).backbone

@@ -19,8 +19,8 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from pipeline.render import sample_grid_png
-from pipeline.tracking import (
+from pipeline.core.render import sample_grid_png
+from pipeline.runtime.tracking import (
     CONFIG_ARTIFACT,
     HOST_TAG,
     KIND_TAG,
@@ -227,7 +227,7 @@ def test_mlflow_ui_on_localhost_lists_runs_over_rest(store):
 
 OPEN_STORES = """
 import sys
-from pipeline.tracking import Tracker
+from pipeline.runtime.tracking import Tracker
 from tuners.studies import open_study
 root, name = sys.argv[1], sys.argv[2]
 Tracker(f"sqlite:///{root}/mlflow.db", name, ("vocab_evenness", "div_uncond")).open_parent({})

@@ -4,7 +4,7 @@ The workers are an in-process stub (no model): the proxy signals are closed-form
 whose evenness and divergence cross at a known strength, and an FID job returns per-image features z_i + shift(c),
 z_i drawn from (seed, i) alone (the same for two candidates on one seed), so the FID against a standard-normal
 reference is about |shift(c)|², lowest at a known strength. FID itself is the real code: torch-fidelity through
-FidEvaluator, the bootstrap of pipeline.metrics. Optuna storage is a real SQLite file in tmp_path.
+FidEvaluator, the bootstrap of pipeline.core.metrics. Optuna storage is a real SQLite file in tmp_path.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from pipeline.config import BackboneConfig, ConfirmConfig, ProxyConfig, RefineConfig, ScreenConfig, SearchConfig
-from pipeline.fid import FidEvaluator, Reference
-from pipeline.outputs import versus
-from pipeline.seeds import derive_seed
+from pipeline.config.schema import BackboneConfig, ConfirmConfig, ProxyConfig, RefineConfig, ScreenConfig, SearchConfig
+from pipeline.core.seeds import derive_seed
+from pipeline.fid.fidelity import FidEvaluator, Reference
+from pipeline.outputs.publish import versus
 from tuners.confirm import DEFAULT, REFINED, Racer, RaceStage, default_candidate
 from tuners.jobs import Done, Evaluation, Job
 from tuners.proxy import ProxyStage, gap_name, gaps_of
@@ -514,7 +514,7 @@ def test_a_race_left_with_one_finalist_is_decided(tmp_path, scorer, stop):
 
 
 def test_bootstrap_replicates_are_computed_once_per_features(scorer):
-    from pipeline.metrics import bootstrap_fid
+    from pipeline.core.metrics import bootstrap_fid
     x = torch.from_numpy(features(Job(Candidate(8.0, None, None), 64, 3, fid=True)))
     first = scorer._replicates(x)
     assert scorer._replicates(x.clone()) is first  # the same features: the cached replicates
@@ -527,8 +527,8 @@ def test_bootstrap_replicates_are_computed_once_per_features(scorer):
 def test_a_scorer_with_conditions_resamples_inside_each(scorer):
     from dataclasses import replace
 
-    from pipeline.metrics import bootstrap_fid, resample_counts
-    from pipeline.sampling import spread_labels
+    from pipeline.core.metrics import bootstrap_fid, resample_counts
+    from pipeline.core.sampling import spread_labels
     x = torch.from_numpy(features(Job(Candidate(8.0, None, None), 64, 3, fid=True)))
     strat = replace(scorer, conditions=8)  # 8 images per condition: stratified, widened by sqrt(8 / 7)
     mu, sigma = torch.from_numpy(scorer.reference.mu), torch.from_numpy(scorer.reference.sigma)

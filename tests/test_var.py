@@ -11,7 +11,7 @@ import torch
 from pipeline.backbones.base import ScaleWiseBackbone
 from pipeline.backbones.var import VAR, VARConfig, load_var, random_var, var_config_from_state_dict
 from pipeline.backbones.vqvae import VQVAEConfig
-from pipeline.sampling import sample
+from pipeline.core.sampling import sample
 
 PN = (1, 2, 3, 4)
 VAE_CFG = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=PN)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import optuna
 
-from pipeline.config import BackboneConfig, ConfirmConfig
+from pipeline.config.schema import BackboneConfig, ConfirmConfig
 from tuners.jobs import Job, Observer, Pool
 from tuners.scoring import FeatureBank, Scorer, scored_record
 from tuners.space import Candidate

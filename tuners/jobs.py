@@ -1,8 +1,9 @@
 """What the driver sends to a worker, what comes back, and the two interfaces the stages are written against.
 
-A worker (a Ray actor in production, see pipeline/distributed.py) turns a `Job` into an `Evaluation`: numbers and PNG
-bytes only. Every `Stage` (proxy, screen, refine, race) talks to workers through a `Pool`, runs its jobs as `Steps`
-of the driver loop and reports every trial to an `Observer` (MLflow in production); none knows about Ray or MLflow.
+A worker (a Ray actor in production, see pipeline/runtime/distributed.py) turns a `Job` into an `Evaluation`: numbers
+and PNG bytes only. Every `Stage` (proxy, screen, refine, race) talks to workers through a `Pool`, runs its jobs as
+`Steps` of the driver loop and reports every trial to an `Observer` (MLflow in production); none knows about Ray or
+MLflow.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Stage 1 (proxy search): minimise the evenness-divergence equilibrium gap over every kind and its weights.
 
 One Optuna study asks the kind (categorical) and its weights inside the current ranges; each trial samples a small
-batch and is told the gap |E − D| of the configured signal pair (pipeline.metrics.equilibrium_gap, natural units:
+batch and is told the gap |E − D| of the configured signal pair (pipeline.core.metrics.equilibrium_gap, natural units:
 no calibration, so the pick does not move with the range). The design points of every kind are enqueued first.
 When the budget is spent and a kind's lowest-gap candidate lies at the upper edge of its range, that range grows
 (tuners.space.Ranges) and ``search.n_trials // 2`` more trials run, at most ``search.max_grows`` times. The ranges
@@ -17,9 +17,9 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from pipeline.config import ProxyConfig, SearchConfig
-from pipeline.metrics import equilibrium_gap
-from pipeline.seeds import derive_seed
+from pipeline.config.schema import ProxyConfig, SearchConfig
+from pipeline.core.metrics import equilibrium_gap
+from pipeline.core.seeds import derive_seed
 from tuners.driver import drive
 from tuners.jobs import DIVERGENCE_SIGNAL, EVENNESS_SIGNAL, Done, Job, Observer, Pool, TrialRecord
 from tuners.samplers import make_sampler

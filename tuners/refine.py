@@ -30,9 +30,9 @@ import torch
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
-from pipeline.config import RefineConfig, SearchConfig
-from pipeline.guidance import KINDS
-from pipeline.seeds import derive_seed
+from pipeline.config.schema import RefineConfig, SearchConfig
+from pipeline.core.guidance import KINDS
+from pipeline.core.seeds import derive_seed
 from tuners.driver import drive
 from tuners.jobs import Done, Job, Observer, Pool, TrialRecord
 from tuners.samplers import make_sampler

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import optuna
 
-from pipeline.config import SAMPLERS
+from pipeline.config.schema import SAMPLERS
 
 
 def make_sampler(name: str, seed: int, n_startup_trials: int) -> optuna.samplers.BaseSampler:

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.fid import FidEvaluator, Reference
-from pipeline.files import atomic_write
-from pipeline.metrics import bootstrap_fid, normal_interval, resample_counts
-from pipeline.sampling import spread_labels
-from pipeline.seeds import derive_seed
+from pipeline.core.metrics import bootstrap_fid, normal_interval, resample_counts
+from pipeline.core.sampling import spread_labels
+from pipeline.core.seeds import derive_seed
+from pipeline.data.files import atomic_write
+from pipeline.fid.fidelity import FidEvaluator, Reference
 from tuners.jobs import CLIP_LAYER, Done, Job, TrialRecord
 from tuners.space import Candidate
 
@@ -124,8 +124,8 @@ class Scorer:
         level: confidence of the intervals (e.g. 0.95).
         seed: the sweep seed; resamples at N are the same for every candidate (pairing).
         conditions: the number of conditions the images cycle through (image i has condition
-            ``spread_labels(i)``, :func:`pipeline.sampling.sweep_conditions`): the bootstrap resamples inside each
-            condition (stratified, :func:`pipeline.metrics.resample_counts`) once every condition has at least two
+            ``spread_labels(i)``, :func:`pipeline.core.sampling.sweep_conditions`): the bootstrap resamples inside each
+            condition (stratified, :func:`pipeline.core.metrics.resample_counts`) once every condition has at least two
             images, with the small-stratum correction below; None: a plain bootstrap over all images.
         clip: the features hold each image's CLIP score (:data:`tuners.jobs.CLIP_LAYER`): every scoring reports
             their mean, ``clip_score``, with its interval at `level` (normal, from the spread over images).

@@ -33,8 +33,8 @@ import optuna
 import torch
 from scipy.stats import norm, spearmanr
 
-from pipeline.config import ScreenConfig
-from pipeline.guidance import KINDS
+from pipeline.config.schema import ScreenConfig
+from pipeline.core.guidance import KINDS
 from tuners.jobs import Done, Job, Observer, Pool, TrialRecord
 from tuners.proxy import gaps_of
 from tuners.scoring import FeatureBank, Scorer, scored_record

@@ -16,8 +16,8 @@ from typing import Any
 
 import optuna
 
-from pipeline.config import SearchConfig
-from pipeline.guidance import KINDS
+from pipeline.config.schema import SearchConfig
+from pipeline.core.guidance import KINDS
 
 WEIGHTS = ("w_cfg", "w_igg")
 
@@ -54,7 +54,7 @@ class Candidate:
 
     @property
     def kind(self) -> str:
-        """The kind (pipeline.guidance.KINDS) whose weights it sets; ``unguided`` when neither term is on."""
+        """The kind (pipeline.core.guidance.KINDS) whose weights it sets; ``unguided`` when neither term is on."""
         weights = tuple(self.weights())
         return next((k.name for k in KINDS.values() if k.weights == weights), "unguided")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from pipeline.files import store_lock
+from pipeline.data.files import store_lock
 from tuners.driver import drive
 from tuners.jobs import Done, Job, Observer, Pool, TrialRecord
 
@@ -35,7 +35,7 @@ def study_name(sweep: str, stage: str) -> str:
 def open_study(storage: str, name: str) -> optuna.Study:
     """Create the study, or load it when it exists (resume). Direction: minimise.
 
-    A fresh SQLite storage is created under a cross-process lock (pipeline.files.store_lock).
+    A fresh SQLite storage is created under a cross-process lock (pipeline.data.files.store_lock).
     """
     with store_lock(storage):
         return optuna.create_study(storage=storage, study_name=name, direction="minimize", load_if_exists=True)

@@ -9,7 +9,7 @@ import torch
 from pipeline.backbones.base import ScaleWiseBackbone, TextToImageBackbone
 
 if TYPE_CHECKING:
-    from pipeline.config import BackboneConfig
+    from pipeline.config.schema import BackboneConfig
 
 KINDS = ("var", "switti")   # backbone.kind: class-conditional VAR state dicts | text-to-image Switti Hub folders
 
@@ -34,13 +34,13 @@ def load_backbone(b: BackboneConfig, device: str | torch.device = "cpu") -> Scal
 
 
 def num_conditions(b: BackboneConfig) -> int | None:
-    """How many conditions a sweep's images cycle through (:func:`pipeline.sampling.sweep_conditions`): the classes
+    """How many conditions a sweep's images cycle through (:func:`pipeline.core.sampling.sweep_conditions`): the classes
     of a VAR checkpoint (read from its class embedding, memory-mapped: no weights are loaded), or the prompts of a
     text-to-image backbone's prompt set (None without one)."""
     if b.kind == "switti":
         if b.prompts is None:
             return None
-        from pipeline.prompts import read_prompts
+        from pipeline.data.prompts import read_prompts
 
         return len(read_prompts(b.prompts))
     state = torch.load(b.var_ckpt, map_location="cpu", weights_only=True, mmap=True)

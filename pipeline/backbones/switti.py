@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from pipeline.backbones.var import AdaLNBeforeHead, KVCache, Modulation, ScaleRollout, _check_layout, check_fit
 from pipeline.backbones.vqvae import VQVAE, count_indexed, vqvae_config_from_state_dict
-from pipeline.files import load_weights
+from pipeline.data.files import load_weights
 
 PATCH_NUMS = {  # Switti's resolutions and their scales (``reso`` in a Hub config.json)
     256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),

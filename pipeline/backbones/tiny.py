@@ -41,8 +41,8 @@ from pipeline.data.classifier import (
     real_accuracy,
     save_classifier,
 )
+from pipeline.data.files import atomic_write
 from pipeline.data.shapes import NUM_CLASSES, ShapesConfig, make_batch, random_labels
-from pipeline.files import atomic_write
 
 TINY_VAE = WEIGHTS_DIR / "tiny_vae.pt"
 TINY_VAR = WEIGHTS_DIR / "tiny_var.pt"

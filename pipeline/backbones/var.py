@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.backbones.vqvae import VQVAE, VQVAEConfig, count_indexed, vqvae_config_from_state_dict
-from pipeline.files import load_weights
+from pipeline.data.files import load_weights
 
 MAX_SCALE_MUL = math.log(100.0)   # the learned per-head q scale is clamped to at most 100
 T = TypeVar("T")

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from pipeline.data.files import atomic_write, load_weights
 from pipeline.data.shapes import NUM_CLASSES, ShapesConfig, make_batch
-from pipeline.files import atomic_write, load_weights
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "backbones" / "weights"
 SHIPPED_CLASSIFIER = WEIGHTS_DIR / "tiny_classifier.pt"

@@ -19,8 +19,8 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 
-from pipeline.files import sqlite_path, store_lock
-from pipeline.internals import mlflow_source_tags
+from pipeline.data.files import sqlite_path, store_lock
+from pipeline.runtime.internals import mlflow_source_tags
 from tuners.jobs import Done, Job
 
 SWEEP_TAG = "guidetune.sweep"

@@ -1,8 +1,8 @@
 """best.yaml: one typed record of a sweep's answer, how sure it is, what it cost and how to sample it again.
 
-Every part is a dataclass, written with :func:`dataclasses.asdict` (a non-finite float as null) and read back into
-the same dataclasses by :func:`read_best`, so readers (pipeline.generate, pipeline.report, pipeline.summary) use
-attributes, never string keys. A best.yaml written before a field existed still loads (the field takes its default).
+Every part is a dataclass, written with :func:`dataclasses.asdict` (a non-finite float as null) and read back into the
+same dataclasses by :func:`read_best`, so readers (pipeline.generate, pipeline.outputs.report, pipeline.outputs.summary)
+use attributes, never string keys. A best.yaml written before a field existed still loads (the field takes its default).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.files import atomic_write
+from pipeline.data.files import atomic_write
 
 
 @dataclass

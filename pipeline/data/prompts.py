@@ -2,7 +2,7 @@
 
 Switti ships ``eval_prompts/coco.csv``, ``mjhq.csv`` and ``parti-prompts-eval.csv``: a header row, an index column,
 and the prompt in a column named ``captions``; ``caption``, ``prompt`` and ``text`` are accepted as well. A sweep
-gives image i prompt ``i·P mod N`` of the N prompts (:func:`pipeline.sampling.spread_prompts`).
+gives image i prompt ``i·P mod N`` of the N prompts (:func:`pipeline.core.sampling.spread_prompts`).
 """
 
 from __future__ import annotations

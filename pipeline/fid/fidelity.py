@@ -63,10 +63,10 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from torch_fidelity.utils import create_feature_extractor, glob_samples_paths
 from tqdm import tqdm
 
-from pipeline.config import EMBEDDED_REFERENCE
+from pipeline.config.schema import EMBEDDED_REFERENCE
 from pipeline.data.classifier import SHIPPED_CLASSIFIER, load_classifier
+from pipeline.data.files import atomic_write, load_weights
 from pipeline.data.shapes import SHAPES_VERSION, ShapesConfig, iter_batches
-from pipeline.files import atomic_write, load_weights
 
 METRICS = ("fid", "isc", "kid", "prc")
 REFERENCE_METRICS = ("fid", "kid", "prc")  # metrics that compare with a reference set

@@ -6,7 +6,7 @@ it; the rest reads the sweeps, writes summary.yaml, summary.md and summary.png, 
 jobs of ``python -m pipeline.sweep -m ...`` pipeline.callbacks does all of it; afterwards the same command builds it
 again, or for any sweeps:
 
-    python -m pipeline.summary PATH [PATH ...] [--out DIR] [--tracking-uri URI]
+    python -m pipeline.outputs.summary PATH [PATH ...] [--out DIR] [--tracking-uri URI]
 
 PATH: a multirun folder (``<root>/hydra/multirun/<time>``: every job in it), a sweep folder
 (``<root>/sweeps/<name>``) or a best.yaml. The last line printed is ``summary: <path to summary.yaml>``. Bad input:
@@ -33,12 +33,12 @@ from mlflow.entities import Metric, RunTag
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.best import Best, CurveRecord, plain, read_best
-from pipeline.config import ConfigError, compose_config
-from pipeline.files import atomic_write, store_lock
-from pipeline.guidance import KINDS
-from pipeline.render import log_weight_axis
-from pipeline.tracking import ROLE_TAG, artifact_root
+from pipeline.config.schema import ConfigError, compose_config
+from pipeline.core.guidance import KINDS
+from pipeline.core.render import log_weight_axis
+from pipeline.data.files import atomic_write, store_lock
+from pipeline.outputs.best import Best, CurveRecord, plain, read_best
+from pipeline.runtime.tracking import ROLE_TAG, artifact_root
 from tuners.screen import Rho
 from tuners.space import Candidate
 
@@ -395,11 +395,11 @@ def build(sources: Sequence[Source], folder: Path, uri: str) -> Path:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise ConfigError(f"{message}; see `python -m pipeline.summary --help`")
+        raise ConfigError(f"{message}; see `python -m pipeline.outputs.summary --help`")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="python -m pipeline.summary", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="python -m pipeline.outputs.summary", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH",
                         help="a multirun folder (every job in it), a sweep folder or a best.yaml")
     parser.add_argument("--out", type=Path, help="where summary.* go (default: the multirun folder, when PATH is one)")

@@ -19,8 +19,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 
-from pipeline.config import ConfigError
-from pipeline.internals import hydra_args_parser, hydra_jobs
+from pipeline.config.schema import ConfigError
+from pipeline.runtime.internals import hydra_args_parser, hydra_jobs
 
 # Hydra flags that would compose another config than conf/sweep.yaml, which the checks before Hydra do not see.
 OTHER_CONFIG_FLAGS = ("config_path", "config_name", "config_dir", "experimental_rerun")

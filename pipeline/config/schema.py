@@ -25,11 +25,11 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.files import sqlite_path
-from pipeline.guidance import KINDS, SCHEDULES
+from pipeline.core.guidance import KINDS, SCHEDULES
+from pipeline.data.files import sqlite_path
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-WEIGHTS_DIR = Path(__file__).resolve().parent / "backbones" / "weights"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "backbones" / "weights"
 GROUPS = ("backbone", "guidance", "search", "proxy", "screen", "refine", "confirm", "launcher", "tracking")
 SAMPLERS = ("tpe", "gp", "random")
 EVENNESS_KINDS = ("vocab", "tokens")

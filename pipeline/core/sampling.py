@@ -1,9 +1,9 @@
 """The scale-wise guided sampler: one loop for every backbone, CFG / IGG / mixed guidance, per-scale signals.
 
 At each scale k of K the backbone gives conditional and unconditional logits (one forward pass over a 2B batch that
-shares the KV cache); :func:`pipeline.guidance.guide` combines them with the schedule's ratio; VAR's top-k then
+shares the KV cache); :func:`pipeline.core.guidance.guide` combines them with the schedule's ratio; VAR's top-k then
 top-p filtering and one multinomial draw (seeded generator) choose the tokens. The diagnostics of
-:mod:`pipeline.metrics` are computed from the tensors already there, no extra forward pass.
+:mod:`pipeline.core.metrics` are computed from the tensors already there, no extra forward pass.
 
 With ``top_k=1`` and the same weights the tokens equal those of VAR's ``autoregressive_infer_cfg`` (CFG:
 ``w_cfg=cfg, w_igg=None``) and of the IGG authors' fork (IGG and mixed).
@@ -31,12 +31,12 @@ import torch
 from torch import Tensor
 
 from pipeline.backbones.base import ScaleWiseBackbone, TextToImageBackbone
-from pipeline.guidance import guide, schedule_ratio
-from pipeline.metrics import divergence, evenness, vocab_evenness
-from pipeline.seeds import derive_seed
+from pipeline.core.guidance import guide, schedule_ratio
+from pipeline.core.metrics import divergence, evenness, vocab_evenness
+from pipeline.core.seeds import derive_seed
 
 if TYPE_CHECKING:
-    from pipeline.config import SweepConfig
+    from pipeline.config.schema import SweepConfig
 
 
 @dataclass
@@ -280,7 +280,7 @@ class Sampling:
     top_p: float = 0.0
     last_scale_temp: float | None = None
     drop_uncond: bool = False
-    prompts: str | None = None     # text-to-image: the CSV of the prompt set (pipeline.prompts)
+    prompts: str | None = None     # text-to-image: the CSV of the prompt set (pipeline.data.prompts)
 
     def guiding(self, interval: tuple[int, int | None] | None) -> Sampling:
         """This sampling with its guidance interval set to `interval` (start, end); None: unchanged."""
@@ -305,7 +305,7 @@ def sweep_conditions(backbone: ScaleWiseBackbone | TextToImageBackbone, num_imag
         if sampling.prompts is None:
             raise ValueError("a text-to-image backbone needs a prompt set: set backbone.prompts=CSV "
                              "(e.g. Switti's eval_prompts/coco.csv)")
-        from pipeline.prompts import read_prompts
+        from pipeline.data.prompts import read_prompts
 
         return spread_prompts(num_images, read_prompts(sampling.prompts))
     return spread_labels(num_images, backbone.num_classes)

@@ -10,8 +10,8 @@ import math
 
 from matplotlib.figure import Figure
 
-from pipeline.best import Best, CurveRecord
-from pipeline.render import figure_png, log_weight_axis
+from pipeline.core.render import figure_png, log_weight_axis
+from pipeline.outputs.best import Best, CurveRecord
 from tuners.confirm import Margin, Racer
 from tuners.screen import ScreenResult
 from tuners.space import Candidate, interval_code

@@ -30,12 +30,12 @@ from ray.exceptions import RayActorError, RayTaskError
 from torch import Tensor
 
 from pipeline.backbones.load import checkpoint_keys, load_backbone
-from pipeline.config import ConfigError, LauncherConfig, SweepConfig
-from pipeline.fid import FidEvaluator, Reference
-from pipeline.internals import ray_node_address, ray_single_node
-from pipeline.metrics import trial_mean
-from pipeline.render import heatmap_png, sample_grid_png
-from pipeline.sampling import Sampling, seeded_batches, sweep_conditions
+from pipeline.config.schema import ConfigError, LauncherConfig, SweepConfig
+from pipeline.core.metrics import trial_mean
+from pipeline.core.render import heatmap_png, sample_grid_png
+from pipeline.core.sampling import Sampling, seeded_batches, sweep_conditions
+from pipeline.fid.fidelity import FidEvaluator, Reference
+from pipeline.runtime.internals import ray_node_address, ray_single_node
 from tuners.jobs import CLIP_LAYER, SIGNALS, Done, Evaluation, Job
 
 LOOPBACK = "127.0.0.1"
@@ -110,7 +110,7 @@ class Worker:
             )
         self.clip = None
         if reference is not None and cfg.confirm.clip_weights is not None:
-            from pipeline.clip_score import ClipScorer
+            from pipeline.fid.clip_score import ClipScorer
 
             self.clip = ClipScorer(cfg.confirm.clip_weights, device=self.device)
 

@@ -1,4 +1,4 @@
-"""What a finished sweep writes: best.yaml (the typed record of pipeline.report), report.md, the plots, and the
+"""What a finished sweep writes: best.yaml (the typed record of pipeline.outputs.report), report.md, the plots, and the
 summary of the parent run in MLflow (metrics, tags, files, tables). Called once by pipeline.sweep after the race."""
 
 from __future__ import annotations
@@ -8,7 +8,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.backbones.load import checkpoint_keys
-from pipeline.best import (
+from pipeline.config.schema import SweepConfig
+from pipeline.core.guidance import KINDS
+from pipeline.core.render import signals_vs_weight_png
+from pipeline.data.files import atomic_write
+from pipeline.fid.fidelity import file_digest
+from pipeline.outputs.best import (
     BasinRecord,
     Best,
     Checkpoint,
@@ -23,19 +28,14 @@ from pipeline.best import (
     Versus,
     write_best,
 )
-from pipeline.config import SweepConfig
-from pipeline.fid import file_digest
-from pipeline.files import atomic_write
-from pipeline.guidance import KINDS
-from pipeline.render import signals_vs_weight_png
-from pipeline.report import (
+from pipeline.outputs.report import (
     curves_png,
     race_table,
     report_markdown,
     screen_curves,
     screen_table,
 )
-from pipeline.tracking import Tracker
+from pipeline.runtime.tracking import Tracker
 from tuners.confirm import DEFAULT, REFINED, Margin, Racer, RaceResult
 from tuners.jobs import DIVERGENCE_SIGNAL, EVENNESS_SIGNAL, TrialRecord
 from tuners.proxy import ProxyResult
@@ -93,9 +93,11 @@ def answer(cfg: SweepConfig, winner: Racer, margin: Margin | None, racers: list[
                       + ("inside each condition" if cfg.confirm.stratify else "over all images"),
             patch_nums=list(cfg.backbone.patch_nums), last_scale_temp=cfg.backbone.last_scale_temp,
             drop_uncond=cfg.backbone.drop_uncond,
-            labels=("image i: class i*P mod C (pipeline.sampling.spread_labels)" if cfg.backbone.kind == "var"
-                    else f"image i: prompt i*P mod N of {cfg.backbone.prompts} (pipeline.sampling.spread_prompts)"),
-            batch_seeds="derive_seed(seed, batch index) (pipeline.seeds); seed: the winner's "
+            labels=("image i: class i*P mod C (pipeline.core.sampling.spread_labels)"
+                    if cfg.backbone.kind == "var"
+                    else f"image i: prompt i*P mod N of {cfg.backbone.prompts} "
+                         "(pipeline.core.sampling.spread_prompts)"),
+            batch_seeds="derive_seed(seed, batch index) (pipeline.core.seeds); seed: the winner's "
                         "(tuners.scoring.candidate_seed of sweep_seed)"),
         checkpoints={key: Checkpoint(getattr(cfg.backbone, key), file_digest(getattr(cfg.backbone, key)))
                      for key in checkpoint_keys(cfg.backbone)},

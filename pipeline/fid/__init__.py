@@ -1,0 +1,1 @@
+"""Image metrics: FID on torch-fidelity (features, reference statistics) and CLIP score."""

@@ -1,0 +1,1 @@
+"""What a sweep writes: the typed best.yaml record, the report, the multirun summary."""

@@ -1,0 +1,1 @@
+"""The runtime: the Ray pool and its workers, MLflow tracking, Hydra plumbing, library internals."""
