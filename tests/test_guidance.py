@@ -167,3 +167,14 @@ def test_schedules():
     for start, end in ((4, None), (0, 4), (-1, 2)):
         with pytest.raises(ValueError, match=r"interval .* must lie in 0\.\.K=3"):
             schedule_ratio("interval", 0, 3, start=start, end=end)
+
+
+def test_contract_paths_reexport_core():
+    """The design's contract paths (pipeline.guidance, .metrics, .sampling) are the core modules' functions."""
+    import importlib
+
+    for name, attrs in {"guidance": ["guide", "KINDS"], "metrics": ["evenness", "vocab_evenness", "divergence"],
+                        "sampling": ["sample"]}.items():
+        contract, core = importlib.import_module(f"pipeline.{name}"), importlib.import_module(f"pipeline.core.{name}")
+        for attr in attrs:
+            assert getattr(contract, attr) is getattr(core, attr), f"pipeline.{name}.{attr}"

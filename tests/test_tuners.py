@@ -28,7 +28,7 @@ from tuners.jobs import Done, Evaluation, Job
 from tuners.proxy import ProxyStage, gap_name, gaps_of
 from tuners.refine import RefineStage, Start
 from tuners.samplers import make_sampler
-from tuners.scoring import FeatureBank, Scorer, candidate_seed
+from tuners.scoring import FeatureBank, FidScore, Interval, Scorer, candidate_seed
 from tuners.screen import (
     Basin,
     Curve,
@@ -485,10 +485,10 @@ def test_race_extends_images_eliminates_the_worse_and_measures_the_margin(tmp_pa
     assert margin is not None and margin.runner_up.candidate == other and margin.num_images == 64
     assert margin.diff > 0 and margin.low <= margin.diff <= margin.high and not margin.separated
     s = winner.scores[64]
-    assert s["fid_low"] < s["fid"] < s["fid_high"]
+    assert s.fid_low < s.fid < s.fid_high
     # the FID at N of the chained blocks equals the FID of one job of N images
     whole = {"features": torch.from_numpy(features(Job(near, 64, b.seed_of(near), fid=True)))}
-    assert s["fid"] == pytest.approx(scorer.fid(whole)["fid"], rel=1e-9)
+    assert s.fid == pytest.approx(scorer.fid(whole).fid, rel=1e-9)
     again = StubPool()
     winner2 = race_stage(tmp_path, scorer, [Racer(near, REFINED), Racer(other, REFINED), Racer(far, DEFAULT)]
                          ).run(again).winner
@@ -508,7 +508,8 @@ def test_a_race_left_with_one_finalist_is_decided(tmp_path, scorer, stop):
     assert winner.candidate == best and margin is not None and margin.separated and margin.num_images == 32
     if stop:  # the default left at the first rung: nothing more is sampled, the winner's FID is at N=32
         assert race.decided_at == 32 and winner.reached == 32 and max(j.num_images for j in pool.seen) == 32
-        assert {"fid", "fid_low", "fid_high", "fid_se"} <= set(winner.scores[32])
+        s = winner.scores[32]
+        assert s.fid_low < s.fid < s.fid_high and s.fid_se > 0
     else:
         assert race.decided_at is None and winner.reached == 64
 
@@ -536,7 +537,7 @@ def test_a_scorer_with_conditions_resamples_inside_each(scorer):
                                                           spread_labels(64, 8)))
     reps = strat._replicates(x)
     assert torch.allclose(reps - reps.mean(), (inside - inside.mean()) * math.sqrt(8 / 7))
-    se = strat.fid({scorer.evaluator.feature_layer: x})["fid_se"]
+    se = strat.fid({scorer.evaluator.feature_layer: x}).fid_se
     assert se == pytest.approx(float(inside.std()) * math.sqrt(8 / 7), rel=1e-9)
     few = replace(scorer, conditions=40)  # fewer than 2 images per condition: the plain bootstrap
     assert torch.equal(few._replicates(x), bootstrap_fid(x, mu, sigma, resample_counts(64, scorer.replicates,
@@ -548,7 +549,7 @@ def test_common_random_numbers_shrink_the_noise_of_a_difference(scorer):
     paired = scorer.difference(*({"features": torch.from_numpy(features(Job(c, 256, 0, fid=True)))} for c in (a, b)))
     unpaired_b = {"features": torch.from_numpy(features(Job(b, 256, 7, fid=True)))}
     unpaired = scorer.difference({"features": torch.from_numpy(features(Job(a, 256, 0, fid=True)))}, unpaired_b)
-    assert paired["high"] - paired["low"] < 0.5 * (unpaired["high"] - unpaired["low"])
+    assert paired.high - paired.low < 0.5 * (unpaired.high - unpaired.low)
 
 
 def test_a_stale_confirm_job_is_redone(tmp_path, scorer):
@@ -693,10 +694,22 @@ def test_igg_against_cfg_takes_cfgs_best_not_the_published_default(tmp_path, sco
         for start, n in ((0, 16), (16, 32)):
             job = Job(c, n, b.seed_of(c), fid=True, start=start)
             b.put(job, {"features": features(job)})
-    racers = [Racer(igg, REFINED, scores={32: {"fid": 1.0}}), Racer(default, DEFAULT, scores={32: {"fid": 9.0}})]
-    point = ScreenPoint(Curve("cfg"), 9.0, scores={16: {"fid": 1.0}})
+    def score(fid: float) -> FidScore:
+        return FidScore(fid, fid - 0.5, fid + 0.5, 0.25)
+
+    racers = [Racer(igg, REFINED, scores={32: score(1.0)}), Racer(default, DEFAULT, scores={32: score(9.0)})]
+    point = ScreenPoint(Curve("cfg"), 9.0, scores={16: score(1.0)})
     screen = ScreenResult([point], [Basin(point, 1.0)], [], 16, 0.36, None)
     result = versus(racers, screen, b, scorer)  # CFG's best is its screened basin, not the default in the race
     assert (result.cfg, result.igg, result.num_images) == (cfg_best.label(), igg.label(), 16)
     assert result.low <= result.diff <= result.high and result.verdict.endswith("includes 0") == (result.low <= 0
                                                                                                   <= result.high)
+
+
+@pytest.mark.parametrize("clip", [None, Interval(0.31, 0.30, 0.32)])
+def test_a_score_round_trips_through_the_metrics_a_trial_logs(clip):
+    score = FidScore(12.5, 11.0, 14.0, 0.75, clip, {"isc": 2.5, "kid": 0.01})
+    metrics = score.metrics()
+    assert metrics["fid"] == 12.5 and metrics["fid_se"] == 0.75 and metrics["kid"] == 0.01
+    assert ("clip_score" in metrics) == (clip is not None)
+    assert FidScore.of(metrics) == score

@@ -22,7 +22,7 @@ import optuna
 
 from pipeline.config.schema import BackboneConfig, ConfirmConfig
 from tuners.jobs import Job, Observer, Pool
-from tuners.scoring import FeatureBank, Scorer, scored_record
+from tuners.scoring import Difference, FeatureBank, FidScore, Scorer, scored_record
 from tuners.space import Candidate
 from tuners.studies import Ledger, job_key
 
@@ -42,7 +42,7 @@ class Racer:
     role: str  # refined | default
     refine_fid: float | None = None  # its FID in the refinement stage (refine.num_images)
     refine_smoothed: float | None = None  # and its smoothed FID there (tuners.surrogate), which chose it
-    scores: dict[int, dict[str, float]] = field(default_factory=dict)  # N -> fid, fid_low, fid_high, ...
+    scores: dict[int, FidScore] = field(default_factory=dict)  # N -> its FID there
     left: str | None = None  # "worse at N=…", "cut at N=…" (cost cap) or a failure
 
     @property
@@ -52,7 +52,7 @@ class Racer:
     @property
     def fid(self) -> float:
         """FID at the highest N reached (NaN if none)."""
-        return self.scores[self.reached]["fid"] if self.scores else math.nan
+        return self.scores[self.reached].fid if self.scores else math.nan
 
 
 @dataclass
@@ -90,7 +90,7 @@ class RaceStage:
     observer: Observer
     bank: FeatureBank
     scorer: Scorer
-    eliminations: list[tuple[Racer, int, dict[str, float]]] = field(default_factory=list)
+    eliminations: list[tuple[Racer, int, Difference]] = field(default_factory=list)
     decided_at: int | None = None  # the rung after which one finalist was left (confirm.stop_when_decided)
 
     def _job(self, racer: Racer, num_images: int) -> Job:
@@ -110,7 +110,7 @@ class RaceStage:
                           self.observer).run(pool)
             for key, (_, racer) in jobs.items():
                 if key in done:
-                    racer.scores[n] = dict(done[key].metrics)
+                    racer.scores[n] = FidScore.of(done[key].metrics)
                 else:
                     racer.left = f"failed at N={n}"
             alive = [racer for racer in alive if n in racer.scores]
@@ -127,7 +127,7 @@ class RaceStage:
                 break
             cap = self.confirm.final_max if r == len(rungs) - 2 else max(
                 self.confirm.final_max, math.ceil(self.confirm.keep * len(alive)))
-            alive.sort(key=lambda x: x.scores[n]["fid"])
+            alive.sort(key=lambda x: x.scores[n].fid)
             for racer in alive[cap:]:
                 racer.left = f"cut at N={n} by the cost cap (not separated)"
             alive = alive[:cap]
@@ -135,7 +135,7 @@ class RaceStage:
         return RaceResult(winner, self._margin(winner), self.racers)
 
     def _eliminate(self, alive: list[Racer], n: int) -> list[Racer]:
-        best = min(alive, key=lambda x: x.scores[n]["fid"])
+        best = min(alive, key=lambda x: x.scores[n].fid)
         best_features = self.bank.get(best.candidate, n, self.scorer.layers)
         kept = []
         for racer in alive:
@@ -143,8 +143,8 @@ class RaceStage:
                 kept.append(racer)
                 continue
             diff = self.scorer.difference(self.bank.get(racer.candidate, n, self.scorer.layers), best_features)
-            if diff["low"] > 0:
-                racer.left = f"worse at N={n}: +{diff['diff']:.3g} FID [{diff['low']:.3g}, {diff['high']:.3g}]"
+            if diff.low > 0:
+                racer.left = f"worse at N={n}: +{diff.diff:.3g} FID [{diff.low:.3g}, {diff.high:.3g}]"
                 self.eliminations.append((racer, n, diff))
             else:
                 kept.append(racer)
@@ -159,4 +159,4 @@ class RaceStage:
         n = runner.reached
         diff = self.scorer.difference(self.bank.get(runner.candidate, n, self.scorer.layers),
                                       self.bank.get(winner.candidate, n, self.scorer.layers))
-        return Margin(runner, n, diff["diff"], diff["low"], diff["high"])
+        return Margin(runner, n, diff.diff, diff.low, diff.high)

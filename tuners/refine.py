@@ -36,7 +36,7 @@ from pipeline.core.seeds import derive_seed
 from tuners.driver import drive
 from tuners.jobs import Done, Job, Observer, Pool, TrialRecord
 from tuners.samplers import make_sampler
-from tuners.scoring import FeatureBank, Scorer, scored_record
+from tuners.scoring import FeatureBank, FidScore, Scorer, scored_record
 from tuners.space import WEIGHTS, Candidate, Region, from_params, interval_code, suggest, trial_params
 from tuners.studies import RECORD, counts_toward_budget, fail_stale, reason_of, record_of, tell
 from tuners.surrogate import log_weights, posterior_mean
@@ -168,7 +168,7 @@ class RefineStage:
         window_N = torch.tensor([arms.setdefault((t.params.get("window"), t.params.get("interval")), len(arms))
                                  for t in done])
         fid_N = torch.tensor([t.value for t in done], dtype=torch.float64)
-        se_N = torch.tensor([record_of(t).metrics["fid_se"] for t in done], dtype=torch.float64)
+        se_N = torch.tensor([FidScore.of(record_of(t).metrics).fid_se for t in done], dtype=torch.float64)
         mean_N = posterior_mean(log_weights(weights_Nd.double()), window_N, fid_N.log(), (se_N / fid_N).square(),
                                 lengthscale=self.refine.lengthscale, kinship=self.refine.window_kinship)
         return list(zip(done, mean_N.exp().tolist(), strict=True))
@@ -216,8 +216,8 @@ class RefineStage:
         reason = reason_of(done)
         record = (scored_record("refine", job, done, self.bank, self.scorer) if reason is None
                   else TrialRecord.of("refine", job, done, error=reason))
-        if record.error is None and not math.isfinite(record.metrics["fid"]):
-            record.error = f"FID {record.metrics['fid']} is not finite"
+        if record.error is None and not math.isfinite(record.value):
+            record.error = f"FID {record.value} is not finite"
         if record.error is not None:
             self.observer.failed(stage, trial.number, job, record.error, done.retries)
         else:

@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,55 @@ from pipeline.data.files import atomic_write
 from pipeline.fid.fidelity import FidEvaluator, Reference
 from tuners.jobs import CLIP_LAYER, Done, Job, TrialRecord
 from tuners.space import Candidate
+
+
+@dataclass
+class Interval:
+    """A value with its interval at the sweep's level."""
+
+    value: float
+    low: float
+    high: float
+
+
+@dataclass
+class Difference:
+    """FID(a) − FID(b) on the same images, with its paired bootstrap interval."""
+
+    diff: float
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class FidScore:
+    """The FID of a candidate's first N images with its interval at the scorer's level and its bootstrap standard
+    error; the mean CLIP score with its interval when scored; every other evaluator metric (IS, KID,
+    precision/recall) by its torch-fidelity name. `metrics()` is the flat form a trial logs and stores."""
+
+    fid: float
+    fid_low: float
+    fid_high: float
+    fid_se: float
+    clip_score: Interval | None = None
+    extra: Mapping[str, float] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        out = {"fid": self.fid, "fid_low": self.fid_low, "fid_high": self.fid_high, "fid_se": self.fid_se,
+               **self.extra}
+        if self.clip_score is not None:
+            c = self.clip_score
+            out |= {"clip_score": c.value, "clip_score_low": c.low, "clip_score_high": c.high}
+        return out
+
+    @classmethod
+    def of(cls, metrics: Mapping[str, float]) -> FidScore:
+        """The score a trial logged (`metrics()`, read back from its record)."""
+        own = {"fid", "fid_low", "fid_high", "fid_se", "clip_score", "clip_score_low", "clip_score_high"}
+        clip = (Interval(metrics["clip_score"], metrics["clip_score_low"], metrics["clip_score_high"])
+                if "clip_score" in metrics else None)
+        return cls(metrics["fid"], metrics["fid_low"], metrics["fid_high"], metrics["fid_se"], clip,
+                   {k: v for k, v in metrics.items() if k not in own})
 
 
 def block_key(job: Job) -> str:
@@ -170,22 +220,24 @@ class Scorer:
             self._cache[key] = replicates_R
         return self._cache[key]
 
-    def fid(self, features: dict[str, Tensor], *, all_metrics: bool = False) -> dict[str, float]:
-        """``fid``, ``fid_low``, ``fid_high`` (the interval at `level`) and ``fid_se``; every metric of the
-        evaluator too with `all_metrics` (IS, KID, precision/recall)."""
+    def fid(self, features: dict[str, Tensor], *, all_metrics: bool = False) -> FidScore:
+        """The FID with its interval at `level` and standard error; every metric of the evaluator too with
+        `all_metrics` (IS, KID, precision/recall)."""
         feats_NF = features[self.evaluator.feature_layer]
-        out = self.evaluator.metrics_of(features, self.reference, None if all_metrics else ["fid"])
+        metrics = self.evaluator.metrics_of(features, self.reference, None if all_metrics else ["fid"])
+        fid = float(metrics.pop("fid"))
         replicates_R = self._replicates(feats_NF)
-        out["fid_low"], out["fid_high"] = normal_interval(out["fid"], replicates_R, self.level)
-        out["fid_se"] = float(replicates_R.std())
+        low, high = normal_interval(fid, replicates_R, self.level)
+        clip = None
         if self.clip:
             scores_N = features[CLIP_LAYER][:, 0].double()
-            out["clip_score"] = float(scores_N.mean())
-            out["clip_score_low"], out["clip_score_high"] = normal_interval(  # their spread / √N: the mean's se
-                out["clip_score"], scores_N / math.sqrt(len(scores_N)), self.level)
-        return {k: float(v) for k, v in out.items()}
+            mean = float(scores_N.mean())
+            clip = Interval(mean, *normal_interval(  # their spread / √N: the mean's se
+                mean, scores_N / math.sqrt(len(scores_N)), self.level))
+        return FidScore(fid, float(low), float(high), float(replicates_R.std()), clip,
+                        {k: float(v) for k, v in metrics.items()})
 
-    def difference(self, features_a: dict[str, Tensor], features_b: dict[str, Tensor]) -> dict[str, float]:
+    def difference(self, features_a: dict[str, Tensor], features_b: dict[str, Tensor]) -> Difference:
         """FID(a) − FID(b) with its interval at `level` (bootstrap with the same resampled indices for both)."""
         a_NF, b_NF = features_a[self.evaluator.feature_layer], features_b[self.evaluator.feature_layer]
         if a_NF.shape != b_NF.shape:
@@ -194,7 +246,7 @@ class Scorer:
                  - self.evaluator.metrics_of(features_b, self.reference, ["fid"])["fid"])
         diff_R = self._replicates(a_NF) - self._replicates(b_NF)
         low, high = normal_interval(point, diff_R, self.level)
-        return {"diff": point, "low": low, "high": high}
+        return Difference(float(point), float(low), float(high))
 
 
 
@@ -204,5 +256,5 @@ def scored_record(stage: str, job: Job, done: Done, bank: FeatureBank, scorer: S
     0..N-1 (every metric with `all_metrics`); the value told to Optuna is the FID."""
     assert done.evaluation is not None
     features = bank.put(job, done.evaluation.features)
-    metrics = scorer.fid(bank.get(job.candidate, job.num_images, scorer.layers), all_metrics=all_metrics)
-    return TrialRecord.of(stage, job, done, value=metrics["fid"], metrics=metrics, features=features)
+    score = scorer.fid(bank.get(job.candidate, job.num_images, scorer.layers), all_metrics=all_metrics)
+    return TrialRecord.of(stage, job, done, value=score.fid, metrics=score.metrics(), features=features)

@@ -37,7 +37,7 @@ from pipeline.config.schema import ScreenConfig
 from pipeline.core.guidance import KINDS
 from tuners.jobs import Done, Job, Observer, Pool, TrialRecord
 from tuners.proxy import gaps_of
-from tuners.scoring import FeatureBank, Scorer, scored_record
+from tuners.scoring import Difference, FeatureBank, FidScore, Scorer, scored_record
 from tuners.space import Candidate, Interval, interval_code
 from tuners.studies import Ledger, job_key
 from tuners.surrogate import log_weights, posterior_mean
@@ -164,7 +164,7 @@ class ScreenPoint:
 
     curve: Curve
     total: float
-    scores: dict[int, dict[str, float]] = field(default_factory=dict)  # N -> fid, fid_low, fid_high, fid_se
+    scores: dict[int, FidScore] = field(default_factory=dict)  # N -> its FID there
     smoothed: dict[int, float] = field(default_factory=dict)  # N -> smoothed FID over the curve's points at N
     basin: int = -1  # the point (index on its curve, by weight) whose local minimum it descends to at the first rung
     gap: float | None = None  # the proxy's gap, measured on the first batch of its first job
@@ -182,16 +182,16 @@ class ScreenPoint:
 @dataclass
 class Basin:
     """A local minimum of a curve's smoothed FID, represented by its best point at the last rung; `worse` is its
-    FID difference to the best basin (diff, low, high) at that N, None for the best itself."""
+    FID difference to the best basin at that N, None for the best itself."""
 
     point: ScreenPoint
     smoothed: float
-    worse: dict[str, float] | None = None
+    worse: Difference | None = None
 
     @property
     def kept(self) -> bool:
         """Not worse than the best basin beyond noise."""
-        return self.worse is None or self.worse["low"] <= 0
+        return self.worse is None or self.worse.low <= 0
 
 
 @dataclass
@@ -251,7 +251,7 @@ class ScreenStage:
             for key, (job, point) in jobs.items():
                 if key in done:
                     point.record = done[key]
-                    point.scores[n] = dict(done[key].metrics)
+                    point.scores[n] = FidScore.of(done[key].metrics)
                     if job.start == 0 and done[key].signals:
                         point.gap = gaps_of(done[key].signals)[self.gap]
             alive = [p for p in alive if n in p.scores]
@@ -271,8 +271,8 @@ class ScreenStage:
         for curve in self.curves:
             mine = [p for p in alive if p.curve == curve]
             if mine:
-                values = smooth([p.total for p in mine], [p.scores[n]["fid"] for p in mine],
-                                [p.scores[n]["fid_se"] for p in mine], self.lengthscale)
+                values = smooth([p.total for p in mine], [p.scores[n].fid for p in mine],
+                                [p.scores[n].fid_se for p in mine], self.lengthscale)
                 for p, v in zip(mine, values, strict=True):
                     p.smoothed[n] = v
 
@@ -298,7 +298,7 @@ class ScreenStage:
         refined = [b for b in basins if b.kept][: self.config.regions]
         first = self.config.rungs[0]  # one N for every point: ρ(gap, FID) over them
         scored = [p for p in self.points if first in p.scores and p.gap is not None and math.isfinite(p.gap)]
-        rho = Rho.of([p.gap for p in scored], [p.scores[first]["fid"] for p in scored],  # type: ignore[misc]
+        rho = Rho.of([p.gap for p in scored], [p.scores[first].fid for p in scored],  # type: ignore[misc]
                      self.scorer.level)
         return ScreenResult(self.points, basins, refined, n,
                             spacing(len(self.totals), self.totals[0], self.totals[-1]), rho)

@@ -18,24 +18,7 @@ from typing import Any
 import yaml
 
 from pipeline.data.files import atomic_write
-
-
-@dataclass
-class Interval:
-    """A value with its interval at the sweep's level."""
-
-    value: float
-    low: float
-    high: float
-
-
-@dataclass
-class Difference:
-    """FID(a) − FID(b) on the same images, with its paired bootstrap interval."""
-
-    diff: float
-    low: float
-    high: float
+from tuners.scoring import Difference, Interval
 
 
 @dataclass

@@ -19,8 +19,6 @@ from pipeline.outputs.best import (
     Checkpoint,
     Cost,
     Default,
-    Difference,
-    Interval,
     MarginRecord,
     RhoRecord,
     Sampling,
@@ -39,7 +37,7 @@ from pipeline.runtime.tracking import Tracker
 from tuners.confirm import DEFAULT, REFINED, Margin, Racer, RaceResult
 from tuners.jobs import DIVERGENCE_SIGNAL, EVENNESS_SIGNAL, TrialRecord
 from tuners.proxy import ProxyResult
-from tuners.scoring import FeatureBank, Scorer, candidate_seed
+from tuners.scoring import Difference, FeatureBank, Scorer, candidate_seed
 from tuners.screen import ScreenResult
 from tuners.space import Candidate, Ranges
 
@@ -64,14 +62,14 @@ def answer(cfg: SweepConfig, winner: Racer, margin: Margin | None, racers: list[
 
     def scored(r: Racer, m: int) -> dict:
         return {**r.candidate.as_dict(), "kind": r.candidate.kind, "num_images": m,
-                **{k: r.scores[m][k] for k in ("fid", "fid_low", "fid_high")}}
+                "fid": r.scores[m].fid, "fid_low": r.scores[m].fid_low, "fid_high": r.scores[m].fid_high}
 
     default = next((r for r in racers if r.role == DEFAULT and r.scores), None)
     gain = None if default is None or default.reached not in winner.scores else (
-        default.scores[default.reached]["fid"] - winner.scores[default.reached]["fid"])
+        default.scores[default.reached].fid - winner.scores[default.reached].fid)
     return Best(
         backbone=cfg.backbone.name, guidance=cfg.guidance.name, kind=c.kind, w_cfg=c.w_cfg, w_igg=c.w_igg,
-        window=c.window, fid=scores["fid"], fid_low=scores["fid_low"], fid_high=scores["fid_high"], num_images=n,
+        window=c.window, fid=scores.fid, fid_low=scores.fid_low, fid_high=scores.fid_high, num_images=n,
         at_bound=ranges.bounds(c),
         runner_up=Scored(**scored(margin.runner_up, margin.num_images)) if margin else None,
         margin=None if margin is None else MarginRecord(margin.diff, margin.low, margin.high, margin.num_images,
@@ -80,8 +78,7 @@ def answer(cfg: SweepConfig, winner: Racer, margin: Margin | None, racers: list[
         cost=cost,
         interval=(list(c.interval) if c.interval is not None else None if cfg.search.intervals is None
                   else [cfg.guidance.schedule_start, cfg.guidance.schedule_end]),  # a default CFG: the sweep's own
-        clip_score=Interval(scores["clip_score"], scores["clip_score_low"], scores["clip_score_high"])
-        if "clip_score" in scores else None,
+        clip_score=scores.clip_score,
         sampling=Sampling(
             schedule=cfg.guidance.schedule,
             schedule_start=cfg.guidance.schedule_start if c.interval is None else c.interval[0],
@@ -102,9 +99,9 @@ def answer(cfg: SweepConfig, winner: Racer, margin: Margin | None, racers: list[
         checkpoints={key: Checkpoint(getattr(cfg.backbone, key), file_digest(getattr(cfg.backbone, key)))
                      for key in checkpoint_keys(cfg.backbone)},
         basins=[BasinRecord(curve=b.point.curve.label(), kind=b.point.curve.kind, **b.point.candidate.as_dict(),
-                            num_images=screen.num_images, fid=b.point.scores[screen.num_images]["fid"],
+                            num_images=screen.num_images, fid=b.point.scores[screen.num_images].fid,
                             smoothed=b.smoothed, refined=b in screen.refined,
-                            worse=None if b.worse is None else Difference(**b.worse)) for b in screen.basins],
+                            worse=b.worse) for b in screen.basins],
         versus=igg_vs_cfg,
         proxy_rho=None if screen.rho is None else RhoRecord(**asdict(screen.rho)),
         curves=screen_curves(screen),
@@ -130,12 +127,12 @@ def write_outputs(cfg: SweepConfig, best: Best, racers: list[Racer], winner: Rac
     return best_path, files
 
 
-def versus_verdict(diff: dict[str, float]) -> str:
+def versus_verdict(diff: Difference) -> str:
     """One line on FID(CFG) − FID(IGG) with its interval: which guidance is better on this backbone, or neither."""
-    span = f"{diff['diff']:+.3g} [{diff['low']:+.3g}, {diff['high']:+.3g}]"
-    if diff["low"] > 0:
+    span = f"{diff.diff:+.3g} [{diff.low:+.3g}, {diff.high:+.3g}]"
+    if diff.low > 0:
         return f"IGG beats CFG on this backbone: FID(CFG) - FID(IGG) = {span}"
-    if diff["high"] < 0:
+    if diff.high < 0:
         return f"CFG beats IGG on this backbone: FID(CFG) - FID(IGG) = {span}"
     return f"IGG and CFG are not separated on this backbone: FID(CFG) - FID(IGG) = {span} includes 0"
 
@@ -168,9 +165,9 @@ def versus(racers: list[Racer], screen: ScreenResult, bank: FeatureBank, scorer:
     layers = scorer.layers
     features = {k: bank.get(c, n, layers) for k, (c, _) in best.items()}
     diff = scorer.difference(features["cfg"], features["igg"])
-    fid = {k: scorer.fid(f)["fid"] for k, f in features.items()}
-    return Versus(**diff, cfg=best["cfg"][0].label(), igg=best["igg"][0].label(), num_images=n, fid_cfg=fid["cfg"],
-                  fid_igg=fid["igg"], verdict=versus_verdict(diff))
+    fid = {k: scorer.fid(f).fid for k, f in features.items()}
+    return Versus(diff.diff, diff.low, diff.high, cfg=best["cfg"][0].label(), igg=best["igg"][0].label(),
+                  num_images=n, fid_cfg=fid["cfg"], fid_igg=fid["igg"], verdict=versus_verdict(diff))
 
 
 

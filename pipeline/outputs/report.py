@@ -13,12 +13,17 @@ from matplotlib.figure import Figure
 from pipeline.core.render import figure_png, log_weight_axis
 from pipeline.outputs.best import Best, CurveRecord
 from tuners.confirm import Margin, Racer
+from tuners.scoring import FidScore
 from tuners.screen import ScreenResult
 from tuners.space import Candidate, interval_code
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def _score(score: FidScore) -> str:
+    return f"{_fmt(score.fid)} [{_fmt(score.fid_low)}, {_fmt(score.fid_high)}]"
 
 
 def race_table(racers: list[Racer], winner: Racer) -> dict[str, list]:
@@ -33,7 +38,7 @@ def race_table(racers: list[Racer], winner: Racer) -> dict[str, list]:
             row = {"candidate": c.label(), "kind": c.kind, "role": r.role, "w_cfg": c.w_cfg, "w_igg": c.w_igg,
                    "window": c.window, "interval": None if c.interval is None else interval_code(c.interval),
                    "refine_fid": r.refine_fid, "refine_smoothed": r.refine_smoothed, "num_images": n,
-                   "fid": score["fid"], "fid_low": score["fid_low"], "fid_high": score["fid_high"],
+                   "fid": score.fid, "fid_low": score.fid_low, "fid_high": score.fid_high,
                    "outcome": "winner" if r is winner else r.left or "-"}
             for k, v in row.items():
                 columns[k].append(v)
@@ -66,10 +71,9 @@ def report_markdown(title: str, racers: list[Racer], winner: Racer, margin: Marg
               + " | IS | KID | precision | recall | left |",
               "|---|---|---|---|---|" + "---|" * len(rungs) + "---|---|---|---|---|"]
     for r in sorted(racers, key=lambda r: (r is not winner, -r.reached, r.fid)):
-        final = r.scores.get(r.reached, {})
+        final = r.scores[r.reached].extra if r.scores else {}  # torch-fidelity's other metrics, by its names
         left = "winner" if r is winner else r.left or "-"
-        cells = [f"{_fmt(r.scores[m]['fid'])} [{_fmt(r.scores[m]['fid_low'])}, {_fmt(r.scores[m]['fid_high'])}]"
-                 if m in r.scores else "-" for m in rungs]
+        cells = [_score(r.scores[m]) if m in r.scores else "-" for m in rungs]
         lines.append(f"| {r.candidate.label()} | {r.candidate.kind} | {r.role} | {_fmt(r.refine_fid)} | "
                      f"{_fmt(r.refine_smoothed)} | "
                      + " | ".join(cells) + f" | {_fmt(final.get('isc'))} | {_fmt(final.get('kid'), 4)} | "
@@ -97,14 +101,13 @@ def screen_markdown(screen: ScreenResult, best: Best) -> list[str]:
     lines += ["", f"Basins (local minima of a curve's smoothed FID), best first, at N={n}:", "",
               "| curve | point | FID | smoothed | vs the best [interval] | refined |", "|---|---|---:|---:|---|---|"]
     for b in screen.basins:
-        worse = "-" if b.worse is None else f"{b.worse['diff']:+.3g} [{b.worse['low']:+.3g}, {b.worse['high']:+.3g}]"
-        lines.append(f"| {b.point.curve.label()} | {b.point.candidate.label()} | {_fmt(b.point.scores[n]['fid'])} | "
+        worse = "-" if b.worse is None else f"{b.worse.diff:+.3g} [{b.worse.low:+.3g}, {b.worse.high:+.3g}]"
+        lines.append(f"| {b.point.curve.label()} | {b.point.candidate.label()} | {_fmt(b.point.scores[n].fid)} | "
                      f"{_fmt(b.smoothed)} | {worse} | {'yes' if b in screen.refined else 'no'} |")
     lines += ["", f"Screened points: FID [interval] at {first} images (smoothed), and at {n} for the survivors:", "",
               "| curve | w + w' | FID@" + str(first) + " | smoothed | FID@" + str(n) + " |", "|---|---:|---|---:|---|"]
     for p in screen.points:
-        cells = [f"{_fmt(p.scores[m]['fid'])} [{_fmt(p.scores[m]['fid_low'])}, {_fmt(p.scores[m]['fid_high'])}]"
-                 if m in p.scores else "-" for m in (first, n)]
+        cells = [_score(p.scores[m]) if m in p.scores else "-" for m in (first, n)]
         lines.append(f"| {p.curve.label()} | {p.total:.3g} | {cells[0]} | {_fmt(p.smoothed.get(first))} | "
                      f"{cells[1]} |")
     return lines
@@ -118,8 +121,8 @@ def screen_table(screen: ScreenResult) -> dict[str, list]:
         c = p.candidate
         for m, score in sorted(p.scores.items()):
             row = {"curve": p.curve.label(), "kind": p.curve.kind, "total": p.total, "w_cfg": c.w_cfg,
-                   "w_igg": c.w_igg, "window": c.window, "num_images": m, "fid": score["fid"],
-                   "fid_low": score["fid_low"], "fid_high": score["fid_high"], "smoothed": p.smoothed.get(m),
+                   "w_igg": c.w_igg, "window": c.window, "num_images": m, "fid": score.fid,
+                   "fid_low": score.fid_low, "fid_high": score.fid_high, "smoothed": p.smoothed.get(m),
                    "gap": p.gap, "basin": p.basin}
             for k, v in row.items():
                 columns[k].append(v)
@@ -137,20 +140,20 @@ def curves_png(screen: ScreenResult, winner: Candidate) -> bytes:
         colour = f"C{i}"
         mine = [p for p in screen.points if p.curve == curve and first in p.scores]
         x = [p.total for p in mine]
-        ax.errorbar(x, [p.scores[first]["fid"] for p in mine],
-                    yerr=[[p.scores[first]["fid"] - p.scores[first]["fid_low"] for p in mine],
-                          [p.scores[first]["fid_high"] - p.scores[first]["fid"] for p in mine]],
+        ax.errorbar(x, [p.scores[first].fid for p in mine],
+                    yerr=[[p.scores[first].fid - p.scores[first].fid_low for p in mine],
+                          [p.scores[first].fid_high - p.scores[first].fid for p in mine]],
                     fmt="o", color=colour, alpha=0.35, capsize=2, ms=4)
         ax.plot(x, [p.smoothed[first] for p in mine], "-", color=colour, label=f"{curve.label()} (N={first})")
         top = [p for p in mine if n in p.scores]
         if n != first and top:
-            ax.errorbar([p.total for p in top], [p.scores[n]["fid"] for p in top],
-                        yerr=[[p.scores[n]["fid"] - p.scores[n]["fid_low"] for p in top],
-                              [p.scores[n]["fid_high"] - p.scores[n]["fid"] for p in top]],
+            ax.errorbar([p.total for p in top], [p.scores[n].fid for p in top],
+                        yerr=[[p.scores[n].fid - p.scores[n].fid_low for p in top],
+                              [p.scores[n].fid_high - p.scores[n].fid for p in top]],
                         fmt="s", color=colour, capsize=2, ms=5, label=f"{curve.kind}: the best, N={n}")
         for b in screen.refined:
             if b.point.curve == curve:
-                ax.plot([b.point.total], [b.point.scores[n]["fid"]], "o", ms=14, mfc="none", color=colour)
+                ax.plot([b.point.total], [b.point.scores[n].fid], "o", ms=14, mfc="none", color=colour)
     ax.axvline(sum(winner.weights().values()), color="k", ls=":", lw=1)
     ax.plot([], [], "o", ms=10, mfc="none", color="grey", label="basin refined")
     ax.plot([], [], "k:", label=f"winner: {winner.label()}")
@@ -170,8 +173,8 @@ def screen_curves(screen: ScreenResult) -> dict[str, CurveRecord]:
             curve = out.setdefault(p.curve.label(), CurveRecord(p.curve.kind, first))
             score = p.scores[first]
             curve.total.append(p.total)
-            curve.fid.append(score["fid"])
-            curve.fid_low.append(score["fid_low"])
-            curve.fid_high.append(score["fid_high"])
+            curve.fid.append(score.fid)
+            curve.fid_low.append(score.fid_low)
+            curve.fid_high.append(score.fid_high)
             curve.smoothed.append(p.smoothed[first])
     return out
