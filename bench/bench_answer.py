@@ -40,7 +40,17 @@ from pathlib import Path
 
 import torch
 import yaml
-from bench_grid import DEFAULT_BACKBONE, GRID_SEEDS, NUM_CLASSES, RUNGS, Grid, Point, default_cache, make_point
+from bench_grid import (
+    DEFAULT_BACKBONE,
+    GRID_SEEDS,
+    NUM_CLASSES,
+    RUNGS,
+    Grid,
+    Point,
+    default_cache,
+    make_point,
+    section_name,
+)
 from benchdoc import ROOT, publish
 
 from pipeline.core.metrics import bootstrap_fid, resample_counts
@@ -179,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                         "seed when the cache lacks it; default: the cache's own best three-seed point")
     p.add_argument("--write", action="store_true",
                    help=f'write docs/BENCHMARKS.md "## {SECTION}" (another backbone: "## {SECTION} (NAME)")')
+    p.add_argument("--top-p", type=float, default=0.0,
+                   help="the sweeps run with backbone.top_p=P and their answers are re-measured so, against a grid "
+                        "sampled so (bench_grid.py --top-p P; give its --cache and a --runs of their own)")
     args = p.parse_args(argv)
     args.cache = args.cache or default_cache(args.backbone)
     args.runs = args.runs or (DEFAULT_RUNS if args.backbone == DEFAULT_BACKBONE else DEFAULT_RUNS.with_name(
@@ -188,7 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     jobs += [(f"answer-{v}-s{s}", s, v) for v, seeds in args.variant for s in seeds or args.seeds[:1]]
     answers = {}
     for name, seed, variant in jobs:
-        best, wall = run_sweep(args.runs, name, seed, VARIANTS[variant], args.backbone)
+        setting = [f"backbone.top_p={args.top_p}"] if args.top_p else []
+        best, wall = run_sweep(args.runs, name, seed, VARIANTS[variant] + setting, args.backbone)
+        if best["sampling"]["top_p"] != args.top_p:
+            raise RuntimeError(f"{name} sampled with top_p={best['sampling']['top_p']}, not {args.top_p}: give "
+                               "another --runs")
         answers[name] = (seed, variant, best, wall)
         print(f"{name}: {best['kind']} w={best['w_cfg']} w'={best['w_igg']} win={best['window']} "
               f"FID {best['fid']:.3f} ({wall:.0f} s)", flush=True)
@@ -201,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             answers[f"earlier {path.parent.name}"] = (best["sampling"]["seed"], "earlier settings", best, math.nan)
     grid_args = argparse.Namespace(ref_cache=None, reference=8000, n_broad=512, n_full=args.n, workers=2, threads=1,
-                                   backbone=args.backbone)
+                                   backbone=args.backbone, top_p=args.top_p)
     grid = Grid(args.cache, grid_args, command)  # samples args.backbone's checkpoints (refuses another's cache)
     for name, (_, variant, best, _) in answers.items():
         if (why := backbone_mismatch(args.backbone, best, grid.ckpts)) is None:
@@ -310,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---:|---:|---:|---:|---:|",
         *noise_rows,
     ])
-    publish(body, SECTION if args.backbone == DEFAULT_BACKBONE else f"{SECTION} ({args.backbone})", args.write)
+    publish(body, section_name(SECTION, args.backbone, args.top_p), args.write)
     return 0
 
 
