@@ -28,7 +28,7 @@ from tuners.jobs import Done, Evaluation, Job
 from tuners.proxy import ProxyStage, gap_name, gaps_of
 from tuners.refine import RefineStage, Start
 from tuners.samplers import make_sampler
-from tuners.scoring import FeatureBank, FidScore, Interval, Scorer, candidate_seed
+from tuners.scoring import FeatureBank, FidScore, Interval, Scorer, candidate_seed, direction
 from tuners.screen import (
     Basin,
     Curve,
@@ -713,3 +713,8 @@ def test_a_score_round_trips_through_the_metrics_a_trial_logs(clip):
     assert metrics["fid"] == 12.5 and metrics["fid_se"] == 0.75 and metrics["kid"] == 0.01
     assert ("clip_score" in metrics) == (clip is not None)
     assert FidScore.of(metrics) == score
+
+
+def test_an_interval_has_a_direction_only_when_it_excludes_zero():
+    assert [direction(lo, hi) for lo, hi in ((0.1, 0.3), (-0.3, -0.1), (-0.1, 0.1), (0.0, 0.2), (-0.2, 0.0))] == [
+        1, -1, 0, 0, 0]

@@ -53,6 +53,11 @@ class Difference:
     high: float
 
 
+def direction(low: float, high: float) -> int:
+    """+1 when an interval lies above 0, -1 when below, 0 when it holds 0 (no direction beyond noise)."""
+    return 1 if low > 0 else -1 if high < 0 else 0
+
+
 @dataclass(frozen=True)
 class FidScore:
     """The FID of a candidate's first N images with its interval at the scorer's level and its bootstrap standard

@@ -37,7 +37,7 @@ from pipeline.config.schema import ScreenConfig
 from pipeline.core.guidance import KINDS
 from tuners.jobs import Done, Job, Observer, Pool, TrialRecord
 from tuners.proxy import gaps_of
-from tuners.scoring import Difference, FeatureBank, FidScore, Scorer, scored_record
+from tuners.scoring import Difference, FeatureBank, FidScore, Scorer, direction, scored_record
 from tuners.space import Candidate, Interval, interval_code
 from tuners.studies import Ledger, job_key
 from tuners.surrogate import log_weights, posterior_mean
@@ -151,11 +151,10 @@ class Rho:
     def verdict(self) -> str:
         """One line: did a lower gap go with a lower FID on this backbone?"""
         head = f"ρ(gap, FID) = {self.value:+.2f} [{self.low:+.2f}, {self.high:+.2f}] over {self.n} screened points"
-        if self.low > 0:
-            return f"{head}: a lower gap went with a lower FID, the proxy pointed the right way on this backbone"
-        if self.high < 0:
-            return f"{head}: a lower gap went with a higher FID, the proxy pointed the wrong way on this backbone"
-        return f"{head}: no direction beyond noise, the proxy did not point either way on this backbone"
+        return head + {1: ": a lower gap went with a lower FID, the proxy pointed the right way on this backbone",
+                       -1: ": a lower gap went with a higher FID, the proxy pointed the wrong way on this backbone",
+                       0: ": no direction beyond noise, the proxy did not point either way on this backbone",
+                       }[direction(self.low, self.high)]
 
 
 @dataclass

@@ -37,7 +37,7 @@ from pipeline.runtime.tracking import Tracker
 from tuners.confirm import DEFAULT, REFINED, Margin, Racer, RaceResult
 from tuners.jobs import DIVERGENCE_SIGNAL, EVENNESS_SIGNAL, TrialRecord
 from tuners.proxy import ProxyResult
-from tuners.scoring import Difference, FeatureBank, Scorer, candidate_seed
+from tuners.scoring import Difference, FeatureBank, Scorer, candidate_seed, direction
 from tuners.screen import ScreenResult
 from tuners.space import Candidate, Ranges
 
@@ -129,12 +129,9 @@ def write_outputs(cfg: SweepConfig, best: Best, racers: list[Racer], winner: Rac
 
 def versus_verdict(diff: Difference) -> str:
     """One line on FID(CFG) − FID(IGG) with its interval: which guidance is better on this backbone, or neither."""
-    span = f"{diff.diff:+.3g} [{diff.low:+.3g}, {diff.high:+.3g}]"
-    if diff.low > 0:
-        return f"IGG beats CFG on this backbone: FID(CFG) - FID(IGG) = {span}"
-    if diff.high < 0:
-        return f"CFG beats IGG on this backbone: FID(CFG) - FID(IGG) = {span}"
-    return f"IGG and CFG are not separated on this backbone: FID(CFG) - FID(IGG) = {span} includes 0"
+    span = f"FID(CFG) - FID(IGG) = {diff.diff:+.3g} [{diff.low:+.3g}, {diff.high:+.3g}]"
+    return {1: f"IGG beats CFG on this backbone: {span}", -1: f"CFG beats IGG on this backbone: {span}",
+            0: f"IGG and CFG are not separated on this backbone: {span} includes 0"}[direction(diff.low, diff.high)]
 
 
 def screened_ranges(kinds: list[str], cfg: SweepConfig) -> Ranges:
