@@ -25,6 +25,7 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.backbones.load import KINDS as BACKBONE_KINDS
 from pipeline.core.guidance import KINDS, SCHEDULES
 from pipeline.data.files import sqlite_path
 
@@ -34,8 +35,7 @@ GROUPS = ("backbone", "guidance", "search", "proxy", "screen", "refine", "confir
 SAMPLERS = ("tpe", "gp", "random")
 EVENNESS_KINDS = ("vocab", "tokens")
 DIVERGENCE_REFERENCES = ("uncond", "cond")
-FID_METRICS = ("fid", "isc", "kid", "prc")
-BACKBONE_KINDS = ("var", "switti")  # pipeline.backbones.load.KINDS
+FID_METRICS = ("fid", "isc", "kid", "prc")  # torch-fidelity's: FID, Inception Score, KID, precision/recall
 EMBEDDED_REFERENCE = "shapes"
 
 

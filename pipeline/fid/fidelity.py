@@ -63,12 +63,12 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from torch_fidelity.utils import create_feature_extractor, glob_samples_paths
 from tqdm import tqdm
 
-from pipeline.config.schema import EMBEDDED_REFERENCE
+from pipeline.config.schema import EMBEDDED_REFERENCE, FID_METRICS
 from pipeline.data.classifier import SHIPPED_CLASSIFIER, load_classifier
 from pipeline.data.files import atomic_write, load_weights
 from pipeline.data.shapes import SHAPES_VERSION, ShapesConfig, iter_batches
 
-METRICS = ("fid", "isc", "kid", "prc")
+METRICS = FID_METRICS  # torch-fidelity's metrics that confirm.metrics may name
 REFERENCE_METRICS = ("fid", "kid", "prc")  # metrics that compare with a reference set
 INCEPTION = "inception-v3-compat"
 TINY_EXTRACTOR = "guidetune-tiny"
