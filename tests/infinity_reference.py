@@ -1,4 +1,4 @@
-"""Make the Infinity parity fixtures of tests/test_infinity.py from the official code (run once; its output is committed).
+"""Make the Infinity parity fixtures of tests/test_infinity.py from the official code (run once; output committed).
 
     python tests/infinity_reference.py --official /path/to/FoundationVision/Infinity [--deps DIR] [--out DIR]
 
@@ -72,7 +72,7 @@ PROMPTS = [
     ["a red cat on the table", "the blue dog in the snow"],
     ["", "a dog and a cat, " * 120],            # empty; longer than 512 tokens (truncated)
 ]
-NEGATIVE = ["blurry", "ugly, low quality"]
+NEGATIVE = "blurry, ugly, low quality"         # one negative prompt for every image, as the CLI
 K = 7
 # model variant, prompts, negative, cfg (float or per-scale list), tau (float or list), top_k, top_p, seed,
 # sampling_per_bits
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             s = dict(zip(CASE_KEYS, case, strict=True))
             prompts = PROMPTS[s["prompts"]]
             cond = encode_batch(tokenizer, encoder, prompts)
-            negative = encode_batch(tokenizer, encoder, NEGATIVE) if s["negative"] else None
+            negative = encode_batch(tokenizer, encoder, [NEGATIVE] * len(prompts)) if s["negative"] else None
             cfg_list = s["cfg"] if isinstance(s["cfg"], list) else [s["cfg"]] * K
             tau_list = s["tau"] if isinstance(s["tau"], list) else [s["tau"]] * K
             drawn.clear(), logits.clear(), decoded.clear()
