@@ -32,14 +32,14 @@ from pipeline.core.sampling import sample, sample_bits
 DATA = Path(__file__).parent / "data" / "infinity"
 REF = torch.load(DATA / "reference.pt", weights_only=True)
 K = len(REF["schedule"])
-PIXELS = "0.06M"
+PATCH_NUMS = square_schedule("0.06M")
 
 
 @pytest.fixture(scope="module")
 def parts():
     """Both transformer variants (level embedding before the first block only / before every chunk), the
     decoder and T5, loaded once."""
-    models = {variant: load_infinity_model(DATA / "infinity.pth", PIXELS, lvl_embed_every_chunk=variant == "every")
+    models = {variant: load_infinity_model(DATA / "infinity.pth", PATCH_NUMS, lvl_embed_every_chunk=variant == "every")
               for variant in ("first", "every")}
     return models, load_bsq_decoder(DATA / "vae.pth"), load_t5(DATA / "text_encoder", 512)
 
@@ -63,7 +63,7 @@ def official_uint8(images_B3HW: torch.Tensor) -> torch.Tensor:
 
 
 def test_fixtures_are_the_real_256px_schedule():
-    assert [(t, h, w) for t, h, w in REF["schedule"]] == [(1, s, s) for s in square_schedule(PIXELS)]
+    assert [(t, h, w) for t, h, w in REF["schedule"]] == [(1, s, s) for s in PATCH_NUMS]
     assert REF["commit"] == "4c27bbb" and len(REF["cases"]) == 11
 
 
@@ -74,7 +74,7 @@ def test_loads_strictly_and_infers_the_config(parts):
             cfg.pool_heads) == (64, 2, 2, 2, 16, 128, 512, 1)
     assert (decoder.cfg.bits, decoder.cfg.ch, decoder.cfg.ch_mult, decoder.cfg.upsample_levels) == (16, 24, (1, 1, 1),
                                                                                                    (1, 2))
-    bb = load_infinity(DATA / "infinity.pth", DATA / "vae.pth", DATA / "text_encoder", pixels=PIXELS)
+    bb = load_infinity(DATA / "infinity.pth", DATA / "vae.pth", DATA / "text_encoder", patch_nums=PATCH_NUMS)
     assert isinstance(bb, BitwiseBackbone) and bb.bits_per_token == 16 and bb.vocab_size == 2 ** 16
 
 
@@ -118,7 +118,7 @@ def test_cross_attention_in_float32_changes_few_bits(parts):
     """What reproducing flash-attn's bfloat16 buys: in float32 the first case's logits move by up to ~1e-2 and a
     few bits flip (each flip then changes the later scales' inputs)."""
     case = REF["cases"][0]
-    fp32 = load_infinity_model(DATA / "infinity.pth", PIXELS, text_attn_bf16=False)
+    fp32 = load_infinity_model(DATA / "infinity.pth", PATCH_NUMS, text_attn_bf16=False)
     steps: list = []
     res = run_case(InfinityBackbone(fp32, parts[1], parts[2], tau=case["tau"]), case, callback=steps.append)
     first_diff = (steps[0].guided - REF["logits"][0]).abs().max().item()
@@ -174,3 +174,15 @@ def test_flash_attn_stand_ins_equal_dense_attention():
     q, k, v = (torch.randn(2, 5, H, c, generator=g) for _ in range(3))
     torch.testing.assert_close(flash_attn_func(q, k, v, softmax_scale=scale), dense_attention(q, k, v, scale),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_backbone_kind_infinity_loads_through_the_config():
+    from pipeline.backbones.load import checkpoint_keys, load_backbone, num_conditions
+    from pipeline.config.schema import BackboneConfig
+
+    b = BackboneConfig(name="tiny_infinity", kind="infinity", var_ckpt=str(DATA / "infinity.pth"),
+                       vae_ckpt=str(DATA / "vae.pth"), text_encoder=str(DATA / "text_encoder"),
+                       patch_nums=list(PATCH_NUMS), fid_reference="unused")
+    assert checkpoint_keys(b) == ("vae_ckpt", "var_ckpt", "text_encoder") and num_conditions(b) is None
+    bb = load_backbone(b)
+    assert isinstance(bb, BitwiseBackbone) and bb.patch_nums == PATCH_NUMS

@@ -678,12 +678,14 @@ def _strict(model: nn.Module, sd: dict[str, Tensor], role: str, path: str | Path
     model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
 
 
-def load_infinity_model(path: str | Path, pixels: str = "1M", lvl_embed_every_chunk: bool = False,
-                        text_attn_bf16: bool = True) -> Infinity:
+def load_infinity_model(path: str | Path, patch_nums: Sequence[int] = square_schedule("1M"),
+                        lvl_embed_every_chunk: bool = False, text_attn_bf16: bool = True) -> Infinity:
+    """The transformer of a state dict, to sample at the square schedule ``patch_nums`` (:func:`square_schedule`:
+    the resolution is a sampling choice, not in the checkpoint)."""
     sd = load_weights(path, what="var_ckpt", fix="pass Infinity's .pth (e.g. infinity_2b_reg.pth)")
     if not isinstance(sd, dict) or "pos_start" not in sd:
         raise ValueError(f"var_ckpt {path}: not an Infinity state dict (no pos_start)")
-    cfg = infinity_config_from_state_dict(sd, square_schedule(pixels))
+    cfg = infinity_config_from_state_dict(sd, patch_nums)
     cfg = InfinityConfig(**{**cfg.__dict__, "lvl_embed_every_chunk": lvl_embed_every_chunk,
                             "text_attn_bf16": text_attn_bf16})
     model = Infinity(cfg)
@@ -715,7 +717,8 @@ def load_t5(folder: str | Path, max_length: int) -> T5Text:
 
 
 def load_infinity(infinity_ckpt: str | Path, vae_ckpt: str | Path, text_encoder: str | Path, *,
-                  pixels: str = "1M", device: str | torch.device = "cpu", tau: float | Sequence[float] = 1.0,
+                  patch_nums: Sequence[int] = square_schedule("1M"), device: str | torch.device = "cpu",
+                  tau: float | Sequence[float] = 1.0,
                   negative_prompt: str | None = None, lvl_embed_every_chunk: bool = False,
                   text_attn_bf16: bool = True) -> InfinityBackbone:
     """Load Infinity (``infinity_2b_reg.pth``), its VAE (either released file name) and a local flan-t5-xl folder.
@@ -723,7 +726,7 @@ def load_infinity(infinity_ckpt: str | Path, vae_ckpt: str | Path, text_encoder:
     Raises:
         ValueError: one line naming the file and what is wrong with it.
     """
-    model = load_infinity_model(infinity_ckpt, pixels, lvl_embed_every_chunk, text_attn_bf16)
+    model = load_infinity_model(infinity_ckpt, patch_nums, lvl_embed_every_chunk, text_attn_bf16)
     text = load_t5(text_encoder, model.cfg.text_maxlen)
     if text.encoder.config.d_model != model.cfg.text_dim:
         raise ValueError(f"text_encoder {text_encoder}: width {text.encoder.config.d_model}, the transformer "
