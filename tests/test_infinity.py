@@ -186,3 +186,12 @@ def test_backbone_kind_infinity_loads_through_the_config():
     assert checkpoint_keys(b) == ("vae_ckpt", "var_ckpt", "text_encoder") and num_conditions(b) is None
     bb = load_backbone(b)
     assert isinstance(bb, BitwiseBackbone) and bb.patch_nums == PATCH_NUMS
+
+
+def test_igg_and_the_signals_run_on_bit_logits(parts):
+    """IGG over bits (our extension): a token's nudge is its 2·d bit-logit difference, attended over the tokens of
+    its scale exactly as VAR's codebook logits (pipeline.core.guidance.guide, unchanged)."""
+    bb = backbone(parts, REF["cases"][0])
+    res = sample(bb, ["a red cat"], w_cfg=None, w_igg=2.0, window=3, schedule="constant", top_p=0.97, seed=0)
+    assert len(res.signals) == K and res.images.shape == (1, 3, 64, 64)
+    assert all(int(idx.min()) >= 0 and int(idx.max()) < 2 ** 16 for idx in res.indices)
