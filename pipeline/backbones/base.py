@@ -7,7 +7,9 @@ the tokens, hand them back, and after the last scale decode the images. Once no 
 may call ``drop_uncond``: from then on the backbone runs the B conditional rows only (Switti's pipeline does so
 after its CFG off-scale).
 
-A condition is a class label (:class:`ScaleWiseBackbone`) or a prompt (:class:`TextToImageBackbone`).
+A condition is a class label (:class:`ScaleWiseBackbone`) or a prompt (:class:`TextToImageBackbone`). A
+:class:`BitwiseBackbone` (Infinity) gives a pair of logits per bit of a token, V = 2·d, and takes the token whose
+binary digits are the drawn bits (most significant first).
 """
 
 from __future__ import annotations
@@ -87,3 +89,11 @@ class TextToImageBackbone(Protocol):
     def start(self, prompts: Sequence[str]) -> Rollout:
         """Begin generating one image per prompt."""
         ...
+
+
+@runtime_checkable
+class BitwiseBackbone(TextToImageBackbone, Protocol):
+    """A text-to-image backbone whose tokens are d bits (Infinity): its logits are (B, l, 2·d), a pair per bit."""
+
+    @property
+    def bits_per_token(self) -> int: ...

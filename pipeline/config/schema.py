@@ -48,10 +48,10 @@ class BackboneConfig:
     """A scale-wise generator: checkpoints, patch schedule, published sampling defaults, FID setup."""
 
     name: str = MISSING
-    kind: str = "var"  # var: class-conditional VAR state dicts; switti: text-to-image Hub folders
+    kind: str = "var"  # var: class-conditional VAR state dicts; switti: text-to-image Hub folders; infinity: .pth files
     vae_ckpt: str = MISSING  # tokenizer state dict (official VAR layout); switti: the VQVAE-Switti folder
     var_ckpt: str = MISSING  # transformer state dict (official VAR layout); switti: the Switti folder
-    text_encoder: str | None = None  # switti: the openai/clip-vit-large-patch14 folder
+    text_encoder: str | None = None  # switti: the openai/clip-vit-large-patch14 folder; infinity: google/flan-t5-xl
     text_encoder_2: str | None = None  # switti: the laion/CLIP-ViT-bigG-14-laion2B-39B-b160k folder
     prompts: str | None = None  # switti: CSV of the prompt set (Switti's eval_prompts format, column `captions`)
     patch_nums: list[int] = MISSING  # side of the token map at each scale; checked against the checkpoint
@@ -517,6 +517,16 @@ def validate(cfg: SweepConfig) -> None:
             raise ConfigError("backbone.prompts is not set; give a CSV of prompts, e.g. "
                               "backbone.prompts=switti/eval_prompts/coco.csv")
         _existing_file("backbone.prompts", cfg.backbone.prompts, "give a CSV of prompts (Switti's eval_prompts)")
+    if cfg.backbone.kind == "infinity":
+        for key in ("vae_ckpt", "var_ckpt"):
+            _existing_file(f"backbone.{key}", getattr(cfg.backbone, key),
+                           f"download it or set backbone.{key}=PATH (see conf/backbone/{cfg.backbone.name}.yaml)")
+        if cfg.backbone.text_encoder is None or not Path(cfg.backbone.text_encoder).is_dir():
+            raise ConfigError(f"backbone.text_encoder: {cfg.backbone.text_encoder} is not a folder; download "
+                              "google/flan-t5-xl into it or set backbone.text_encoder=FOLDER")
+        if cfg.backbone.prompts is None:
+            raise ConfigError("backbone.prompts is not set; give a CSV of prompts (column `captions`)")
+        _existing_file("backbone.prompts", cfg.backbone.prompts, "give a CSV of prompts (column `captions`)")
     for key in ("vae_ckpt", "var_ckpt") if cfg.backbone.kind == "var" else ():
         path = getattr(cfg.backbone, key)
         fix = (
@@ -533,7 +543,7 @@ def validate(cfg: SweepConfig) -> None:
     if c.extractor_weights is not None:
         _existing_file("confirm.extractor_weights", c.extractor_weights, "give the local extractor weights file")
     if c.clip_weights is not None:
-        if cfg.backbone.kind != "switti":
+        if cfg.backbone.kind == "var":
             raise ConfigError("confirm.clip_weights scores images against prompts; the backbone is class-conditional "
                               "(a text-to-image backbone has prompts), so set confirm.clip_weights=null")
         if not Path(c.clip_weights).is_dir():

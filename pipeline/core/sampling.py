@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from pipeline.backbones.base import ScaleWiseBackbone, TextToImageBackbone
+from pipeline.backbones.base import BitwiseBackbone, ScaleWiseBackbone, TextToImageBackbone
 from pipeline.core.guidance import guide, schedule_ratio
 from pipeline.core.metrics import divergence, evenness, vocab_evenness
 from pipeline.core.seeds import derive_seed
@@ -111,6 +111,23 @@ def sample_top_k_top_p(logits_BlV: Tensor, *, top_k: int = 0, top_p: float = 0.0
     return torch.multinomial(probs_NV, num_samples=1, replacement=True, generator=generator).view(B, l)
 
 
+def sample_bits(logits_BlV: Tensor, bits: int, *, top_k: int = 0, top_p: float = 0.0,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Infinity's bitwise draw: logits (B, l, 2·bits) are a pair per bit; each bit is drawn from its pair by
+    :func:`sample_top_k_top_p` (so top_k >= 2 keeps both, top_k = 1 is greedy; top_p drops the less likely value of
+    a bit when its probability is at most 1 − top_p), in the official order (token by token, bit by bit).
+
+    Returns:
+        (B, l) int64 token indices: the bits as binary digits, the first bit most significant.
+    """
+    B, l, _ = logits_BlV.shape
+    if logits_BlV.shape[-1] != 2 * bits:
+        raise ValueError(f"bitwise logits need V = 2·bits = {2 * bits}, got {logits_BlV.shape[-1]}")
+    bit_Bld = sample_top_k_top_p(logits_BlV.reshape(B, l * bits, 2), top_k=top_k, top_p=top_p,
+                                 generator=generator).view(B, l, bits)
+    return (bit_Bld << torch.arange(bits - 1, -1, -1, device=bit_Bld.device)).sum(-1)
+
+
 def _labels_tensor(labels: Tensor | Sequence[int], backbone: ScaleWiseBackbone) -> Tensor:
     labels_B = torch.as_tensor(labels).flatten()
     if labels_B.numel() == 0:
@@ -169,7 +186,7 @@ def sample(
     w_cfg: float | None,
     w_igg: float | None,
     window: int | None = None,
-    schedule: str = "linear",
+    schedule: str | Sequence[float | None] = "linear",
     top_k: int = 0,
     top_p: float = 0.0,
     seed: int | None = None,
@@ -190,7 +207,9 @@ def sample(
         w_cfg: CFG weight (VAR's ``cfg``), or None to drop the CFG term.
         w_igg: IGG weight, or None to drop the IGG term.
         window: odd side of IGG's attention window on each scale's token map; None: global.
-        schedule: ``linear`` (VAR's k/(K-1)), ``constant`` or ``interval``.
+        schedule: ``linear`` (VAR's k/(K-1)), ``constant`` or ``interval``; or the K ratios themselves, one per
+            scale, None where a scale is not guided (Infinity's per-scale ``cfg_list``:
+            :func:`pipeline.backbones.infinity.official_guidance`).
         top_k: keep the top_k logits per token; 0 disables.
         top_p: nucleus mass in [0, 1]; 0 disables.
         seed: seeds the sampler's own ``torch.Generator``; None uses torch's global random state.
@@ -216,9 +235,16 @@ def sample(
     conditions = _conditions(labels, backbone)
     patch_nums = backbone.patch_nums
     K = len(patch_nums)
-    ratios = [schedule_ratio(schedule, k, K, start=interval_start, end=interval_end) for k in range(K)]
+    if isinstance(schedule, str):
+        ratios = [schedule_ratio(schedule, k, K, start=interval_start, end=interval_end) for k in range(K)]
+    elif len(schedule) == K and all(r is None or math.isfinite(r) for r in schedule):
+        ratios = list(schedule)
+    else:
+        raise ValueError(f"schedule={schedule!r}: give a schedule name or one finite ratio (or None) per scale ({K})")
+    bits = backbone.bits_per_token if isinstance(backbone, BitwiseBackbone) else None
     guided_until = max((k + 1 for k, r in enumerate(ratios) if r is not None), default=0)   # no guidance after
-    temperature_from = tempered_from(schedule, K, start=interval_start, end=interval_end)
+    temperature_from = tempered_from(schedule, K, start=interval_start, end=interval_end) \
+        if isinstance(schedule, str) else K
     device = backbone.device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     autocast = torch.autocast("cuda", dtype=amp_dtype) if device.type == "cuda" else nullcontext()
@@ -239,7 +265,10 @@ def sample(
             else:
                 guided_BlV = guide(cond_BlV, uncond_BlV, w_cfg=w_cfg, w_igg=w_igg, ratio=ratio, hw=(pn, pn),
                                    window=window)
-            idx_Bl = sample_top_k_top_p(guided_BlV, top_k=top_k, top_p=top_p, generator=generator)
+            if bits is None:
+                idx_Bl = sample_top_k_top_p(guided_BlV, top_k=top_k, top_p=top_p, generator=generator)
+            else:
+                idx_Bl = sample_bits(guided_BlV, bits, top_k=top_k, top_p=top_p, generator=generator)
             rollout.take(idx_Bl)
             signal = scale_signals(cond_BlV, uncond_BlV, guided_BlV, pn) if with_signals else None
             indices.append(idx_Bl.cpu())

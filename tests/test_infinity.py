@@ -1,0 +1,197 @@
+"""Parity of guidetune's Infinity with the official ``Infinity.autoregressive_infer_cfg`` (FoundationVision/Infinity
+at 4c27bbb), offline.
+
+The fixtures under tests/data/infinity (a tiny random Infinity, BSQ VAE and T5 encoder, and the official code's
+bits, images and first-case logits) were made by tests/infinity_reference.py, which also holds the flash-attn
+stand-ins tested here.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from infinity_reference import flash_attn_func, flash_attn_varlen_kvpacked_func
+
+from pipeline.backbones.base import BitwiseBackbone
+from pipeline.backbones.infinity import (
+    InfinityBackbone,
+    bits_of,
+    load_bsq_decoder,
+    load_infinity,
+    load_infinity_model,
+    load_t5,
+    official_guidance,
+    square_schedule,
+)
+from pipeline.core.sampling import sample, sample_bits
+
+DATA = Path(__file__).parent / "data" / "infinity"
+REF = torch.load(DATA / "reference.pt", weights_only=True)
+K = len(REF["schedule"])
+PATCH_NUMS = square_schedule("0.06M")
+
+
+@pytest.fixture(scope="module")
+def parts():
+    """Both transformer variants (level embedding before the first block only / before every chunk), the
+    decoder and T5, loaded once."""
+    models = {variant: load_infinity_model(DATA / "infinity.pth", PATCH_NUMS, lvl_embed_every_chunk=variant == "every")
+              for variant in ("first", "every")}
+    return models, load_bsq_decoder(DATA / "vae.pth"), load_t5(DATA / "text_encoder", 512)
+
+
+def backbone(parts, case: dict) -> InfinityBackbone:
+    models, decoder, text = parts
+    return InfinityBackbone(models[case["lvl_embed"]], decoder, text, tau=case["tau"],
+                            negative_prompt=REF["negative"] if case["negative"] else None)
+
+
+def run_case(bb: InfinityBackbone, case: dict, callback=None):
+    w_cfg, ratios = official_guidance(case["cfg"], K)
+    return sample(bb, REF["prompts"][case["prompts"]], w_cfg=w_cfg, w_igg=None, schedule=ratios,
+                  top_k=case["top_k"], top_p=case["top_p"], seed=case["seed"], with_signals=False,
+                  drop_uncond=True, callback=callback)
+
+
+def official_uint8(images_B3HW: torch.Tensor) -> torch.Tensor:
+    """The official return value of an image batch in [0, 1]: (B, H, W, 3) uint8, BGR."""
+    return images_B3HW.permute(0, 2, 3, 1).mul(255).to(torch.uint8).flip(dims=(3,))
+
+
+def test_fixtures_are_the_real_256px_schedule():
+    assert [(t, h, w) for t, h, w in REF["schedule"]] == [(1, s, s) for s in PATCH_NUMS]
+    assert REF["commit"] == "4c27bbb" and len(REF["cases"]) == 11
+
+
+def test_loads_strictly_and_infers_the_config(parts):
+    models, decoder, _ = parts
+    cfg = models["first"].cfg
+    assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.block_chunks, cfg.bits, cfg.text_dim, cfg.text_maxlen,
+            cfg.pool_heads) == (64, 2, 2, 2, 16, 128, 512, 1)
+    assert (decoder.cfg.bits, decoder.cfg.ch, decoder.cfg.ch_mult, decoder.cfg.upsample_levels) == (16, 24, (1, 1, 1),
+                                                                                                   (1, 2))
+    bb = load_infinity(DATA / "infinity.pth", DATA / "vae.pth", DATA / "text_encoder", patch_nums=PATCH_NUMS)
+    assert isinstance(bb, BitwiseBackbone) and bb.bits_per_token == 16 and bb.vocab_size == 2 ** 16
+
+
+def test_text_encoding_matches_the_official_encode_prompt(parts):
+    states_BTX, lens_B = parts[2].encode(REF["prompts"][0])
+    assert lens_B.tolist() == REF["encoding"]["lens"]
+    compact = torch.cat([states_BTX[i, :n] for i, n in enumerate(lens_B.tolist())])
+    torch.testing.assert_close(compact, REF["encoding"]["kv_compact"], atol=1e-5, rtol=0)
+    assert parts[2].encode(REF["prompts"][1])[1].tolist() == REF["long_lens"] == [1, 512]   # empty; truncated
+
+
+@pytest.mark.parametrize("i", range(len(REF["cases"])))
+def test_same_bits_at_every_scale_and_same_image(parts, i):
+    case = REF["cases"][i]
+    res = run_case(backbone(parts, case), case)
+    for k, (idx_Bl, ref_Bld) in enumerate(zip(res.indices, REF["bits"][i], strict=True)):
+        got = bits_of(idx_Bl, 16).bool()
+        assert torch.equal(got, ref_Bld), f"case {i} {case}: scale {k}: {(got != ref_Bld).sum()} bits differ"
+    diff = (official_uint8(res.images).int() - REF["images"][i].int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01      # uint8 truncation at a boundary only
+
+
+def test_logits_and_float_image_of_the_first_case(parts):
+    case, steps = REF["cases"][0], []
+    res = run_case(backbone(parts, case), case, callback=steps.append)
+    for step, ref_BlV in zip(steps, REF["logits"], strict=True):
+        # float32 rounding, and now and then a bfloat16 rounding of the cross-attention that falls the other way
+        close = torch.isclose(step.guided, ref_BlV, atol=1e-5, rtol=0)
+        assert close.float().mean() > 0.99 and (step.guided - ref_BlV).abs().max() < 1e-2
+    torch.testing.assert_close(res.images * 2 - 1, REF["image"], atol=1e-4, rtol=0)
+
+
+def test_sampling_per_bits_is_a_no_op_at_the_pinned_commit():
+    same = [c for c in REF["cases"] if c["sampling_per_bits"] == 4]
+    twin = REF["cases"].index({**same[0], "sampling_per_bits": 1})
+    assert all(torch.equal(a, b) for a, b in zip(REF["bits"][twin], REF["bits"][REF["cases"].index(same[0])],
+                                                    strict=True))
+
+
+def test_cross_attention_in_float32_changes_few_bits(parts):
+    """What reproducing flash-attn's bfloat16 buys: in float32 the first case's logits move by up to ~1e-2 and a
+    few bits flip (each flip then changes the later scales' inputs)."""
+    case = REF["cases"][0]
+    fp32 = load_infinity_model(DATA / "infinity.pth", PATCH_NUMS, text_attn_bf16=False)
+    steps: list = []
+    res = run_case(InfinityBackbone(fp32, parts[1], parts[2], tau=case["tau"]), case, callback=steps.append)
+    first_diff = (steps[0].guided - REF["logits"][0]).abs().max().item()
+    flipped = sum(int((bits_of(a, 16).bool() != b).sum()) for a, b in zip(res.indices, REF["bits"][0], strict=True))
+    total = sum(b.numel() for b in REF["bits"][0])
+    assert 1e-5 < first_diff < 5e-2 and flipped < 0.2 * total
+
+
+def test_official_guidance_translation():
+    assert official_guidance(3.0, 3) == (2.0, [1.0, 1.0, 1.0])
+    assert official_guidance(1, 2) == (None, [None, None])
+    assert official_guidance([1.0, 2.5, 4.0], 3) == (1.0, [None, 1.5, 3.0])
+    with pytest.raises(ValueError, match="one per scale"):
+        official_guidance([2.0, 3.0], 3)
+
+
+def test_sample_bits_reads_pairs_and_packs_msb_first():
+    logits_BlV = torch.tensor([[[0.0, 9.0, 9.0, 0.0, 0.0, 9.0]]])    # bits 1, 0, 1
+    assert sample_bits(logits_BlV, 3, top_k=1).tolist() == [[0b101]]
+    assert bits_of(torch.tensor([[0b101]]), 3).tolist() == [[[1, 0, 1]]]
+    with pytest.raises(ValueError, match="2·bits"):
+        sample_bits(logits_BlV, 2)
+
+
+def test_tau_and_schedule_are_checked(parts):
+    with pytest.raises(ValueError, match="temperature"):
+        InfinityBackbone(parts[0]["first"], parts[1], parts[2], tau=[1.0])
+    with pytest.raises(ValueError, match="ratio"):
+        sample(backbone(parts, REF["cases"][0]), ["a"], w_cfg=1.0, w_igg=None, schedule=[1.0])
+
+
+def dense_attention(q_BLHc, k_BTHc, v_BTHc, scale):
+    scores = torch.einsum("blhc,bthc->bhlt", q_BLHc.double(), k_BTHc.double()) * scale
+    return torch.einsum("bhlt,bthc->blhc", scores.softmax(-1), v_BTHc.double()).float()
+
+
+def test_flash_attn_stand_ins_equal_dense_attention():
+    g = torch.Generator().manual_seed(0)
+    lens_q, lens_k, H, c = [3, 1, 4], [5, 2, 7], 2, 8
+    qs = [torch.randn(n, H, c, generator=g) for n in lens_q]
+    kvs = [torch.randn(n, 2, H, c, generator=g) for n in lens_k]
+    cu_q = F.pad(torch.tensor(lens_q).cumsum(0), (1, 0)).int()
+    cu_k = F.pad(torch.tensor(lens_k).cumsum(0), (1, 0)).int()
+    scale = 1 / math.sqrt(c)
+    out = flash_attn_varlen_kvpacked_func(torch.cat(qs), torch.cat(kvs), cu_q, cu_k, max(lens_q), max(lens_k),
+                                          dropout_p=0, softmax_scale=scale)
+    for i, (q, kv) in enumerate(zip(qs, kvs, strict=True)):
+        expected = dense_attention(q[None], kv[None, :, 0], kv[None, :, 1], scale)[0]
+        torch.testing.assert_close(out[int(cu_q[i]):int(cu_q[i + 1])], expected, atol=1e-5, rtol=1e-5)
+    bf16 = flash_attn_varlen_kvpacked_func(torch.cat(qs).bfloat16(), torch.cat(kvs).bfloat16(), cu_q, cu_k,
+                                           softmax_scale=scale)
+    assert bf16.dtype == torch.bfloat16
+    q, k, v = (torch.randn(2, 5, H, c, generator=g) for _ in range(3))
+    torch.testing.assert_close(flash_attn_func(q, k, v, softmax_scale=scale), dense_attention(q, k, v, scale),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_backbone_kind_infinity_loads_through_the_config():
+    from pipeline.backbones.load import checkpoint_keys, load_backbone, num_conditions
+    from pipeline.config.schema import BackboneConfig
+
+    b = BackboneConfig(name="tiny_infinity", kind="infinity", var_ckpt=str(DATA / "infinity.pth"),
+                       vae_ckpt=str(DATA / "vae.pth"), text_encoder=str(DATA / "text_encoder"),
+                       patch_nums=list(PATCH_NUMS), fid_reference="unused")
+    assert checkpoint_keys(b) == ("vae_ckpt", "var_ckpt", "text_encoder") and num_conditions(b) is None
+    bb = load_backbone(b)
+    assert isinstance(bb, BitwiseBackbone) and bb.patch_nums == PATCH_NUMS
+
+
+def test_igg_and_the_signals_run_on_bit_logits(parts):
+    """IGG over bits (our extension): a token's nudge is its 2·d bit-logit difference, attended over the tokens of
+    its scale exactly as VAR's codebook logits (pipeline.core.guidance.guide, unchanged)."""
+    bb = backbone(parts, REF["cases"][0])
+    res = sample(bb, ["a red cat"], w_cfg=None, w_igg=2.0, window=3, schedule="constant", top_p=0.97, seed=0)
+    assert len(res.signals) == K and res.images.shape == (1, 3, 64, 64)
+    assert all(int(idx.min()) >= 0 and int(idx.max()) < 2 ** 16 for idx in res.indices)
