@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import optuna
 import torch
 
@@ -13,6 +14,7 @@ from pipeline.backbones.vqvae import VQVAEConfig
 from pipeline.data.classifier import ClassifierConfig, ShapeClassifier, save_classifier
 from tuners.studies import RECORD, record_of, study_name
 
+SWITTI_TOKENIZER = Path(__file__).parent / "data" / "switti" / "text_encoder"  # a CLIP tokenizer (for tiny_clip)
 PATCH_NUMS = (1, 2, 4)
 FEATURE_DIM = 16  # FID needs more images than this
 SMALL_TRIALS = 6  # proxy trials after the SMALL_DESIGN design points
@@ -52,6 +54,47 @@ def micro_overrides(paths: dict[str, Path], root: Path) -> list[str]:
         f"backbone.patch_nums=[{','.join(map(str, PATCH_NUMS))}]",
         f"confirm.extractor_weights={paths['cls']}",
     ]
+
+
+def write_prompts(path: Path, prompts: list[str]) -> Path:
+    """A CSV in the format of Switti's eval_prompts (index, id, captions)."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        rows = csv.writer(f)
+        rows.writerow(["", "id", "captions"])
+        rows.writerows([i, i, p] for i, p in enumerate(prompts))
+    return path
+
+
+def tiny_clip(folder: Path) -> Path:
+    """A random CLIPModel (vision + text, width 32) with the Switti fixtures' tokenizer and a 16 px image processor."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(SWITTI_TOKENIZER, local_files_only=True)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8),
+        projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(folder)
+    return folder
+
+
+def t2i_sweep_overrides(root: Path) -> list[str]:
+    """The text-to-image metrics of a small sweep on random weights (the numbers mean nothing), files under `root`:
+    FID at 16 px with the micro sweep's random extractor against a unit-Gaussian reference, the CLIP score of a tiny
+    random CLIP, one worker, and the SMALL_SWEEP stages."""
+    cls = write_micro_backbone(root / "micro")["cls"]
+    np.savez(root / "ref.npz", mu=np.zeros(FEATURE_DIM), sigma=np.eye(FEATURE_DIM))
+    return ["backbone.fid_extractor=guidetune-tiny", f"confirm.extractor_weights={cls}",
+            f"confirm.reference={root / 'ref.npz'}", "confirm.metrics=[fid]", "launcher.workers=1",
+            f"confirm.clip_weights={tiny_clip(root / 'clip')}", "backbone.fid_image_size=16", *SMALL_SWEEP]
 
 
 LEDGERS = ("screen", "confirm")  # studies whose trials are fixed jobs (user attr ``job``), not searched parameters

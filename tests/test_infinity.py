@@ -195,3 +195,37 @@ def test_igg_and_the_signals_run_on_bit_logits(parts):
     res = sample(bb, ["a red cat"], w_cfg=None, w_igg=2.0, window=3, schedule="constant", top_p=0.97, seed=0)
     assert len(res.signals) == K and res.images.shape == (1, 3, 64, 64)
     assert all(int(idx.min()) >= 0 and int(idx.max()) < 2 ** 16 for idx in res.indices)
+
+
+# ---- the sweep on Infinity ----------------------------------------------------------------------------------------
+
+def infinity_overrides(tmp_path: Path) -> list[str]:
+    """``backbone=infinity_2b`` pointed at the tiny random fixtures, at the 0.06M schedule (64 px images)."""
+    from sweep_fixtures import write_prompts
+
+    prompts = write_prompts(tmp_path / "prompts.csv", ["a red cube", "a dog", "green", "two cats"])
+    return ["backbone=infinity_2b", f"backbone.var_ckpt={DATA / 'infinity.pth'}", f"backbone.vae_ckpt={DATA / 'vae.pth'}",
+            f"backbone.text_encoder={DATA / 'text_encoder'}", f"backbone.prompts={prompts}",
+            f"backbone.patch_nums=[{','.join(map(str, PATCH_NUMS))}]", f"root={tmp_path / 'runs'}",
+            "guidance.schedule=constant"]
+
+
+def test_a_whole_sweep_runs_on_the_tiny_infinity(tmp_path):
+    """Plumbing only (random weights: the numbers mean nothing): proxy signals, screen, FID refinement and race with
+    the CLIP score, best.yaml."""
+    import contextlib
+    import io
+
+    import yaml
+    from sweep_fixtures import t2i_sweep_overrides
+
+    from pipeline.sweep import main
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main([*infinity_overrides(tmp_path), "sweep.name=infinity-e2e", *t2i_sweep_overrides(tmp_path)]) == 0
+    best = yaml.safe_load(Path(stdout.getvalue().splitlines()[-1].removeprefix("best: ")).read_text())
+    assert best["backbone"] == "infinity_2b" and best["guidance"] == "cfg" and math.isfinite(best["fid"])
+    assert set(best["checkpoints"]) == {"vae_ckpt", "var_ckpt", "text_encoder"}
+    clip = best["clip_score"]
+    assert 0 <= clip["low"] <= clip["value"] <= clip["high"] <= 100

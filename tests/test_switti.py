@@ -16,6 +16,8 @@ import torch
 
 pytest.importorskip("transformers")
 
+from sweep_fixtures import t2i_sweep_overrides, tiny_clip, write_prompts
+
 from pipeline.backbones.base import ScaleWiseBackbone, TextToImageBackbone
 from pipeline.backbones.switti import (
     PATCH_NUMS,
@@ -271,17 +273,6 @@ def test_rollout_order_is_enforced():
 
 # ---- sweep plumbing: prompt sets, configuration, the generate command -----------------------------------------
 
-def write_prompts(path: Path, prompts: list[str]) -> Path:
-    """A CSV in the format of Switti's eval_prompts (index, id, captions)."""
-    import csv
-
-    with open(path, "w", newline="") as f:
-        rows = csv.writer(f)
-        rows.writerow(["", "id", "captions"])
-        rows.writerows([i, i, p] for i, p in enumerate(prompts))
-    return path
-
-
 def test_prompt_sets_are_read_and_spread_deterministically(tmp_path):
     from pipeline.core.sampling import Sampling, spread_prompts, sweep_conditions
     from pipeline.data.prompts import read_prompts
@@ -366,17 +357,9 @@ def upsampling_vae(folder: Path) -> Path:
 
 def sweep_overrides(tmp_path: Path) -> list[str]:
     """A small Switti sweep (random weights: the numbers mean nothing) with the micro sweep's FID extractor."""
-    import numpy as np
-    from sweep_fixtures import FEATURE_DIM, SMALL_SWEEP, write_micro_backbone
-
-    cls = write_micro_backbone(tmp_path / "micro")["cls"]        # the small random FID feature extractor
-    np.savez(tmp_path / "ref.npz", mu=np.zeros(FEATURE_DIM), sigma=np.eye(FEATURE_DIM))
     return [*switti_overrides(tmp_path), f"backbone.vae_ckpt={upsampling_vae(tmp_path / 'vae24')}",
-            "sweep.name=switti-e2e", "backbone.fid_extractor=guidetune-tiny", f"confirm.extractor_weights={cls}",
-            f"confirm.reference={tmp_path / 'ref.npz'}", "confirm.metrics=[fid]", "launcher.workers=1",
-            "guidance.schedule=interval", "guidance.schedule_end=4", "backbone.last_scale_temp=0.5",
-            "search.intervals=[[0,4],[1,null]]", f"confirm.clip_weights={tiny_clip(tmp_path / 'clip')}",
-            "backbone.fid_image_size=16", *SMALL_SWEEP]
+            "sweep.name=switti-e2e", "guidance.schedule=interval", "guidance.schedule_end=4",
+            "backbone.last_scale_temp=0.5", "search.intervals=[[0,4],[1,null]]", *t2i_sweep_overrides(tmp_path)]
 
 
 def test_the_sweep_worker_runs_proxy_and_fid_jobs_on_switti(tmp_path):
@@ -433,25 +416,6 @@ def test_a_whole_sweep_runs_on_the_tiny_switti(tmp_path):
     assert [best["sampling"]["schedule_start"], best["sampling"]["schedule_end"]] == best["interval"]
     clip = best["clip_score"]  # the winner's CLIP score at its N, with its interval
     assert 0 <= clip["low"] <= clip["value"] <= clip["high"] <= 100
-
-
-def tiny_clip(folder: Path) -> Path:
-    """A random CLIPModel (vision + text, width 32) with the fixtures' tokenizer and a 16 px image processor."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(DATA / "text_encoder", local_files_only=True)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=16, patch_size=8),
-        projection_dim=16)
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(folder)
-    return folder
 
 
 def test_clip_score_of_prompt_image_pairs(tmp_path):
