@@ -535,7 +535,9 @@ class InfinityRollout:
 
 
 class T5Text:
-    """A T5 encoder and its tokenizer: prompts padded and truncated to ``max_length`` tokens (the official 512)."""
+    """A T5 encoder and its tokenizer: prompts truncated to ``max_length`` tokens (the official 512), padded to the
+    longest prompt of the batch. The official code pads to 512; the padding is masked out of every attention, so the
+    prompts' own features are the same (tested against the official encoding) at a fraction of the cost."""
 
     def __init__(self, tokenizer, encoder: nn.Module, max_length: int):
         self.tokenizer, self.encoder, self.max_length = tokenizer, encoder.eval().requires_grad_(False), max_length
@@ -547,7 +549,7 @@ class T5Text:
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Features (B, T, X) float32 cut to the longest prompt's T tokens, and each prompt's length (B,)."""
-        tokens = self.tokenizer(text=list(prompts), max_length=self.max_length, padding="max_length",
+        tokens = self.tokenizer(text=list(prompts), max_length=self.max_length, padding="longest",
                                 truncation=True, return_tensors="pt")
         mask_BT = tokens.attention_mask.to(self.device)
         states_BTX = self.encoder(input_ids=tokens.input_ids.to(self.device), attention_mask=mask_BT
