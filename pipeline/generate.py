@@ -60,7 +60,9 @@ def winner_overrides(best: Best) -> list[str]:
               "guidance.schedule_end": s.schedule_end, "backbone.top_k": s.top_k, "backbone.top_p": s.top_p,
               "seed": s.seed, "confirm.batch_size": s.batch_size,
               **{f"backbone.{k}": ckpt[k].path for k in ("text_encoder", "text_encoder_2") if k in ckpt},
-              "backbone.last_scale_temp": s.last_scale_temp, "backbone.drop_uncond": s.drop_uncond}
+              "backbone.last_scale_temp": s.last_scale_temp, "backbone.drop_uncond": s.drop_uncond,
+              "backbone.tau": s.tau, "backbone.negative_prompt": s.negative_prompt,
+              **({"backbone.prompts": s.prompts} if s.prompts is not None else {})}
     patch_nums = ",".join(map(str, s.patch_nums))
     return [f"backbone={best.backbone}", f"backbone.patch_nums=[{patch_nums}]",
             *(f"{k}={_value(v)}" for k, v in values.items())]
@@ -112,14 +114,14 @@ def generate(cfg: SweepConfig) -> tuple[Path, Path]:
     """Sample and write; the paths of grid.png and samples.npz."""
     g = cfg.generate
     device = g.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    backbone = load_backbone(cfg.backbone, device=device)
-    side = backbone.vae.cfg.image_size
+    batches = images(load_backbone(cfg.backbone, device=device), cfg)
+    first = next(batches)  # its side is the backbone's image size
     out = Path(g.out)
     out.mkdir(parents=True, exist_ok=True)
     grid_path, npz_path = out / "grid.png", out / "samples.npz"
     shown: list[Tensor] = []  # only the first generate.grid images stay in memory
-    with NpzWriter(npz_path, num_images=g.num_images, height=side, width=side) as npz:
-        for start, batch in zip(itertools.count(0, cfg.confirm.batch_size), images(backbone, cfg)):
+    with NpzWriter(npz_path, num_images=g.num_images, height=first.shape[-2], width=first.shape[-1]) as npz:
+        for start, batch in zip(itertools.count(0, cfg.confirm.batch_size), itertools.chain([first], batches)):
             npz.add(batch)
             if start < g.grid:
                 shown.append(batch[: g.grid - start])

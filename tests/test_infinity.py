@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -214,20 +215,41 @@ def infinity_overrides(tmp_path: Path) -> list[str]:
 
 def test_a_whole_sweep_runs_on_the_tiny_infinity(tmp_path):
     """Plumbing only (random weights: the numbers mean nothing): proxy signals, screen, FID refinement and race with
-    the CLIP score, best.yaml."""
+    the CLIP score at tau 0.5 with a negative prompt; best.yaml in both forms; generate replays it; a best.yaml
+    written before the official arguments existed still loads."""
     import contextlib
     import io
 
     import yaml
     from sweep_fixtures import t2i_sweep_overrides
 
+    from pipeline import generate
+    from pipeline.outputs.best import read_best
     from pipeline.sweep import main
 
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        assert main([*infinity_overrides(tmp_path), "sweep.name=infinity-e2e", *t2i_sweep_overrides(tmp_path)]) == 0
-    best = yaml.safe_load(Path(stdout.getvalue().splitlines()[-1].removeprefix("best: ")).read_text())
+        assert main([*infinity_overrides(tmp_path), "sweep.name=infinity-e2e", "backbone.negative_prompt=blurry",
+                     *t2i_sweep_overrides(tmp_path)]) == 0
+    best_path = Path(stdout.getvalue().splitlines()[-1].removeprefix("best: "))
+    best = yaml.safe_load(best_path.read_text())
     assert best["backbone"] == "infinity_2b" and best["guidance"] == "cfg" and math.isfinite(best["fid"])
     assert set(best["checkpoints"]) == {"vae_ckpt", "var_ckpt", "text_encoder"}
+    assert (best["sampling"]["tau"], best["sampling"]["negative_prompt"]) == ([0.5], "blurry")
+    assert best["official"] == {"pn": "0.06M", "cfg_list": 1 + best["w_cfg"], "tau_list": 0.5, "top_k": 900,
+                                "top_p": 0.97, "negative_prompt": "blurry", "cfg_insertion_layer": [0]}
     clip = best["clip_score"]
     assert 0 <= clip["low"] <= clip["value"] <= clip["high"] <= 100
+
+    out = tmp_path / "winner"
+    assert generate.main([f"generate.best={best_path}", "generate.num_images=2", f"generate.out={out}",
+                          "generate.grid=2", "generate.device=cpu"]) == 0
+    assert np.load(out / "samples.npz")["arr_0"].shape == (2, 64, 64, 3)
+
+    for key in ("official",):
+        best.pop(key)
+    for key in ("tau", "negative_prompt"):
+        best["sampling"].pop(key)
+    best_path.write_text(yaml.safe_dump(best))
+    old = read_best(best_path)
+    assert old.official is None and (old.sampling.tau, old.sampling.negative_prompt) == ([1.0], None)

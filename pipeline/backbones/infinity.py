@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -74,6 +74,41 @@ def official_guidance(cfg: float | Sequence[float], K: int) -> tuple[float | Non
     if isinstance(cfg, int | float):
         return (None, [None] * K) if cfg_K[0] == 1 else (cfg_K[0] - 1, [1.0] * K)
     return 1.0, [None if c == 1 else c - 1 for c in cfg_K]
+
+
+@dataclass
+class InfinityArgs:
+    """A CFG setting as the arguments of the official sampler: ``gen_one_img`` of tools/run_infinity.py, which passes
+    them to ``Infinity.autoregressive_infer_cfg`` (FoundationVision/Infinity at 4c27bbb). A value the same at every
+    scale is one number (the CLI's ``--cfg`` / ``--tau``), else one per scale."""
+
+    pn: str                          # the scale schedule (--pn)
+    cfg_list: float | list[float]    # cfg_k: cfg_k·cond + (1 − cfg_k)·uncond; 1 is unguided
+    tau_list: float | list[float]    # the temperature of each scale's logits
+    top_k: int
+    top_p: float
+    negative_prompt: str = ""        # "": the learned unconditional embedding (cfg_uncond)
+    # 0: guidance on the logits, as the CLI; pass it to gen_one_img, whose default (-5) guides a hidden state
+    cfg_insertion_layer: list[int] = field(default_factory=lambda: [0])
+
+
+def _one_or_per_scale(values_K: Sequence[float]) -> float | list[float]:
+    return values_K[0] if len(set(values_K)) == 1 else list(values_K)
+
+
+def infinity_args(w_cfg: float | None, ratio_K: Sequence[float | None], tau_K: Sequence[float], *, top_k: int,
+                  top_p: float, negative_prompt: str | None) -> InfinityArgs:
+    """Our ``(w_cfg, schedule)`` as the official arguments (the inverse of :func:`official_guidance`): scale k's
+    guided logits ``uncond + (1 + ratio_k·w_cfg)·(cond − uncond)`` are the official ones at ``cfg_k = 1 + ratio_k·
+    w_cfg``, and 1 where the scale is not guided (ratio None, or no CFG term)."""
+    K = len(ratio_K)
+    if K not in SCHEDULES.values() or len(tau_K) != K:
+        raise ValueError(f"{K} ratios and {len(tau_K)} temperatures: give one of each per scale of a square "
+                         f"schedule ({', '.join(f'{p}: {n}' for p, n in SCHEDULES.items())})")
+    cfg_K = [1.0 if w_cfg is None or r is None else 1 + r * w_cfg for r in ratio_K]
+    pn = next(p for p, n in SCHEDULES.items() if n == K)
+    return InfinityArgs(pn=pn, cfg_list=_one_or_per_scale(cfg_K), tau_list=_one_or_per_scale([float(t) for t in tau_K]),
+                        top_k=top_k, top_p=top_p, negative_prompt=negative_prompt or "")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ def load_backbone(b: BackboneConfig, device: str | torch.device = "cpu") -> Scal
     if b.kind == "infinity":
         from pipeline.backbones.infinity import load_infinity
 
-        return load_infinity(b.var_ckpt, b.vae_ckpt, b.text_encoder, patch_nums=b.patch_nums, device=device)
+        return load_infinity(b.var_ckpt, b.vae_ckpt, b.text_encoder, patch_nums=b.patch_nums, device=device,
+                             tau=b.tau[0] if len(b.tau) == 1 else b.tau, negative_prompt=b.negative_prompt)
     if b.kind == "switti":
         from pipeline.backbones.switti import load_switti
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
 import os
 import tempfile
 import textwrap
@@ -60,6 +61,9 @@ class BackboneConfig:
     default_cfg: float = 1.5  # published CFG weight: the baseline candidate of the confirm stage
     last_scale_temp: float | None = None  # Switti: divides the logits of the scales after the guidance interval
     drop_uncond: bool = False  # Switti: no unconditional half of the batch once no later scale is guided
+    # infinity: the temperature of every scale's logits, one value or one per scale (the official tau / tau_list)
+    tau: list[float] = field(default_factory=lambda: [1.0])
+    negative_prompt: str | None = None  # infinity: the unconditional branch encodes it (null: learned cfg_uncond)
     fid_extractor: str = "inception-v3-compat"  # torch-fidelity feature extractor name
     fid_reference: str = MISSING  # ADM .npz, a folder of real images, or "shapes" (the embedded dataset)
     fid_image_size: int | None = None  # resized (shorter side, Lanczos, centre crop) before FID; null: as sampled
@@ -507,6 +511,7 @@ def validate(cfg: SweepConfig) -> None:
         raise ConfigError(f"backbone.last_scale_temp={temp} must be positive (or null for none); "
                           "e.g. backbone.last_scale_temp=0.1")
     _choice("backbone.kind", cfg.backbone.kind, BACKBONE_KINDS)
+    _infinity_sampling(cfg.backbone, K)
     if cfg.backbone.kind == "switti":
         for key in ("vae_ckpt", "var_ckpt", "text_encoder", "text_encoder_2"):
             path = getattr(cfg.backbone, key)
@@ -554,6 +559,25 @@ def validate(cfg: SweepConfig) -> None:
         if db is not None:
             _writable_root(key, db.parent)
     _writable_root("sweep.output_dir", Path(cfg.sweep.output_dir))
+
+
+def _infinity_sampling(b: BackboneConfig, K: int) -> None:
+    """ConfigError unless backbone.tau and backbone.negative_prompt are set on Infinity only, tau to one positive
+    temperature or one per scale, and Switti's last_scale_temp is not (Infinity's temperature is tau)."""
+    if b.kind != "infinity":
+        if b.tau != [1.0] or b.negative_prompt is not None:
+            raise ConfigError(f"backbone.tau and backbone.negative_prompt are Infinity's (backbone.kind={b.kind}); "
+                              "set backbone.tau=[1.0] backbone.negative_prompt=null")
+        return
+    if len(b.tau) not in (1, K) or not all(math.isfinite(t) and t > 0 for t in b.tau):
+        raise ConfigError(f"backbone.tau={_override(b.tau)} must hold one positive temperature or one per scale "
+                          f"({K}); e.g. backbone.tau=[0.5]")
+    if b.last_scale_temp is not None:
+        raise ConfigError(f"backbone.last_scale_temp={b.last_scale_temp} is Switti's; Infinity's temperature is "
+                          "backbone.tau (e.g. backbone.tau=[0.5]), so set backbone.last_scale_temp=null")
+    if b.negative_prompt is not None and not b.negative_prompt.strip():
+        raise ConfigError("backbone.negative_prompt is empty; give a prompt, or null for the learned unconditional "
+                          "embedding (the official code's empty negative prompt)")
 
 
 def _intervals(intervals: list[Any], schedule: str, K: int) -> None:

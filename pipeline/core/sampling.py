@@ -317,6 +317,11 @@ class Sampling:
             return self
         return dataclasses.replace(self, interval_start=interval[0], interval_end=interval[1])
 
+    def ratios(self, K: int) -> list[float | None]:
+        """The guidance ratio of each of K scales (None: not guided), as :func:`sample` draws them."""
+        return [schedule_ratio(self.schedule, k, K, start=self.interval_start, end=self.interval_end)
+                for k in range(K)]
+
     @classmethod
     def of(cls, cfg: SweepConfig) -> Sampling:
         """A sweep's: its guidance schedule and interval, its backbone's top-k, top-p and Switti controls."""

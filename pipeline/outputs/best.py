@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.backbones.infinity import InfinityArgs
 from pipeline.data.files import atomic_write
 from tuners.scoring import Difference, Interval
 
@@ -79,6 +80,9 @@ class Sampling:
     batch_seeds: str
     last_scale_temp: float | None = None  # Switti's temperature after the guidance interval
     drop_uncond: bool = False
+    tau: list[float] = field(default_factory=lambda: [1.0])  # Infinity's temperature: one value or one per scale
+    negative_prompt: str | None = None  # Infinity's unconditional branch (None: the learned embedding)
+    prompts: str | None = None  # text-to-image: the prompt set's CSV
 
 
 @dataclass
@@ -167,6 +171,9 @@ class Best:
     versus: Versus | None = None  # IGG against CFG (a sweep with both kinds)
     proxy_rho: RhoRecord | None = None  # the proxy's direction on this backbone
     curves: dict[str, CurveRecord] = field(default_factory=dict)  # the screen's curves by label
+    # Infinity: the winner as the official sampler's arguments (None: another backbone, or an IGG term, which the
+    # official code does not have)
+    official: InfinityArgs | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The YAML content: nested dicts and lists, a non-finite float as None."""

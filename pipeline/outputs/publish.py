@@ -7,10 +7,12 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from pipeline.backbones.infinity import InfinityArgs, infinity_args
 from pipeline.backbones.load import checkpoint_keys
 from pipeline.config.schema import SweepConfig
 from pipeline.core.guidance import KINDS
 from pipeline.core.render import signals_vs_weight_png
+from pipeline.core.sampling import Sampling as SweepSampling
 from pipeline.data.files import atomic_write
 from pipeline.fid.fidelity import file_digest
 from pipeline.outputs.best import (
@@ -53,6 +55,16 @@ def costs(records: dict[str, list[TrialRecord]]) -> dict[str, Cost]:
     return out
 
 
+def official_args(cfg: SweepConfig, c: Candidate) -> InfinityArgs | None:
+    """An Infinity winner without an IGG term as the official sampler's arguments; None otherwise."""
+    if cfg.backbone.kind != "infinity" or c.w_igg is not None:
+        return None
+    b, K = cfg.backbone, len(cfg.backbone.patch_nums)
+    return infinity_args(c.w_cfg, SweepSampling.of(cfg).guiding(c.interval).ratios(K),
+                         b.tau * K if len(b.tau) == 1 else b.tau, top_k=b.top_k, top_p=b.top_p,
+                         negative_prompt=b.negative_prompt)
+
+
 def answer(cfg: SweepConfig, winner: Racer, margin: Margin | None, racers: list[Racer], ranges: Ranges,
            cost: dict[str, Cost], screen: ScreenResult, igg_vs_cfg: Versus | None) -> Best:
     """best.yaml of a finished race."""
@@ -89,7 +101,8 @@ def answer(cfg: SweepConfig, winner: Racer, margin: Margin | None, racers: list[
             bootstrap=f"{cfg.confirm.bootstrap} resamples, "
                       + ("inside each condition" if cfg.confirm.stratify else "over all images"),
             patch_nums=list(cfg.backbone.patch_nums), last_scale_temp=cfg.backbone.last_scale_temp,
-            drop_uncond=cfg.backbone.drop_uncond,
+            drop_uncond=cfg.backbone.drop_uncond, tau=list(cfg.backbone.tau),
+            negative_prompt=cfg.backbone.negative_prompt, prompts=cfg.backbone.prompts,
             labels=("image i: class i*P mod C (pipeline.core.sampling.spread_labels)"
                     if cfg.backbone.kind == "var"
                     else f"image i: prompt i*P mod N of {cfg.backbone.prompts} "
@@ -105,6 +118,7 @@ def answer(cfg: SweepConfig, winner: Racer, margin: Margin | None, racers: list[
         versus=igg_vs_cfg,
         proxy_rho=None if screen.rho is None else RhoRecord(**asdict(screen.rho)),
         curves=screen_curves(screen),
+        official=official_args(cfg, c),
     )
 
 
