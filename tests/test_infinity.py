@@ -21,6 +21,7 @@ from pipeline.backbones.base import BitwiseBackbone
 from pipeline.backbones.infinity import (
     InfinityBackbone,
     bits_of,
+    infinity_args,
     load_bsq_decoder,
     load_infinity,
     load_infinity_model,
@@ -28,7 +29,7 @@ from pipeline.backbones.infinity import (
     official_guidance,
     square_schedule,
 )
-from pipeline.core.sampling import sample, sample_bits
+from pipeline.core.sampling import Sampling, sample, sample_bits
 
 DATA = Path(__file__).parent / "data" / "infinity"
 REF = torch.load(DATA / "reference.pt", weights_only=True)
@@ -138,6 +139,33 @@ def test_official_guidance_translation():
         official_guidance([2.0, 3.0], 3)
 
 
+@pytest.mark.parametrize("cfg", [4.0, 1.0, [1.0, 2.0, 3.0, 1.0, 4.0, 4.0, 5.0]])
+def test_official_arguments_round_trip(cfg):
+    args = infinity_args(*official_guidance(cfg, K), [0.5] * K, top_k=900, top_p=0.97, negative_prompt=None)
+    assert (args.pn, args.cfg_list, args.tau_list, args.negative_prompt, args.cfg_insertion_layer) == (
+        "0.06M", cfg, 0.5, "", [0])
+    assert official_guidance(args.cfg_list, K) == official_guidance(cfg, K)
+
+
+def test_our_schedules_as_official_arguments_sample_the_same_bits(parts):
+    """A ramp (our linear schedule) and an interval become a per-scale cfg_list; sampled back through
+    :func:`official_guidance`, they draw the same bits."""
+    bb, prompts = backbone(parts, REF["cases"][0]), ["a red cube", "two cats"]
+    for schedule, start, end in (("linear", 0, None), ("interval", 2, 5), ("constant", 0, None)):
+        ratios = Sampling(schedule=schedule, interval_start=start, interval_end=end).ratios(K)
+        args = infinity_args(2.5, ratios, [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.5], top_k=0, top_p=0.97,
+                             negative_prompt="blurry")
+        assert args.tau_list == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.5] and args.negative_prompt == "blurry"
+        assert isinstance(args.cfg_list, float) == (schedule == "constant")
+        ours = sample(bb, prompts, w_cfg=2.5, w_igg=None, schedule=ratios, top_p=0.97, seed=1, with_signals=False)
+        w_cfg, ratio_K = official_guidance(args.cfg_list, K)
+        theirs = sample(bb, prompts, w_cfg=w_cfg, w_igg=None, schedule=ratio_K, top_p=0.97, seed=1,
+                        with_signals=False)
+        assert all(torch.equal(a, b) for a, b in zip(ours.indices, theirs.indices, strict=True)), schedule
+    with pytest.raises(ValueError, match="per scale of a square schedule"):
+        infinity_args(1.0, [1.0] * 3, [1.0] * 3, top_k=0, top_p=0.0, negative_prompt=None)
+
+
 def test_sample_bits_reads_pairs_and_packs_msb_first():
     logits_BlV = torch.tensor([[[0.0, 9.0, 9.0, 0.0, 0.0, 9.0]]])    # bits 1, 0, 1
     assert sample_bits(logits_BlV, 3, top_k=1).tolist() == [[0b101]]
@@ -207,10 +235,10 @@ def infinity_overrides(tmp_path: Path) -> list[str]:
     from sweep_fixtures import write_prompts
 
     prompts = write_prompts(tmp_path / "prompts.csv", ["a red cube", "a dog", "green", "two cats"])
-    return ["backbone=infinity_2b", f"backbone.var_ckpt={DATA / 'infinity.pth'}", f"backbone.vae_ckpt={DATA / 'vae.pth'}",
-            f"backbone.text_encoder={DATA / 'text_encoder'}", f"backbone.prompts={prompts}",
-            f"backbone.patch_nums=[{','.join(map(str, PATCH_NUMS))}]", f"root={tmp_path / 'runs'}",
-            "guidance.schedule=constant"]
+    return ["backbone=infinity_2b", f"backbone.var_ckpt={DATA / 'infinity.pth'}",
+            f"backbone.vae_ckpt={DATA / 'vae.pth'}", f"backbone.text_encoder={DATA / 'text_encoder'}",
+            f"backbone.prompts={prompts}", f"backbone.patch_nums=[{','.join(map(str, PATCH_NUMS))}]",
+            f"root={tmp_path / 'runs'}", "guidance.schedule=constant"]
 
 
 def test_a_whole_sweep_runs_on_the_tiny_infinity(tmp_path):
@@ -253,3 +281,27 @@ def test_a_whole_sweep_runs_on_the_tiny_infinity(tmp_path):
     best_path.write_text(yaml.safe_dump(best))
     old = read_best(best_path)
     assert old.official is None and (old.sampling.tau, old.sampling.negative_prompt) == ([1.0], None)
+
+
+def test_tau_and_negative_prompt_are_sweep_settings(tmp_path):
+    from pipeline.backbones.load import load_backbone
+    from pipeline.config.schema import ConfigError, load_config
+
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(4), sigma=np.eye(4))
+    overrides = [*infinity_overrides(tmp_path), f"backbone.fid_reference={tmp_path / 'stats.npz'}"]
+    assert load_config(overrides).backbone.tau == [0.5]                       # infinity_2b: the official tau
+    b = load_config([*overrides, "backbone.tau=[1,0.9,0.8,0.7,0.6,0.5,0.5]", "backbone.negative_prompt=blurry"]
+                    ).backbone
+    bb = load_backbone(b)
+    assert (bb.tau_K, bb.negative_prompt) == ([1, 0.9, 0.8, 0.7, 0.6, 0.5, 0.5], "blurry")
+    for bad, match in (("backbone.tau=[0.5,1]", r"backbone\.tau=\[0\.5,1\.0\] must hold one positive temperature or "
+                                                r"one per scale \(7\)"),
+                       ("backbone.tau=[0]", r"backbone\.tau=\[0\.0\] must hold one positive"),
+                       ("backbone.last_scale_temp=0.5", r"backbone\.last_scale_temp=0\.5 is Switti's"),
+                       ("backbone.negative_prompt=' '", r"backbone\.negative_prompt is empty")):
+        with pytest.raises(ConfigError, match=match) as err:
+            load_config([*overrides, bad])
+        assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"backbone\.tau and backbone\.negative_prompt are Infinity's \(backbone\.kind"
+                                          r"=var\)"):
+        load_config([f"root={tmp_path}", "backbone=tiny", "backbone.negative_prompt=blurry"])
