@@ -35,7 +35,8 @@ def resume_settings(cfg: SweepConfig) -> dict[str, Any]:
 
 
 def check_resume(cfg: SweepConfig) -> None:
-    """Refuse to resume a sweep name created with different settings (reads the store only if it exists)."""
+    """Refuse to resume a sweep name created with different settings (reads the store only if it exists); a key
+    added to the schema since, at its default, is no difference."""
     db = sqlite_path(cfg.storage)
     if db is not None and not db.is_file():
         return
@@ -45,11 +46,15 @@ def check_resume(cfg: SweepConfig) -> None:
             stored = optuna.load_study(study_name=name, storage=cfg.storage).user_attrs.get(SETTINGS_ATTR)
     except KeyError:
         return
-    current = resume_settings(cfg)
-    if stored is not None and stored != current:
-        flat_old, flat_new = flatten(stored), flatten(current)
-        diff = sorted(k for k in flat_old.keys() | flat_new.keys() if flat_old.get(k) != flat_new.get(k))
-        key = diff[0] if diff else "?"
+    if stored is None:
+        return
+    flat_old, flat_new = flatten(stored), flatten(resume_settings(cfg))
+    defaults = flatten(resume_settings(SweepConfig()))
+    # a key newer than the stored sweep, at its schema default, samples as the sweep did
+    diff = sorted(k for k in flat_old.keys() | flat_new.keys() if flat_old.get(k) != flat_new.get(k)
+                  and not (k not in flat_old and k in defaults and flat_new[k] == defaults[k]))
+    if diff:
+        key = diff[0]
         raise ConfigError(
             f"sweep.name={cfg.sweep.name} exists with {key}={flat_old.get(key)} (now {flat_new.get(key)}); "
             "rerun with the original settings to resume, or choose a new sweep.name"

@@ -36,7 +36,7 @@ from pipeline.config.schema import (
     load_config,
     to_schema,
 )
-from pipeline.preflight import SETTINGS_ATTR, resume_settings
+from pipeline.preflight import SETTINGS_ATTR, check_resume, resume_settings
 from pipeline.sweep import main
 from tuners.studies import study_name
 
@@ -234,6 +234,12 @@ def test_resume_with_other_settings_is_refused(ckpt, tmp_path, capsys):
     assert main([*overrides, "search.w_cfg=[0,3]"]) == 2
     assert "sweep.name=r1 exists with search.w_cfg=[0.0, 6.0] (now [0.0, 3.0])" in capsys.readouterr().err
     assert resume_settings(load_config([*overrides, "search.n_trials=50"])) == resume_settings(cfg)
+    older = resume_settings(cfg)            # a sweep stored before backbone.tau and negative_prompt existed
+    del older["backbone"]["tau"], older["backbone"]["negative_prompt"]
+    study.set_user_attr(SETTINGS_ATTR, older)
+    check_resume(cfg)
+    with pytest.raises(ConfigError, match=r"exists with backbone\.top_k=0 \(now 5\)"):
+        check_resume(load_config([*overrides, "backbone.top_k=5"]))
 
 
 def test_help_and_cfg(capsys):
