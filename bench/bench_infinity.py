@@ -12,7 +12,7 @@ tokens). Each run encodes the prompts, samples and decodes. The settings: the CL
 0.97 on every scale, and a cfg list that stops guiding at scale ``--off`` (cfg 1 after it): the official code keeps
 both halves of the batch at every scale; ours slices the batch, the text and the KV caches to the conditional rows
 (``drop_uncond``) or keeps them (no slicing). Interleaved rounds after a warm-up; the cost is the best CPU time of
-the process (the machine may be shared; wall times show the noise). Prints a markdown table.
+the process (the machine may be shared; wall times show the noise; bench_sampler.interleaved). Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from bench_sampler import interleaved
 from benchdoc import ROOT
 
 from pipeline.backbones.infinity import (
@@ -77,12 +78,6 @@ def official_models(ref, depth: int | None):
             setattr(ref, name, value)
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, float]:
-    cpu, wall = time.process_time(), time.perf_counter()
-    fn()
-    return time.process_time() - cpu, time.perf_counter() - wall
-
-
 def runs(ref, depth: int | None, off: int, batch: int) -> dict[str, Callable[[], object]]:
     """The timed runs of one model: official and ours, CFG on every scale and off from scale ``off``."""
     vae, model = official_models(ref, depth)
@@ -119,21 +114,16 @@ def runs(ref, depth: int | None, off: int, batch: int) -> dict[str, Callable[[],
 
 def speed_rows(ref, depth: int | None, off: int, batch: int, rounds: int) -> list[str]:
     timed_runs = runs(ref, depth, off, batch)
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in timed_runs}
     with torch.no_grad():
         for fn in timed_runs.values():      # warm-up
             fn()
-        for _ in range(rounds):
-            for name, fn in timed_runs.items():
-                times[name].append(timed(fn))
-    best = {name: min(c for c, _ in t) for name, t in times.items()}
-    official_on, ours_on = list(best.values())[:2]
+        times = interleaved(timed_runs, rounds)
+    official_on, ours_on = (times[name].best_cpu for name in list(times)[:2])
     rows = []
     for name, t in times.items():
-        versus_official = official_on / best[name]
-        versus_ours = f"{ours_on / best[name]:.2f}" if name.startswith("ours") else ""
-        rows.append(f"| {name} | {best[name]:.3f} | {min(w for _, w in t):.3f} | "
-                    f"{statistics.median(w for _, w in t):.3f} | {versus_official:.2f} | {versus_ours} |")
+        versus_ours = f"{ours_on / t.best_cpu:.2f}" if name.startswith("ours") else ""
+        rows.append(f"| {name} | {t.best_cpu:.3f} | {t.best_wall:.3f} | {statistics.median(t.wall):.3f} | "
+                    f"{official_on / t.best_cpu:.2f} | {versus_ours} |")
     return rows
 
 
