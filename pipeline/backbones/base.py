@@ -21,6 +21,46 @@ import torch
 from torch import Tensor
 
 
+class Alternation:
+    """The logits / take alternation of a rollout over 2B rows (B conditional first) until the unconditional half is
+    dropped, shared by every backbone's rollout: ``x_BlC`` is the next scale's input (None after the last), ``k``
+    the current scale."""
+
+    def __init__(self, B: int, first_2BlC: Tensor):
+        self.B, self.x_BlC, self.k = B, first_2BlC, 0
+        self.pending = False     # logits given, tokens not yet taken
+        self.dropped = False     # the unconditional half is gone
+
+    def _input(self) -> Tensor:
+        """The current scale's input, checking that logits() alternates with take()."""
+        if self.pending or self.x_BlC is None:
+            raise RuntimeError("logits() must alternate with take(), for the K scales")
+        return self.x_BlC
+
+    def _give(self, logits_BlV: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The scale's logits as (cond, uncond), uncond None once dropped."""
+        self.pending = True
+        if self.dropped:
+            return logits_BlV, None
+        return logits_BlV[:self.B], logits_BlV[self.B:]
+
+    def _check_take(self) -> None:
+        if not self.pending:
+            raise RuntimeError("take() needs the logits of the current scale first")
+
+    def _advance(self, K: int) -> bool:
+        """After the tokens of scale k are taken: the next scale, and whether there is one (else no input)."""
+        self.k += 1
+        self.pending = False
+        if self.k == K:
+            self.x_BlC = None
+        return self.k < K
+
+    def _set_input(self, x_BlC: Tensor) -> None:
+        """The next scale's input of the B conditional rows, repeated for the unconditional half unless dropped."""
+        self.x_BlC = x_BlC if self.dropped else x_BlC.repeat(2, 1, 1)
+
+
 class Rollout(Protocol):
     """One batch of B images being generated; calls alternate ``logits``, ``take``, ... , then ``decode``."""
 

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.backbones.base import Alternation
 from pipeline.data.files import load_weights
 
 SQUARE_SIDES = (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)   # dynamic_resolution.py, h/w = 1
@@ -502,18 +503,15 @@ def bits_of(idx_Bl: Tensor, d: int) -> Tensor:
 
 # ---- the rollout and the backbone ---------------------------------------------------------------------------------
 
-class InfinityRollout:
+class InfinityRollout(Alternation):
     """Sampling state of one batch (implements :class:`pipeline.backbones.base.Rollout`; 2B rows until
     :meth:`drop_uncond`, conditional first). ``tau_K`` multiplies the logits of scale k by ``1/tau_k``."""
 
     def __init__(self, model: Infinity, decoder: BSQDecoder, text: TextState, tau_K: Sequence[float]):
+        super().__init__(text.cond_BD.shape[0] // 2, model.first_input(text))
         self.model, self.decoder, self.text, self.tau_K = model, decoder, text, tuple(tau_K)
-        self.B = text.cond_BD.shape[0] // 2
         self.caches = [KVCache() for _ in model.blocks]
-        self.x_BlC: Tensor | None = model.first_input(text)
-        self.k = 0
         self.summed_Bd1HW: Tensor | None = None
-        self.pending = self.dropped = False
 
     @torch.no_grad()
     def drop_uncond(self) -> None:
@@ -530,19 +528,12 @@ class InfinityRollout:
 
     @torch.no_grad()
     def logits(self) -> tuple[Tensor, Tensor | None]:
-        if self.pending or self.x_BlC is None:
-            raise RuntimeError("logits() must alternate with take(), for the K scales")
-        hidden_BlC = self.model.forward_scale(self.x_BlC, self.k, self.text, self.caches)
-        logits_BlV = self.model.logits(hidden_BlC, self.text).mul(1 / self.tau_K[self.k])
-        self.pending = True
-        if self.dropped:
-            return logits_BlV, None
-        return logits_BlV[:self.B], logits_BlV[self.B:]
+        hidden_BlC = self.model.forward_scale(self._input(), self.k, self.text, self.caches)
+        return self._give(self.model.logits(hidden_BlC, self.text).mul(1 / self.tau_K[self.k]))
 
     @torch.no_grad()
     def take(self, idx_Bl: Tensor) -> None:
-        if not self.pending:
-            raise RuntimeError("take() needs the logits of the current scale first")
+        self._check_take()
         sides, K = self.model.patch_nums, len(self.model.patch_nums)
         side = sides[self.k]
         codes_Bd1hw = bits_to_codes(bits_of(idx_Bl, self.model.cfg.bits).view(self.B, side, side, -1))
@@ -552,15 +543,11 @@ class InfinityRollout:
         else:
             up_Bd1HW = F.interpolate(codes_Bd1hw, size=last, mode="trilinear")
             self.summed_Bd1HW = up_Bd1HW if self.summed_Bd1HW is None else self.summed_Bd1HW + up_Bd1HW
-        self.k += 1
-        self.pending = False
-        if self.k == K:
-            self.x_BlC = None
+        if not self._advance(K):
             return
         nxt = sides[self.k]
         next_Bdl = F.interpolate(self.summed_Bd1HW, size=(1, nxt, nxt), mode="trilinear").squeeze(-3).flatten(2)
-        x_BlC = self.model.word_embed(next_Bdl.permute(0, 2, 1))
-        self.x_BlC = x_BlC if self.dropped else x_BlC.repeat(2, 1, 1)
+        self._set_input(self.model.word_embed(next_Bdl.permute(0, 2, 1)))
 
     @torch.no_grad()
     def decode(self) -> Tensor:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.backbones.base import Alternation
 from pipeline.backbones.vqvae import VQVAE, VQVAEConfig, count_indexed, vqvae_config_from_state_dict
 from pipeline.data.files import load_weights
 
@@ -300,7 +301,7 @@ class VAR(nn.Module):
         return self.logits(x_BLC, self.head_nm.modulation(cond_BD))
 
 
-class ScaleRollout:
+class ScaleRollout(Alternation):
     """The scale-by-scale bookkeeping of a rollout over a 2B batch (B conditional rows, then B unconditional):
     logits / take alternation, the VQVAE's running f_hat, the next scale's input and dropping the unconditional half.
     Shared by VAR and Switti (implements :class:`pipeline.backbones.base.Rollout`); a subclass runs its transformer
@@ -312,15 +313,11 @@ class ScaleRollout:
 
     def __init__(self, vae: VQVAE, model: nn.Module, cond_2BD: Tensor, mods: list[tuple[Tensor, ...]],
                  head_mod: tuple[Tensor, ...], first_2BlC: Tensor):
+        super().__init__(cond_2BD.shape[0] // 2, first_2BlC)
         self.vae, self.model = vae, model
-        self.B = cond_2BD.shape[0] // 2
         self.mods, self.head_mod = mods, head_mod   # the condition is fixed: computed once
-        self.x_BlC: Tensor | None = first_2BlC      # the next scale's input: 2B rows, B after drop_uncond
-        self.k = 0
         side = model.patch_nums[-1]
         self.f_hat_BChw = cond_2BD.new_zeros(self.B, vae.Cvae, side, side, dtype=torch.float32)
-        self.pending = False     # logits given, tokens not yet taken
-        self.dropped = False     # the unconditional half is gone
 
     def _forward(self, x_BlC: Tensor) -> Tensor:
         """The transformer's blocks on the current scale's input (rows, l, C) -> hidden states (rows, l, C)."""
@@ -347,28 +344,16 @@ class ScaleRollout:
 
     @torch.no_grad()
     def logits(self) -> tuple[Tensor, Tensor | None]:
-        if self.pending or self.x_BlC is None:
-            raise RuntimeError("logits() must alternate with take(), for the K scales")
-        logits_BlV = self.model.logits(self._forward(self.x_BlC), self.head_mod)
-        self.pending = True
-        if self.dropped:
-            return logits_BlV, None
-        return logits_BlV[:self.B], logits_BlV[self.B:]
+        return self._give(self.model.logits(self._forward(self._input()), self.head_mod))
 
     @torch.no_grad()
     def take(self, idx_Bl: Tensor) -> None:
-        if not self.pending:
-            raise RuntimeError("take() needs the logits of the current scale first")
+        self._check_take()
         K = len(self.model.patch_nums)
         h_BChw = self.vae.quantize.code_map(idx_Bl)
         self.f_hat_BChw, next_BChw = self.vae.get_next_autoregressive_input(self.k, K, self.f_hat_BChw, h_BChw)
-        self.k += 1
-        self.pending = False
-        if self.k == K:
-            self.x_BlC = None
-            return
-        x_BlC = self.model.scale_input(self.k, next_BChw)
-        self.x_BlC = x_BlC if self.dropped else x_BlC.repeat(2, 1, 1)
+        if self._advance(K):
+            self._set_input(self.model.scale_input(self.k, next_BChw))
 
     @torch.no_grad()
     def decode(self) -> Tensor:
