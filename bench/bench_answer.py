@@ -47,6 +47,7 @@ from bench_grid import (
     RUNGS,
     Grid,
     Point,
+    Setting,
     default_cache,
     make_point,
     section_name,
@@ -189,9 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                         "seed when the cache lacks it; default: the cache's own best three-seed point")
     p.add_argument("--write", action="store_true",
                    help=f'write docs/BENCHMARKS.md "## {SECTION}" (another backbone: "## {SECTION} (NAME)")')
-    p.add_argument("--top-p", type=float, default=0.0,
-                   help="the sweeps run with backbone.top_p=P and their answers are re-measured so, against a grid "
-                        "sampled so (bench_grid.py --top-p P; give its --cache and a --runs of their own)")
+    Setting.add_arguments(p, "the sweeps and the re-measurement of their answers, against a grid sampled so "
+                             "(bench_grid.py with the same option; give its --cache and a --runs of their own)")
     args = p.parse_args(argv)
     args.cache = args.cache or default_cache(args.backbone)
     args.runs = args.runs or (DEFAULT_RUNS if args.backbone == DEFAULT_BACKBONE else DEFAULT_RUNS.with_name(
@@ -199,13 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     command = "python bench/bench_answer.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     jobs = [(f"answer-s{s}", s, "default") for s in args.seeds]
     jobs += [(f"answer-{v}-s{s}", s, v) for v, seeds in args.variant for s in seeds or args.seeds[:1]]
-    answers = {}
+    answers, setting = {}, Setting.of(args)
     for name, seed, variant in jobs:
-        setting = [f"backbone.top_p={args.top_p}"] if args.top_p else []
-        best, wall = run_sweep(args.runs, name, seed, VARIANTS[variant] + setting, args.backbone)
-        if best["sampling"]["top_p"] != args.top_p:
-            raise RuntimeError(f"{name} sampled with top_p={best['sampling']['top_p']}, not {args.top_p}: give "
-                               "another --runs")
+        best, wall = run_sweep(args.runs, name, seed, VARIANTS[variant] + setting.overrides(), args.backbone)
+        if why := setting.mismatch(best["sampling"]["top_p"], best["sampling"]["schedule"]):
+            raise RuntimeError(f"{name} {why}: give another --runs")
         answers[name] = (seed, variant, best, wall)
         print(f"{name}: {best['kind']} w={best['w_cfg']} w'={best['w_igg']} win={best['window']} "
               f"FID {best['fid']:.3f} ({wall:.0f} s)", flush=True)
@@ -218,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             answers[f"earlier {path.parent.name}"] = (best["sampling"]["seed"], "earlier settings", best, math.nan)
     grid_args = argparse.Namespace(ref_cache=None, reference=8000, n_broad=512, n_full=args.n, workers=2, threads=1,
-                                   backbone=args.backbone, top_p=args.top_p)
+                                   backbone=args.backbone, top_p=setting.top_p, schedule=setting.schedule)
     grid = Grid(args.cache, grid_args, command)  # samples args.backbone's checkpoints (refuses another's cache)
     for name, (_, variant, best, _) in answers.items():
         if (why := backbone_mismatch(args.backbone, best, grid.ckpts)) is None:
@@ -327,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---:|---:|---:|---:|---:|",
         *noise_rows,
     ])
-    publish(body, section_name(SECTION, args.backbone, args.top_p), args.write)
+    publish(body, section_name(SECTION, args.backbone, setting), args.write)
     return 0
 
 

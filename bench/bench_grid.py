@@ -34,6 +34,7 @@ embedded backbones are trained on them). ``--kinds`` picks the kinds sampled (de
     nice -n 19 python bench/bench_grid.py --backbone tiny_small --max-weight 30 --kinds cfg "igg global" \
         "mixed global" --cache /work/gridcache_small      # --write: "## Reference grid (tiny_small)"
     ... --top-p 0.8 --cache /work/gridcache_small_p08     # "## Reference grid (tiny_small, top_p=0.8)"
+    ... --schedule constant --cache /work/gridcache_small_const  # "... (tiny_small, schedule=constant)"
 """
 
 from __future__ import annotations
@@ -97,10 +98,49 @@ def default_cache(backbone: str) -> Path:
     return DEFAULT_CACHE.with_name(f"gridcache_{backbone.removeprefix(DEFAULT_BACKBONE + '_')}")
 
 
-def section_name(section: str, backbone: str, top_p: float) -> str:
+@dataclass(frozen=True)
+class Setting:
+    """The sampling setting of a grid and of the sweeps measured against it: nucleus sampling and the guidance
+    schedule (the embedded backbones' defaults: no top-p, linear ramp). Another setting moves the optimum, so its
+    grid and sweeps are measured apart (their own --cache and --runs)."""
+
+    top_p: float = 0.0
+    schedule: str = "linear"
+
+    def tags(self) -> list[str]:
+        """The non-default values as they name a docs section: ``top_p=0.8``, ``schedule=constant``."""
+        return [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in asdict(self).items() if v != getattr(Setting, k)]
+
+    def overrides(self) -> list[str]:
+        """The sweep's Hydra overrides that sample so."""
+        return [f"backbone.top_p={self.top_p}"] * bool(self.top_p) + [f"guidance.schedule={self.schedule}"] * (
+            self.schedule != Setting.schedule)
+
+    def mismatch(self, top_p: float, schedule: str) -> str | None:
+        """Why a sweep sampled with (top_p, schedule) is not of this setting, or None."""
+        other = Setting(top_p, schedule)
+        return None if other == self else f"sampled with {', '.join(other.tags()) or 'the defaults'}, not " \
+                                          f"{', '.join(self.tags()) or 'the defaults'}"
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("--top-p", type=float, default=Setting.top_p,
+                       help=f"nucleus sampling of {what} (0: none, the backbone's default): a sampling setting that "
+                            "moves the optimum")
+        p.add_argument("--schedule", choices=("linear", "constant"), default=Setting.schedule,
+                       help=f"guidance schedule of {what} (linear: the default ramp; constant: the full weight at "
+                            "every scale)")
+
+    @staticmethod
+    def of(args: argparse.Namespace) -> Setting:
+        return Setting(getattr(args, "top_p", Setting.top_p), getattr(args, "schedule", Setting.schedule))
+
+
+def section_name(section: str, backbone: str, setting: Setting) -> str:
     """docs/BENCHMARKS.md's section of a backbone and sampling setting: SECTION for tiny at the defaults, else
-    "SECTION (NAME)" or "SECTION (NAME, top_p=P)"."""
-    tags = ([] if backbone == DEFAULT_BACKBONE and not top_p else [backbone]) + ([f"top_p={top_p:g}"] if top_p else [])
+    "SECTION (NAME)" or "SECTION (NAME, top_p=P, schedule=S)"."""
+    tags = ([] if backbone == DEFAULT_BACKBONE and setting == Setting() else [backbone]) + setting.tags()
     return f"{section} ({', '.join(tags)})" if tags else section
 
 
@@ -211,11 +251,11 @@ def best_of_kinds(fids: dict[Point, float], per_kind: int) -> list[Point]:
 _W: dict = {}
 
 
-def _init_worker(threads: int, vae: str | None = None, var: str | None = None, top_p: float = 0.0) -> None:
-    """A pool worker's backbone (the embedded one unless `vae` and `var` name other checkpoints), its nucleus
-    sampling and the extractor."""
+def _init_worker(threads: int, vae: str | None = None, var: str | None = None, setting: Setting = Setting()) -> None:
+    """A pool worker's backbone (the embedded one unless `vae` and `var` name other checkpoints), its sampling
+    setting and the extractor."""
     torch.set_num_threads(threads)
-    _W["top_p"] = top_p
+    _W["setting"] = setting
     from pipeline.backbones.tiny import TINY_VAE, TINY_VAR
     from pipeline.backbones.var import load_var
     from pipeline.fid.fidelity import TINY_EXTRACTOR, FidEvaluator
@@ -249,7 +289,8 @@ def sample_task(args: tuple[str, Point, int, int]) -> tuple[Point, int, int, flo
     evaluator, parts = _W["evaluator"], [have] if len(have) else []
     for b in range(len(have) // BATCH, n // BATCH):
         labels = torch.arange(b * BATCH, (b + 1) * BATCH) % NUM_CLASSES
-        images = sample(_W["backbone"], labels, w_cfg=p.w_cfg, w_igg=p.w_igg, window=p.window, top_p=_W["top_p"],
+        images = sample(_W["backbone"], labels, w_cfg=p.w_cfg, w_igg=p.w_igg, window=p.window,
+                        top_p=_W["setting"].top_p, schedule=_W["setting"].schedule,
                         seed=derive_seed(seed, b), with_signals=False).images
         parts.append(evaluator.features([images])[evaluator.feature_layer].numpy())
     features = np.concatenate(parts).astype(np.float32)
@@ -269,7 +310,8 @@ def proxy_task(p_seed: tuple[Point, int]) -> tuple[Point, int, dict[str, float]]
     from pipeline.core.seeds import derive_seed
     p, seed = p_seed
     labels = torch.arange(PROXY_IMAGES) % NUM_CLASSES
-    result = sample(_W["backbone"], labels, w_cfg=p.w_cfg, w_igg=p.w_igg, window=p.window, top_p=_W["top_p"],
+    result = sample(_W["backbone"], labels, w_cfg=p.w_cfg, w_igg=p.w_igg, window=p.window,
+                    top_p=_W["setting"].top_p, schedule=_W["setting"].schedule,
                     seed=derive_seed(seed, 0), with_signals=True)
     return p, seed, {name: float(trial_mean([getattr(s, name) for s in result.signals]).mean())
                      for name in SIGNALS}
@@ -291,10 +333,11 @@ class Grid:
         was = stored.get("setup", {}).get("backbone_name", DEFAULT_BACKBONE) if stored else self.backbone
         if was != self.backbone:
             raise SystemExit(f"{cache} holds the grid of backbone {was!r}, not {self.backbone!r}: give --cache")
-        self.top_p = getattr(args, "top_p", 0.0)
-        was_p = stored.get("setup", {}).get("top_p", 0.0) if stored else self.top_p
-        if was_p != self.top_p:
-            raise SystemExit(f"{cache} holds the grid sampled with top_p={was_p}, not {self.top_p}: give --cache")
+        self.setting = Setting.of(args)
+        setup = stored.get("setup", {})
+        if stored and (why := self.setting.mismatch(setup.get("top_p", Setting.top_p),
+                                                    setup.get("schedule", Setting.schedule))):
+            raise SystemExit(f"{cache} holds a grid {why}: give --cache")
         self.proxy: dict[str, dict[str, dict[str, float]]] = stored.get("proxy", {})
         self.stages: dict[str, list[str]] = stored.get("stages", {})
         self.points: dict[str, Point] = {k: Point(**v) for k, v in stored.get("point_defs", {}).items()}
@@ -358,7 +401,7 @@ class Grid:
             os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
             ctx = mp.get_context("spawn")
             self.pool = ctx.Pool(self.args.workers, initializer=_init_worker, initargs=(
-                self.args.threads, self.ckpts["vae_ckpt"], self.ckpts["var_ckpt"], self.top_p))
+                self.args.threads, self.ckpts["vae_ckpt"], self.ckpts["var_ckpt"], self.setting))
         return self.pool
 
     def close(self) -> None:
@@ -422,7 +465,8 @@ class Grid:
                       "backbone_name": self.backbone, **self.ckpts, "extractor": "guidetune-tiny",
                       "reference": {"num_images": self.args.reference, "seed": REF_SEED},
                       "batch": BATCH, "labels": "i % 8", "sampler_seed": "derive_seed(seed, batch index)",
-                      "schedule": "linear", "top_k": 0, "top_p": self.top_p, "grid_seeds": list(GRID_SEEDS),
+                      "schedule": self.setting.schedule, "top_k": 0, "top_p": self.setting.top_p,
+                      "grid_seeds": list(GRID_SEEDS),
                       "n_broad": self.args.n_broad, "n_full": self.args.n_full,
                       "max_weight": getattr(self.args, "max_weight", DEFAULT_MAX_WEIGHT),
                       "kinds": list(getattr(self.args, "kinds", KINDS)),
@@ -525,9 +569,9 @@ class Grid:
         lines = [f"Command: `{self.command}` ({minutes:.0f} min over {len(self.runs)} invocation(s), "
                  f"{a.workers} worker(s) x {a.threads} thread(s) on this machine's CPU, niced).", "",
                  f"Embedded backbone `{self.backbone}` ({provenance(self.ckpts['var_ckpt'])}), labels i % 8, "
-                 f"batches of {BATCH} seeded `derive_seed(seed, b)`, linear ramp, "
-                 f"top_k=0, top_p={self.top_p:g}. FID in the shipped classifier's space (`guidetune-tiny`) against "
-                 f"{a.reference} "
+                 f"batches of {BATCH} seeded `derive_seed(seed, b)`, {self.setting.schedule} schedule, "
+                 f"top_k=0, top_p={self.setting.top_p:g}. FID in the shipped classifier's space (`guidetune-tiny`) "
+                 f"against {a.reference} "
                  f"real images (seed {REF_SEED}); sampler seeds {', '.join(map(str, GRID_SEEDS))} (the sweep uses "
                  f"0, 1, 2, ...). Results: `{self.json_path}`.", ""]
         if "best_per_kind" in s:
@@ -617,9 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write", action="store_true",
                    help=f'write docs/BENCHMARKS.md "## {SECTION}" (another backbone: "## {SECTION} (NAME)")')
     p.add_argument("--report", action="store_true", help="sample nothing: report what the cache holds so far")
-    p.add_argument("--top-p", type=float, default=0.0,
-                   help="nucleus sampling of every point (0: none, the backbone's default): a sampling setting that "
-                        "moves the optimum; its sweeps run with backbone.top_p=P")
+    Setting.add_arguments(p, "every point (its sweeps run so: bench_answer.py takes the same options)")
     args = p.parse_args(argv)
     args.cache = args.cache or default_cache(args.backbone)
     for n in (args.n_broad, args.n_full):
@@ -635,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         grid.close()
     body = grid.markdown()
     atomic_write(args.cache / "grid.md", (body + "\n").encode())
-    publish(body, section_name(SECTION, args.backbone, args.top_p), args.write)
+    publish(body, section_name(SECTION, args.backbone, Setting.of(args)), args.write)
     return 0
 
 
