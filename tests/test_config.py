@@ -114,6 +114,8 @@ def test_defaults_and_derived_paths():
     assert cfg.search.intervals is None and cfg.search.interval_choices() is None
     searched = load_config(["guidance.schedule=interval", "search.intervals=[[0,null],[2,5]]"]).search
     assert searched.interval_choices() == [(0, None), (2, 5)]
+    constant = load_config(["guidance.schedule=constant_interval", "search.intervals=[[0,4]]"]).search
+    assert constant.interval_choices() == [(0, 4)]    # Infinity's [c, ..., c, 1, ..., 1] searched
     other = to_schema(compose_config(["root=/x", "sweep.name=abc"]))
     assert (other.storage, other.tracking.uri, other.sweep.output_dir) == (
         "sqlite:////x/optuna.db", "sqlite:////x/mlflow.db", "/x/sweeps/abc")
@@ -148,7 +150,7 @@ BAD = [
     (["search.windows=[0]"], "search.windows: 0 is not an odd size"),
     (["search.windows=[-3]"], "search.windows: -3 is not an odd size"),
     (["search.windows=[]"], "search.windows is empty"),
-    (["search.intervals=[[0,null]]"], "search.intervals needs guidance.schedule=interval"),
+    (["search.intervals=[[0,null]]"], "search.intervals needs guidance.schedule=interval or constant_interval"),
     (["confirm.clip_weights=/tmp"], "confirm.clip_weights scores images against prompts"),
     (["guidance.schedule=interval", "search.intervals=[]"], "search.intervals is empty"),
     (["guidance.schedule=interval", "search.intervals=[[3,2]]"], "search.intervals: [3, 2] is not a new"),

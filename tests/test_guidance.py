@@ -157,6 +157,9 @@ def test_schedules():
     assert [schedule_ratio("constant", k, 3) for k in range(3)] == [1.0, 1.0, 1.0]
     got = [schedule_ratio("interval", k, 5, start=1, end=4) for k in range(5)]
     assert got == [None, 0.25, 0.5, 0.75, None]
+    got = [schedule_ratio("constant_interval", k, 5, start=1, end=4) for k in range(5)]
+    assert got == [None, 1.0, 1.0, 1.0, None]
+    assert [schedule_ratio("constant_interval", k, 3, start=2, end=None) for k in range(3)] == [None, None, 1.0]
     assert schedule_ratio("linear", 0, 1) == 1.0
     with pytest.raises(ValueError, match="schedule"):
         schedule_ratio("cosine", 0, 3)

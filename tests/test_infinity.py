@@ -29,6 +29,7 @@ from pipeline.backbones.infinity import (
     official_guidance,
     square_schedule,
 )
+from pipeline.core.metrics import bit_pairs, divergence, vocab_evenness
 from pipeline.core.sampling import Sampling, sample, sample_bits
 
 DATA = Path(__file__).parent / "data" / "infinity"
@@ -149,14 +150,17 @@ def test_official_arguments_round_trip(cfg):
 
 def test_our_schedules_as_official_arguments_sample_the_same_bits(parts):
     """A ramp (our linear schedule) and an interval become a per-scale cfg_list; sampled back through
-    :func:`official_guidance`, they draw the same bits."""
+    :func:`official_guidance`, they draw the same bits. The constant interval is the official ``[c, …, c, 1, …, 1]``."""
     bb, prompts = backbone(parts, REF["cases"][0]), ["a red cube", "two cats"]
-    for schedule, start, end in (("linear", 0, None), ("interval", 2, 5), ("constant", 0, None)):
+    for schedule, start, end in (("linear", 0, None), ("interval", 2, 5), ("constant", 0, None),
+                                 ("constant_interval", 0, 4)):
         ratios = Sampling(schedule=schedule, interval_start=start, interval_end=end).ratios(K)
         args = infinity_args(2.5, ratios, [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.5], top_k=0, top_p=0.97,
                              negative_prompt="blurry")
         assert args.tau_list == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.5] and args.negative_prompt == "blurry"
         assert isinstance(args.cfg_list, float) == (schedule == "constant")
+        if schedule == "constant_interval":
+            assert args.cfg_list == [3.5] * 4 + [1.0] * 3
         ours = sample(bb, prompts, w_cfg=2.5, w_igg=None, schedule=ratios, top_p=0.97, seed=1, with_signals=False)
         w_cfg, ratio_K = official_guidance(args.cfg_list, K)
         theirs = sample(bb, prompts, w_cfg=w_cfg, w_igg=None, schedule=ratio_K, top_p=0.97, seed=1,
@@ -223,9 +227,16 @@ def test_igg_and_the_signals_run_on_bit_logits(parts):
     """IGG over bits (our extension): a token's nudge is its 2·d bit-logit difference, attended over the tokens of
     its scale exactly as VAR's codebook logits (pipeline.core.guidance.guide, unchanged)."""
     bb = backbone(parts, REF["cases"][0])
-    res = sample(bb, ["a red cat"], w_cfg=None, w_igg=2.0, window=3, schedule="constant", top_p=0.97, seed=0)
+    steps = []
+    res = sample(bb, ["a red cat"], w_cfg=None, w_igg=2.0, window=3, schedule="constant", top_p=0.97, seed=0,
+                 callback=steps.append)
     assert len(res.signals) == K and res.images.shape == (1, 3, 64, 64)
     assert all(int(idx.min()) >= 0 and int(idx.max()) < 2 ** 16 for idx in res.indices)
+    for step in steps:   # the proxy's signals are the bits' distributions' (pipeline.core.metrics), not a softmax
+        bits = bit_pairs(step.guided, bb.bits_per_token)   # over all 2·d logits
+        assert torch.equal(step.signals.vocab_evenness, vocab_evenness(bits).cpu())
+        assert torch.equal(step.signals.div_uncond, divergence(bits, bit_pairs(step.uncond, bb.bits_per_token)).cpu())
+        assert not torch.equal(step.signals.vocab_evenness, vocab_evenness(step.guided).cpu())
 
 
 # ---- the sweep on Infinity ----------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from scipy.stats import entropy
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
 from pipeline.core.metrics import (
+    bit_pairs,
     bootstrap_fid,
     divergence,
     equilibrium_gap,
@@ -90,11 +91,13 @@ def test_divergence_symmetric_bounded_and_reference(shape, seed, scale):
     assert ((d >= 0) & (d <= 1)).all()
     assert divergence(p, p).abs().max() < 1e-6
     pn, qn = softmax(p.double().numpy(), -1), softmax(q.double().numpy(), -1)
-    # JSD = H(m) - (H(p) + H(q)) / 2 in bits, m the mixture (scipy's jensenshannon takes a square root first and
-    # returns NaN where rounding makes its argument negative)
-    mn = (pn + qn) / 2
-    want = (entropy(mn, base=2, axis=-1) - (entropy(pn, base=2, axis=-1) + entropy(qn, base=2, axis=-1)) / 2).mean(-1)
-    np.testing.assert_allclose(d.numpy(), want, atol=1e-5)
+    np.testing.assert_allclose(d.numpy(), jsd_bits(pn, qn).mean(-1), atol=1e-5)
+
+
+def jsd_bits(pn, qn):
+    """JSD along the last axis in bits, H(m) - (H(p) + H(q)) / 2 with m the mixture (scipy's jensenshannon takes a
+    square root first and returns NaN where rounding makes its argument negative)."""
+    return entropy((pn + qn) / 2, base=2, axis=-1) - (entropy(pn, base=2, axis=-1) + entropy(qn, base=2, axis=-1)) / 2
 
 
 def test_divergence_disjoint_supports_is_one_bit():
@@ -103,6 +106,47 @@ def test_divergence_disjoint_supports_is_one_bit():
     p[..., 0] = 0.0
     q[..., 1] = 0.0
     assert divergence(p, q).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def product_over_codes(logits_BlV, bits):
+    """The explicit distribution over the 2^bits codes of independent bits, (B, l, 2^bits) float64, code c's bit j
+    being its binary digit j (the first most significant)."""
+    p_Bld2 = softmax(logits_BlV.double().numpy().reshape(*logits_BlV.shape[:2], bits, 2), -1)
+    codes = np.arange(2 ** bits)[:, None] >> np.arange(bits - 1, -1, -1) & 1    # (2^bits, bits)
+    return np.prod(np.take_along_axis(p_Bld2[:, :, None], codes[None, None, :, :, None], -1)[..., 0], axis=-1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 6), st.integers(1, 4), seeds, st.floats(0.1, 10.0))
+def test_bitwise_evenness_is_the_evenness_over_all_codes(B, l, bits, seed, scale):
+    """On a bitwise backbone's logits, vocab_evenness of the bit pairs equals the Pielou evenness of the product
+    distribution over the 2^bits codes (entropy / ln 2^bits, mean over tokens)."""
+    z_BlV = randn((B, l, 2 * bits), seed, scale)
+    codes_BlC = product_over_codes(z_BlV, bits)
+    np.testing.assert_allclose(codes_BlC.sum(-1), 1.0, atol=1e-12)
+    want = (entropy(codes_BlC, axis=-1) / math.log(2 ** bits)).mean(-1)
+    np.testing.assert_allclose(vocab_evenness(bit_pairs(z_BlV, bits)).numpy(), want, atol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 6), st.integers(1, 4), seeds, st.floats(0.1, 10.0))
+def test_bitwise_divergence_is_the_mean_per_bit_jsd(B, l, bits, seed, scale):
+    """The bitwise divergence is the mean over bits of each bit's JSD (binary entropies); with one bit it is the
+    token JSD over the two codes."""
+    p_BlV, q_BlV = randn((B, l, 2 * bits), seed, scale), randn((B, l, 2 * bits), seed + 1, scale)
+    pn = softmax(p_BlV.double().numpy().reshape(B, l * bits, 2), -1)
+    qn = softmax(q_BlV.double().numpy().reshape(B, l * bits, 2), -1)
+    got = divergence(bit_pairs(p_BlV, bits), bit_pairs(q_BlV, bits)).numpy()
+    np.testing.assert_allclose(got, jsd_bits(pn, qn).mean(-1), atol=1e-5)
+    if bits == 1:
+        token = jsd_bits(product_over_codes(p_BlV, 1), product_over_codes(q_BlV, 1))
+        np.testing.assert_allclose(got, token.mean(-1), atol=1e-5)
+
+
+def test_bit_pairs_checks_the_width():
+    with pytest.raises(ValueError, match="2·bits = 6, got 5"):
+        bit_pairs(torch.zeros(1, 2, 5), 3)
+    assert bit_pairs(torch.arange(8.0).view(1, 1, 8), 4)[0, 1].tolist() == [2.0, 3.0]   # bit 1's pair
 
 
 def test_divergence_shape_mismatch():

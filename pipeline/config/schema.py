@@ -27,7 +27,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.backbones.load import KINDS as BACKBONE_KINDS
-from pipeline.core.guidance import KINDS, SCHEDULES
+from pipeline.core.guidance import INTERVAL_SCHEDULES, KINDS, SCHEDULES
 from pipeline.data.files import sqlite_path
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -75,8 +75,9 @@ class GuidanceConfig:
 
     name: str = MISSING
     kinds: list[str] = MISSING  # the kinds compared: cfg (w), igg (w', window), mixed (w, w', window)
-    schedule: str = "linear"  # ratio at scale k: linear k/(K-1), constant 1, interval: linear inside [start, end)
-    schedule_start: int = 0  # first guided scale index (interval schedule)
+    # ratio at scale k: linear k/(K-1), constant 1; interval: linear inside [start, end), constant_interval: 1 inside
+    schedule: str = "linear"
+    schedule_start: int = 0  # first guided scale index (interval schedules)
     schedule_end: int | None = None  # first unguided scale index after the interval (null: K)
 
 
@@ -583,8 +584,9 @@ def _infinity_sampling(b: BackboneConfig, K: int) -> None:
 def _intervals(intervals: list[Any], schedule: str, K: int) -> None:
     """ConfigError unless search.intervals is a list of distinct [start, end] with 0 <= start < end <= K."""
     example = "e.g. search.intervals=[[0,null],[2,null]]"
-    if schedule != "interval":
-        raise ConfigError(f"search.intervals needs guidance.schedule=interval (it is {schedule}); {example}")
+    if schedule not in INTERVAL_SCHEDULES:
+        raise ConfigError(f"search.intervals needs guidance.schedule=interval or constant_interval (it is "
+                          f"{schedule}); {example}")
     if not intervals:
         raise ConfigError(f"search.intervals is empty; give [start, end] pairs or null, {example}")
     seen = set()

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SCHEDULES = ("linear", "constant", "interval")
+SCHEDULES = ("linear", "constant", "interval", "constant_interval")
+INTERVAL_SCHEDULES = ("interval", "constant_interval")   # guide only the scales [start, end)
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,8 @@ def schedule_ratio(schedule: str, k: int, K: int, *, start: int = 0, end: int | 
     - ``linear``: k/(K−1), VAR's ramp (1.0 when K = 1);
     - ``constant``: 1.0;
     - ``interval``: the linear ramp inside scale indices [start, end) (``end=None`` means K), ``None`` outside.
+    - ``constant_interval``: 1.0 inside [start, end), ``None`` outside: Infinity's ``cfg_list`` of the form
+      ``[c, …, c, 1, …, 1]`` (cfg 1 leaves a scale unguided), the constant schedule with a guidance interval.
       An empty (``start == end``) or reversed (``start > end``) interval guides no scale: Switti's pipeline takes
       any ``turn_on_cfg_start_si`` and ``turn_off_cfg_start_si`` and guides only the scales ``on <= k < off``.
 
@@ -171,12 +174,12 @@ def schedule_ratio(schedule: str, k: int, K: int, *, start: int = 0, end: int | 
         raise ValueError(f"schedule={schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
     if K < 1 or not 0 <= k < K:
         raise ValueError(f"scale index k={k} is outside 0..K-1 with K={K}")
-    if schedule == "constant":
-        return 1.0
-    if schedule == "interval":
+    if schedule in INTERVAL_SCHEDULES:
         stop = K if end is None else end
         if not (0 <= start <= K and 0 <= stop <= K):
             raise ValueError(f"interval [start={start}, end={end}) must lie in 0..K={K} (end None: K)")
         if not start <= k < stop:
             return None
+    if schedule in ("constant", "constant_interval"):
+        return 1.0
     return k / (K - 1) if K > 1 else 1.0

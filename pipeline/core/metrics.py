@@ -14,6 +14,15 @@ this project's reading of them, kept in this one module:
 - :func:`divergence` — JSD (log base 2, in [0, 1] bits) between two logit sets, mean over tokens; the proxy uses
   guided vs unconditional logits by default (prototype: 0.042 → 0.470 bits over w = 0…8).
 
+Bitwise backbones (Infinity): a token's logits are a pair per bit, (B, l, 2·d), and its d bits are drawn
+independently, so its distribution over the 2^d codes is the product of d two-way softmaxes. :func:`bit_pairs` views
+the logits as (B, l·d, 2); on that view :func:`vocab_evenness` is exactly the Pielou evenness over the 2^d codes (the
+entropy of a product is the sum of its factors', ln 2^d = d·ln 2, so their ratio averaged over tokens is the mean
+binary entropy over bits, in units of ln 2), and :func:`divergence` is the mean per-bit JSD. The JSD of two product
+distributions is not the sum of its factors' (the mixture of two products is no product), so the bitwise divergence
+is our definition, not the token JSD: it is the token JSD for d = 1, in [0, 1] bits, and 0 only when every bit's
+distribution agrees. A softmax over all 2·d logits, which no draw uses, is never taken.
+
 The default proxy pairs ``vocab_evenness(guided)`` with ``divergence(guided, uncond)`` and looks for their
 crossing, :func:`equilibrium_gap`, in natural units (no scaling, so the pick does not depend on the search range).
 Both evenness kinds are logged. The second half of the module is FID from statistics and its bootstrap noise.
@@ -101,6 +110,16 @@ def divergence(p_BlV: Tensor, q_BlV: Tensor) -> Tensor:
     kl_qm_Bl = (logq_BlV.exp() * (logq_BlV - logm_BlV)).sum(-1)
     jsd_Bl = 0.5 * (kl_pm_Bl + kl_qm_Bl) / LN2
     return jsd_Bl.clamp(0.0, 1.0).mean(-1)
+
+
+def bit_pairs(logits_BlV: Tensor, bits: int) -> Tensor:
+    """A bitwise backbone's logits (B, l, 2·bits), a pair per bit in order, as (B, l·bits, 2): one two-way
+    distribution per bit, the view its draws and its diagnostics take (module docstring)."""
+    _check_BlV("logits_BlV", logits_BlV)
+    B, l, V = logits_BlV.shape
+    if bits < 1 or 2 * bits != V:
+        raise ValueError(f"bitwise logits need V = 2·bits = {2 * bits}, got {V}")
+    return logits_BlV.reshape(B, l * bits, 2)
 
 
 def trial_mean(per_scale: Sequence[Tensor]) -> Tensor:

@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from pipeline.backbones.base import BitwiseBackbone, ScaleWiseBackbone, TextToImageBackbone
-from pipeline.core.guidance import guide, schedule_ratio
-from pipeline.core.metrics import divergence, evenness, vocab_evenness
+from pipeline.core.guidance import INTERVAL_SCHEDULES, guide, schedule_ratio
+from pipeline.core.metrics import bit_pairs, divergence, evenness, vocab_evenness
 from pipeline.core.seeds import derive_seed
 
 if TYPE_CHECKING:
@@ -72,14 +72,19 @@ class ScaleStep:
     signals: ScaleSignals | None   # None when sampling with_signals=False
 
 
-def scale_signals(cond_BlV: Tensor, uncond_BlV: Tensor, guided_BlV: Tensor, pn: int) -> ScaleSignals:
-    """Diagnostics of one scale from its logits (B, pn*pn, V); all results on CPU."""
+def scale_signals(cond_BlV: Tensor, uncond_BlV: Tensor, guided_BlV: Tensor, pn: int,
+                  bits: int | None = None) -> ScaleSignals:
+    """Diagnostics of one scale from its logits (B, pn*pn, V); all results on CPU. A bitwise backbone's (``bits``
+    per token, V = 2·bits): evenness and divergence of its bits' distributions (:func:`bit_pairs`), the nudge's
+    magnitude over all 2·bits logits (IGG's nudge)."""
     nudge_BlV = guided_BlV - uncond_BlV.float()
+    guided, uncond, cond = (guided_BlV, uncond_BlV, cond_BlV) if bits is None else (   # the distributions drawn
+        bit_pairs(guided_BlV, bits), bit_pairs(uncond_BlV, bits), bit_pairs(cond_BlV, bits))
     return ScaleSignals(
         token_evenness=evenness(nudge_BlV).cpu(),
-        vocab_evenness=vocab_evenness(guided_BlV).cpu(),
-        div_uncond=divergence(guided_BlV, uncond_BlV).cpu(),
-        div_cond=divergence(guided_BlV, cond_BlV).cpu(),
+        vocab_evenness=vocab_evenness(guided).cpu(),
+        div_uncond=divergence(guided, uncond).cpu(),
+        div_cond=divergence(guided, cond).cpu(),
         magnitude_Bhw=nudge_BlV.norm(dim=-1).view(-1, pn, pn).cpu(),
     )
 
@@ -121,9 +126,7 @@ def sample_bits(logits_BlV: Tensor, bits: int, *, top_k: int = 0, top_p: float =
         (B, l) int64 token indices: the bits as binary digits, the first bit most significant.
     """
     B, l, _ = logits_BlV.shape
-    if logits_BlV.shape[-1] != 2 * bits:
-        raise ValueError(f"bitwise logits need V = 2·bits = {2 * bits}, got {logits_BlV.shape[-1]}")
-    bit_Bld = sample_top_k_top_p(logits_BlV.reshape(B, l * bits, 2), top_k=top_k, top_p=top_p,
+    bit_Bld = sample_top_k_top_p(bit_pairs(logits_BlV, bits), top_k=top_k, top_p=top_p,
                                  generator=generator).view(B, l, bits)
     return (bit_Bld << torch.arange(bits - 1, -1, -1, device=bit_Bld.device)).sum(-1)
 
@@ -163,7 +166,7 @@ def tempered_from(schedule: str, K: int, *, start: int = 0, end: int | None = No
     reversed one (``start > end``, which guides no scale); ``end=None`` (K) and the schedules that guide every
     scale never apply it.
     """
-    if schedule != "interval":
+    if schedule not in INTERVAL_SCHEDULES:
         return K
     return max(start, K if end is None else end)
 
@@ -207,14 +210,15 @@ def sample(
         w_cfg: CFG weight (VAR's ``cfg``), or None to drop the CFG term.
         w_igg: IGG weight, or None to drop the IGG term.
         window: odd side of IGG's attention window on each scale's token map; None: global.
-        schedule: ``linear`` (VAR's k/(K-1)), ``constant`` or ``interval``; or the K ratios themselves, one per
+        schedule: ``linear`` (VAR's k/(K-1)), ``constant``, ``interval`` (the ramp inside the interval) or
+            ``constant_interval`` (1 inside it, Infinity's ``[c, …, c, 1, …, 1]``); or the K ratios themselves, one per
             scale, None where a scale is not guided (Infinity's per-scale ``cfg_list``:
             :func:`pipeline.backbones.infinity.official_guidance`).
         top_k: keep the top_k logits per token; 0 disables.
         top_p: nucleus mass in [0, 1]; 0 disables.
         seed: seeds the sampler's own ``torch.Generator``; None uses torch's global random state.
-        interval_start: with ``schedule="interval"``, first guided scale index.
-        interval_end: with ``schedule="interval"``, guidance stops at this scale index (None: K).
+        interval_start: with an interval schedule, first guided scale index.
+        interval_end: with an interval schedule, guidance stops at this scale index (None: K).
         amp_dtype: autocast dtype on CUDA (float16 as VAR's evaluation, or bfloat16); CPU runs in float32.
         with_signals: compute the per-scale diagnostics; False leaves ``signals`` empty (FID batches).
         callback: called after each scale with a :class:`ScaleStep`.
@@ -270,7 +274,7 @@ def sample(
             else:
                 idx_Bl = sample_bits(guided_BlV, bits, top_k=top_k, top_p=top_p, generator=generator)
             rollout.take(idx_Bl)
-            signal = scale_signals(cond_BlV, uncond_BlV, guided_BlV, pn) if with_signals else None
+            signal = scale_signals(cond_BlV, uncond_BlV, guided_BlV, pn, bits) if with_signals else None
             indices.append(idx_Bl.cpu())
             if signal is not None:
                 signals.append(signal)
