@@ -42,8 +42,8 @@ from tuners.studies import study_name
 
 REPO = Path(__file__).resolve().parent.parent
 
-BACKBONE_OPTIONS = ("infinity_2b, switti, switti_1024, switti_1024_ar, switti_ar, tiny, tiny_small, var_d16, var_d20, "
-                    "var_d24, var_d30, var_d36")
+BACKBONE_OPTIONS = ("infinity_2b, infinity_8b, switti, switti_1024, switti_1024_ar, switti_ar, tiny, tiny_small, "
+                    "var_d16, var_d20, var_d24, var_d30, var_d36")
 BACKBONES_LINE = f"backbone: {BACKBONE_OPTIONS}"
 
 
@@ -82,10 +82,11 @@ def test_every_group_option_composes(group, option):
                 "switti", 400, 0.95, 6.0, True)
             assert node.patch_nums[-1] == (64 if "1024" in option else 32)
             assert node.text_encoder and node.text_encoder_2 and node.prompts.endswith(".csv")
-        elif option.startswith("infinity"):
-            assert (node.kind, node.top_k, node.top_p, node.default_cfg, node.patch_nums[-1]) == (
-                "infinity", 900, 0.97, 3.0, 64)
+        elif option.startswith("infinity"):     # the official cfg 4 (2B) / 3 (8B) is our 1 + w
+            assert (node.kind, node.top_k, node.top_p, node.default_cfg, node.tau, node.patch_nums[-1]) == (
+                "infinity", 900, 0.97, *{"infinity_2b": (3.0, [0.5]), "infinity_8b": (2.0, [1.0])}[option], 64)
             assert node.text_encoder and node.prompts.endswith(".csv")
+            assert node.var_ckpt.endswith({"infinity_2b": ".pth", "infinity_8b": "infinity_8b_weights"}[option])
         else:
             assert Path(node.var_ckpt).parent == WEIGHTS_DIR and node.fid_reference == "shapes"
         assert cfg.confirm.reference == node.fid_reference  # interpolated default
@@ -96,8 +97,9 @@ def test_every_group_option_composes(group, option):
 
 
 def test_group_options_are_the_yaml_files():
-    assert group_options("backbone") == ["infinity_2b", "switti", "switti_1024", "switti_1024_ar", "switti_ar", "tiny",
-                                         "tiny_small", "var_d16", "var_d20", "var_d24", "var_d30", "var_d36"]
+    assert group_options("backbone") == ["infinity_2b", "infinity_8b", "switti", "switti_1024", "switti_1024_ar",
+                                         "switti_ar", "tiny", "tiny_small", "var_d16", "var_d20", "var_d24", "var_d30",
+                                         "var_d36"]
     assert group_options("guidance") == ["auto", "cfg", "igg", "mixed"]
     assert all((CONF_DIR / g).is_dir() and group_options(g) for g in GROUPS)
 
