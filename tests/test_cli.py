@@ -28,8 +28,8 @@ FAST = [  # one sweep in seconds: no proxy, 3 screened points, 2 FID trials of 2
     "launcher.workers=1", "sweep.grid_images=4", "sweep.grid_nrow=2", "sweep.heatmap_images=2",
 ]
 
-BACKBONE_OPTIONS = ("infinity_2b, switti, switti_1024, switti_1024_ar, switti_ar, tiny, tiny_small, var_d16, var_d20, "
-                    "var_d24, var_d30, var_d36")
+BACKBONE_OPTIONS = ("infinity_2b, infinity_8b, switti, switti_1024, switti_1024_ar, switti_ar, tiny, tiny_small, "
+                    "var_d16, var_d20, var_d24, var_d30, var_d36")
 BACKBONES_LINE = f"backbone: {BACKBONE_OPTIONS}"
 
 

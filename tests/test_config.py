@@ -42,8 +42,8 @@ from tuners.studies import study_name
 
 REPO = Path(__file__).resolve().parent.parent
 
-BACKBONE_OPTIONS = ("infinity_2b, switti, switti_1024, switti_1024_ar, switti_ar, tiny, tiny_small, var_d16, var_d20, "
-                    "var_d24, var_d30, var_d36")
+BACKBONE_OPTIONS = ("infinity_2b, infinity_8b, switti, switti_1024, switti_1024_ar, switti_ar, tiny, tiny_small, "
+                    "var_d16, var_d20, var_d24, var_d30, var_d36")
 BACKBONES_LINE = f"backbone: {BACKBONE_OPTIONS}"
 
 
@@ -82,10 +82,11 @@ def test_every_group_option_composes(group, option):
                 "switti", 400, 0.95, 6.0, True)
             assert node.patch_nums[-1] == (64 if "1024" in option else 32)
             assert node.text_encoder and node.text_encoder_2 and node.prompts.endswith(".csv")
-        elif option.startswith("infinity"):
-            assert (node.kind, node.top_k, node.top_p, node.default_cfg, node.patch_nums[-1]) == (
-                "infinity", 900, 0.97, 3.0, 64)
+        elif option.startswith("infinity"):     # the official cfg 4 (2B) / 3 (8B) is our 1 + w
+            assert (node.kind, node.top_k, node.top_p, node.default_cfg, node.tau, node.patch_nums[-1]) == (
+                "infinity", 900, 0.97, *{"infinity_2b": (3.0, [0.5]), "infinity_8b": (2.0, [1.0])}[option], 64)
             assert node.text_encoder and node.prompts.endswith(".csv")
+            assert node.var_ckpt.endswith({"infinity_2b": ".pth", "infinity_8b": "infinity_8b_weights"}[option])
         else:
             assert Path(node.var_ckpt).parent == WEIGHTS_DIR and node.fid_reference == "shapes"
         assert cfg.confirm.reference == node.fid_reference  # interpolated default
@@ -96,8 +97,9 @@ def test_every_group_option_composes(group, option):
 
 
 def test_group_options_are_the_yaml_files():
-    assert group_options("backbone") == ["infinity_2b", "switti", "switti_1024", "switti_1024_ar", "switti_ar", "tiny",
-                                         "tiny_small", "var_d16", "var_d20", "var_d24", "var_d30", "var_d36"]
+    assert group_options("backbone") == ["infinity_2b", "infinity_8b", "switti", "switti_1024", "switti_1024_ar",
+                                         "switti_ar", "tiny", "tiny_small", "var_d16", "var_d20", "var_d24", "var_d30",
+                                         "var_d36"]
     assert group_options("guidance") == ["auto", "cfg", "igg", "mixed"]
     assert all((CONF_DIR / g).is_dir() and group_options(g) for g in GROUPS)
 
@@ -264,13 +266,25 @@ def test_cli_subprocess_exit_code_and_no_traceback(tmp_path):
 
 def test_each_default_is_stated_once_in_the_schema():
     """The schema (pipeline/config/schema.py) holds every default once: a group's YAML sets only what its option changes
-    (the default options set nothing), so editing a dataclass default changes what the CLI composes."""
+    (the default options set nothing; an option that extends another may set a key back to the schema's default,
+    as infinity_8b's tau), so editing a dataclass default changes what the CLI composes."""
     schema = SweepConfig()
+
+    def read(group: str, option: str) -> tuple[dict, dict]:
+        """An option's own keys, and those of the options it extends (conf/backbone/var_d20.yaml)."""
+        data = yaml.safe_load((CONF_DIR / group / f"{option}.yaml").read_text()) or {}
+        inherited = {}
+        for parent in data.pop("defaults", []):
+            if parent != "_self_":
+                own, above = read(group, parent)
+                inherited |= above | own
+        return data, inherited
+
     for group in ("backbone", "search", "proxy", "screen", "refine", "confirm", "launcher", "tracking"):
         for option in group_options(group):
-            data = yaml.safe_load((CONF_DIR / group / f"{option}.yaml").read_text()) or {}
-            data.pop("defaults", None)  # a backbone may extend another (conf/backbone/var_d20.yaml)
-            assert all(getattr(getattr(schema, group), k) != v for k, v in data.items()), (group, option, data)
+            data, inherited = read(group, option)
+            assert all(getattr(getattr(schema, group), k) != v or inherited.get(k, v) != v for k, v in data.items()), (
+                group, option, data)
             assert option not in ("default", "local") or data == {}, (group, option, data)
     cfg = to_schema(compose_config([]))
     assert (cfg.search, cfg.proxy, cfg.screen, cfg.refine, cfg.launcher) == (

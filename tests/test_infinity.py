@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from infinity_reference import flash_attn_func, flash_attn_varlen_kvpacked_func
+from infinity_reference import flash_attn_func, flash_attn_varlen_kvpacked_func, official_uint8
 
 from pipeline.backbones.base import BitwiseBackbone
 from pipeline.backbones.infinity import (
@@ -58,11 +58,6 @@ def run_case(bb: InfinityBackbone, case: dict, callback=None):
     return sample(bb, REF["prompts"][case["prompts"]], w_cfg=w_cfg, w_igg=None, schedule=ratios,
                   top_k=case["top_k"], top_p=case["top_p"], seed=case["seed"], with_signals=False,
                   drop_uncond=True, callback=callback)
-
-
-def official_uint8(images_B3HW: torch.Tensor) -> torch.Tensor:
-    """The official return value of an image batch in [0, 1]: (B, H, W, 3) uint8, BGR."""
-    return images_B3HW.permute(0, 2, 3, 1).mul(255).to(torch.uint8).flip(dims=(3,))
 
 
 def test_fixtures_are_the_real_256px_schedule():

@@ -2,11 +2,13 @@
 
 Our own implementation of "Infinity: Scaling Bitwise AutoRegressive Modeling for High-Resolution Image Synthesis"
 (Han et al., 2024) in the key layout of the released checkpoints (``infinity_2b_reg.pth``: Infinity's state dict;
-``infinity_vae_d32reg.pth`` / ``infinity_vae_d32_reg.pth``: ``{"vae": state dict}`` of the BSQ tokenizer), so that
-:func:`load_infinity` reads them with ``torch.load(weights_only=True)`` and ``strict=True`` (the VAE's encoder and
-quantizer buffer are not used and skipped by name), inferring the hyper-parameters from the tensors. The parity with
-``Infinity.autoregressive_infer_cfg`` (FoundationVision/Infinity at 4c27bbb) is tested bit for bit on tiny random
-models (tests/infinity_reference.py, tests/test_infinity.py).
+``infinity_8b_weights/``: the same, sharded in transformers' layout; ``infinity_vae_d32reg.pth`` /
+``infinity_vae_d32_reg.pth`` / ``infinity_vae_d56_f8_14_patchify.pth``: ``{"vae": state dict}`` of the BSQ
+tokenizer), so that :func:`load_infinity` reads them with ``torch.load(weights_only=True)`` and ``strict=True`` (the
+VAE's encoder and quantizer buffer are not used and skipped by name), inferring the hyper-parameters from the
+tensors. The parity with ``Infinity.autoregressive_infer_cfg`` (FoundationVision/Infinity at 4c27bbb) is tested bit
+for bit on tiny random models of both layouts (tests/infinity_reference.py, tests/test_infinity.py,
+tests/test_infinity8b.py).
 
 Shapes: B batch (2B: conditional rows, then unconditional ones), l tokens of one scale (h·w), C width, D = C the
 condition width, H heads of c = C/H channels, d bits per token, X the text width (flan-t5-xl: 2048), T text tokens.
@@ -16,6 +18,9 @@ What differs from VAR and Switti:
 - A token is d bits (the BSQ code ``(2·bit − 1)/√d``). The head gives 2·d logits per token, a pair per bit; the
   sampler draws each bit from its pair (:func:`pipeline.core.sampling.sample_bits`). The token index we report is
   the integer whose binary digits are the bits, most significant first (BSQ's own ``mask``).
+- Spatial patchify (Infinity-8B, the official ``apply_spatial_patchify=1``): a token is a 2 x 2 patch of the VAE's
+  codes, 4·d bits (56 for the 14-bit VAE), in ``pixel_unshuffle``'s channel order; the VAE's maps have twice the
+  transformer's sides. It is inferred from the two state dicts: the transformer's tokens hold 4x the VAE's bits.
 - The condition is a T5 encoding, unpadded: prompt i has its own number of tokens. The unconditional branch is the
   learned ``cfg_uncond`` embedding cut to each prompt's own length, or a negative prompt's encoding. An attentive
   pool of the text is both the start token and the AdaLN condition; every block cross-attends to the text.
@@ -44,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.backbones.base import Alternation
-from pipeline.data.files import load_weights
+from pipeline.data.files import load_state_dict, load_weights
 
 SQUARE_SIDES = (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)   # dynamic_resolution.py, h/w = 1
 SCHEDULES = {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}      # pixels -> number of scales
@@ -121,7 +126,7 @@ class InfinityConfig:
     num_heads: int = 16                 # 2B: width / 128
     block_chunks: int = 8               # blocks are stored as chunks (block_chunks.{c}.module.{j})
     mlp_hidden: int = 8192              # round(4·C / 256)·256
-    bits: int = 32                      # d: bits per token (the VAE's codebook_dim)
+    bits: int = 32                      # bits per token: the VAE's codebook_dim d, or 4·d (spatial patchify)
     text_dim: int = 2048                # X: flan-t5-xl's width
     text_maxlen: int = 512              # rows of cfg_uncond; T5 pads and truncates to this
     pool_heads: int = 16                # the text pool's heads (X / 128)
@@ -455,7 +460,8 @@ class BSQDecoderConfig:
 
 
 class BSQDecoder(nn.Module):
-    """The tokenizer's decoder (flux VQGAN layout): bits' codes (B, d, h, w) -> image (B, 3, 16h, 16w) in [-1, 1]."""
+    """The tokenizer's decoder (flux VQGAN layout): bits' codes (B, d, h, w) -> image (B, 3, p·h, p·w) in [-1, 1],
+    p = 2 ** (upsampling levels): 16 for the 2B's VAE (``ch_mult`` 1, 2, 4, 4, 4), 8 for the 8B's (1, 2, 4, 4)."""
 
     def __init__(self, cfg: BSQDecoderConfig):
         super().__init__()
@@ -505,11 +511,12 @@ def bits_of(idx_Bl: Tensor, d: int) -> Tensor:
 
 class InfinityRollout(Alternation):
     """Sampling state of one batch (implements :class:`pipeline.backbones.base.Rollout`; 2B rows until
-    :meth:`drop_uncond`, conditional first). ``tau_K`` multiplies the logits of scale k by ``1/tau_k``."""
+    :meth:`drop_uncond`, conditional first). ``tau_K`` multiplies the logits of scale k by ``1/tau_k``; ``patch``
+    is the side of the VAE's codes in one token (2: spatial patchify, the VAE's maps are twice as large)."""
 
-    def __init__(self, model: Infinity, decoder: BSQDecoder, text: TextState, tau_K: Sequence[float]):
+    def __init__(self, model: Infinity, decoder: BSQDecoder, text: TextState, tau_K: Sequence[float], patch: int):
         super().__init__(text.cond_BD.shape[0] // 2, model.first_input(text))
-        self.model, self.decoder, self.text, self.tau_K = model, decoder, text, tuple(tau_K)
+        self.model, self.decoder, self.text, self.tau_K, self.patch = model, decoder, text, tuple(tau_K), patch
         self.caches = [KVCache() for _ in model.blocks]
         self.summed_Bd1HW: Tensor | None = None
 
@@ -534,10 +541,12 @@ class InfinityRollout(Alternation):
     @torch.no_grad()
     def take(self, idx_Bl: Tensor) -> None:
         self._check_take()
-        sides, K = self.model.patch_nums, len(self.model.patch_nums)
+        sides, K, p = self.model.patch_nums, len(self.model.patch_nums), self.patch
         side = sides[self.k]
-        codes_Bd1hw = bits_to_codes(bits_of(idx_Bl, self.model.cfg.bits).view(self.B, side, side, -1))
-        last = (1, sides[-1], sides[-1])
+        bits_BDhw = bits_of(idx_Bl, self.model.cfg.bits).view(self.B, side, side, -1).permute(0, 3, 1, 2)
+        bits_Bdhw = F.pixel_shuffle(bits_BDhw, p)           # a token's p x p codes (p = 1: the token's own)
+        codes_Bd1hw = bits_to_codes(bits_Bdhw.permute(0, 2, 3, 1))
+        last = (1, p * sides[-1], p * sides[-1])
         if self.k == K - 1:
             self.summed_Bd1HW = codes_Bd1hw if self.summed_Bd1HW is None else self.summed_Bd1HW + codes_Bd1hw
         else:
@@ -545,9 +554,10 @@ class InfinityRollout(Alternation):
             self.summed_Bd1HW = up_Bd1HW if self.summed_Bd1HW is None else self.summed_Bd1HW + up_Bd1HW
         if not self._advance(K):
             return
-        nxt = sides[self.k]
-        next_Bdl = F.interpolate(self.summed_Bd1HW, size=(1, nxt, nxt), mode="trilinear").squeeze(-3).flatten(2)
-        self._set_input(self.model.word_embed(next_Bdl.permute(0, 2, 1)))
+        nxt = p * sides[self.k]
+        next_Bdhw = F.interpolate(self.summed_Bd1HW, size=(1, nxt, nxt), mode="trilinear").squeeze(-3)
+        next_BDl = F.pixel_unshuffle(next_Bdhw, p).flatten(2)
+        self._set_input(self.model.word_embed(next_BDl.permute(0, 2, 1)))
 
     @torch.no_grad()
     def decode(self) -> Tensor:
@@ -559,10 +569,13 @@ class InfinityRollout(Alternation):
 class T5Text:
     """A T5 encoder and its tokenizer: prompts truncated to ``max_length`` tokens (the official 512), padded to the
     longest prompt of the batch. The official code pads to 512; the padding is masked out of every attention, so the
-    prompts' own features are the same (tested against the official encoding) at a fraction of the cost."""
+    prompts' own features are the same (tested against the official encoding) at a fraction of the cost, up to the
+    float32 rounding (8e-7), which can move a bfloat16 rounding of the cross-attention and so, rarely, a bit.
+    ``pad_to_max_length`` pads as the official code (its bits exactly, at the full cost)."""
 
-    def __init__(self, tokenizer, encoder: nn.Module, max_length: int):
+    def __init__(self, tokenizer, encoder: nn.Module, max_length: int, pad_to_max_length: bool = False):
         self.tokenizer, self.encoder, self.max_length = tokenizer, encoder.eval().requires_grad_(False), max_length
+        self.padding = "max_length" if pad_to_max_length else "longest"
 
     @property
     def device(self) -> torch.device:
@@ -571,13 +584,23 @@ class T5Text:
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Features (B, T, X) float32 cut to the longest prompt's T tokens, and each prompt's length (B,)."""
-        tokens = self.tokenizer(text=list(prompts), max_length=self.max_length, padding="longest",
+        tokens = self.tokenizer(text=list(prompts), max_length=self.max_length, padding=self.padding,
                                 truncation=True, return_tensors="pt")
         mask_BT = tokens.attention_mask.to(self.device)
         states_BTX = self.encoder(input_ids=tokens.input_ids.to(self.device), attention_mask=mask_BT
                                   )["last_hidden_state"].float()
         lens_B = mask_BT.sum(dim=-1)
         return states_BTX[:, :int(lens_B.max())], lens_B
+
+
+def spatial_patch(token_bits: int, vae_bits: int) -> int:
+    """The side of the VAE's codes in one token: 1 when a token is one d-bit code, 2 when it is a 2 x 2 patch of them
+    (4·d bits: Infinity-8B's ``apply_spatial_patchify=1``)."""
+    if token_bits not in (vae_bits, 4 * vae_bits):
+        raise ValueError(f"the transformer's tokens hold {token_bits} bits, the VAE's codes {vae_bits}: a token is one "
+                         f"code (d bits) or a 2 x 2 patch of them (4·d, apply_spatial_patchify); pass the VAE of this "
+                         "transformer (Infinity-2B: infinity_vae_d32reg.pth, 8B: infinity_vae_d56_f8_14_patchify.pth)")
+    return 1 if token_bits == vae_bits else 2
 
 
 def _pad_cat(a_BTX: Tensor, b_BTX: Tensor) -> Tensor:
@@ -594,8 +617,7 @@ class InfinityBackbone:
 
     def __init__(self, model: Infinity, decoder: BSQDecoder, text: T5Text, *, tau: float | Sequence[float] = 1.0,
                  negative_prompt: str | None = None):
-        if decoder.cfg.bits != model.cfg.bits:
-            raise ValueError(f"the VAE has {decoder.cfg.bits} bits per token, the transformer {model.cfg.bits}")
+        self.patch = spatial_patch(model.cfg.bits, decoder.cfg.bits)
         self.model, self.decoder, self.text = model, decoder, text
         K = len(model.patch_nums)
         tau_K = [float(tau)] * K if isinstance(tau, int | float) else [float(t) for t in tau]
@@ -636,7 +658,7 @@ class InfinityBackbone:
 
     @torch.no_grad()
     def start(self, prompts: Sequence[str]) -> InfinityRollout:
-        return InfinityRollout(self.model, self.decoder, self.encode(prompts), self.tau_K)
+        return InfinityRollout(self.model, self.decoder, self.encode(prompts), self.tau_K, self.patch)
 
     def to(self, device: torch.device | str) -> InfinityBackbone:
         self.model.to(device)
@@ -653,8 +675,11 @@ _WRAPPED = re.compile(r"^(.*(?:conv_in|conv_out|conv\d|nin_shortcut|upsample\.co
 
 
 def infinity_config_from_state_dict(sd: dict[str, Tensor], patch_nums: Sequence[int]) -> InfinityConfig:
-    """The transformer's hyper-parameters from its tensors (the chunks from the ``block_chunks.{c}`` keys)."""
+    """The transformer's hyper-parameters from its tensors (the chunks from the ``block_chunks.{c}`` keys; the bits
+    per token from ``word_embed``: 4·d with spatial patchify). KeyError names a tensor it needs and lacks."""
     blocks = {(int(m[1]), int(m[2])) for m in map(_CHUNKED.match, sd) if m}
+    if not blocks:
+        raise KeyError("block_chunks.0.module.0.*")
     chunks = 1 + max(c for c, _ in blocks)
     prefix = "block_chunks.0.module.0."
     return InfinityConfig(
@@ -696,20 +721,24 @@ def _strict(model: nn.Module, sd: dict[str, Tensor], role: str, path: str | Path
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     wrong = [k for k in expected if k in sd and sd[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{role} {path}: not the layout inferred from it (missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]}, shapes {wrong[:3]})")
+    problems = [f"{what} {len(keys)}: {', '.join(keys[:3])}{', …' if len(keys) > 3 else ''}" for what, keys in
+                (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+    if problems:
+        raise ValueError(f"{role} {path}: not the layout inferred from it ({'; '.join(problems)})")
     model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
 
 
 def load_infinity_model(path: str | Path, patch_nums: Sequence[int] = square_schedule("1M"),
                         lvl_embed_every_chunk: bool = False, text_attn_bf16: bool = True) -> Infinity:
-    """The transformer of a state dict, to sample at the square schedule ``patch_nums`` (:func:`square_schedule`:
-    the resolution is a sampling choice, not in the checkpoint)."""
-    sd = load_weights(path, what="var_ckpt", fix="pass Infinity's .pth (e.g. infinity_2b_reg.pth)")
-    if not isinstance(sd, dict) or "pos_start" not in sd:
-        raise ValueError(f"var_ckpt {path}: not an Infinity state dict (no pos_start)")
-    cfg = infinity_config_from_state_dict(sd, patch_nums)
+    """The transformer of a state dict (a .pth, or a folder of shards with an index JSON, as the 8B's), to sample at
+    the square schedule ``patch_nums`` (:func:`square_schedule`: the resolution is a sampling choice, not in the
+    checkpoint)."""
+    sd = load_state_dict(path, what="var_ckpt", fix="pass Infinity's .pth (infinity_2b_reg.pth) or the folder of "
+                         "its shards (infinity_8b_weights)")
+    try:
+        cfg = infinity_config_from_state_dict(sd, patch_nums)
+    except KeyError as e:
+        raise ValueError(f"var_ckpt {path}: not an Infinity state dict (no {e.args[0]})") from None
     cfg = InfinityConfig(**{**cfg.__dict__, "lvl_embed_every_chunk": lvl_embed_every_chunk,
                             "text_attn_bf16": text_attn_bf16})
     model = Infinity(cfg)
@@ -718,7 +747,8 @@ def load_infinity_model(path: str | Path, patch_nums: Sequence[int] = square_sch
 
 
 def load_bsq_decoder(path: str | Path) -> BSQDecoder:
-    sd = load_weights(path, what="vae_ckpt", fix="pass Infinity's VAE (infinity_vae_d32reg.pth)")
+    sd = load_weights(path, what="vae_ckpt", fix="pass Infinity's VAE (infinity_vae_d32reg.pth, "
+                      "infinity_vae_d56_f8_14_patchify.pth)")
     vae_sd = sd.get("vae", sd) if isinstance(sd, dict) else None
     if not isinstance(vae_sd, dict) or not any(k.startswith("decoder.") for k in vae_sd):
         raise ValueError(f"vae_ckpt {path}: not a BSQ VAE state dict (no decoder.* tensors)")
@@ -745,7 +775,9 @@ def load_infinity(infinity_ckpt: str | Path, vae_ckpt: str | Path, text_encoder:
                   tau: float | Sequence[float] = 1.0,
                   negative_prompt: str | None = None, lvl_embed_every_chunk: bool = False,
                   text_attn_bf16: bool = True) -> InfinityBackbone:
-    """Load Infinity (``infinity_2b_reg.pth``), its VAE (either released file name) and a local flan-t5-xl folder.
+    """Load Infinity (``infinity_2b_reg.pth``, or the 8B's folder of shards), its VAE (any released file name) and a
+    local flan-t5-xl folder. Spatial patchify (8B) follows from the two: the transformer's tokens hold 4x the VAE's
+    bits.
 
     Raises:
         ValueError: one line naming the file and what is wrong with it.

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from pipeline.config.schema import BackboneConfig
 
 KINDS = ("var", "switti", "infinity")   # backbone.kind: class-conditional VAR state dicts | text-to-image Switti Hub
-#                                         folders | text-to-image Infinity (.pth files and a flan-t5-xl folder)
+#                                         folders | text-to-image Infinity (.pth files or shards, a flan-t5-xl folder)
 
 
 def checkpoint_keys(b: BackboneConfig) -> tuple[str, ...]:
@@ -24,7 +24,8 @@ def checkpoint_keys(b: BackboneConfig) -> tuple[str, ...]:
 def load_backbone(b: BackboneConfig, device: str | torch.device = "cpu") -> ScaleWiseBackbone | TextToImageBackbone:
     """VAR from ``vae_ckpt`` + ``var_ckpt`` state dicts, or Switti from the Hub folders ``var_ckpt`` (the
     transformer), ``vae_ckpt`` (VQVAE-Switti), ``text_encoder`` (CLIP-L) and ``text_encoder_2`` (bigG), or
-    Infinity from ``var_ckpt`` (its .pth), ``vae_ckpt`` (the BSQ VAE's .pth) and ``text_encoder`` (flan-t5-xl)."""
+    Infinity from ``var_ckpt`` (its .pth, or the 8B's folder of shards), ``vae_ckpt`` (the BSQ VAE's .pth) and
+    ``text_encoder`` (flan-t5-xl)."""
     if b.kind == "infinity":
         from pipeline.backbones.infinity import load_infinity
 

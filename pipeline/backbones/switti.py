@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from pipeline.backbones.var import AdaLNBeforeHead, KVCache, Modulation, ScaleRollout, _check_layout, check_fit
 from pipeline.backbones.vqvae import VQVAE, count_indexed, vqvae_config_from_state_dict
-from pipeline.data.files import load_weights
+from pipeline.data.files import load_state_dict
 
 PATCH_NUMS = {  # Switti's resolutions and their scales (``reso`` in a Hub config.json)
     256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
@@ -516,18 +516,8 @@ def _hub_folder(role: str, folder: str | Path, required: Sequence[str] = ()) -> 
 def _hub_state_dict(role: str, folder: Path) -> dict[str, Tensor]:
     """The tensors of a Hub folder: model.safetensors, else pytorch_model.bin (``weights_only=True``)."""
     path = folder / WEIGHT_FILES[0]
-    if path.is_file():
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path)
-        except Exception as e:       # safetensors raises its own error types
-            raise ValueError(f"{role} {path}: not a safetensors file ({type(e).__name__}: {e})") from None
-    path = folder / WEIGHT_FILES[1]
-    sd = load_weights(path, what=role, fix=f"download {HUB_REPOS[role]} again")
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, Tensor) for v in sd.values()):
-        raise ValueError(f"{role} {path}: not a state dict (expected a dict of tensors, got {type(sd).__name__})")
-    return sd
+    return load_state_dict(path if path.is_file() else folder / WEIGHT_FILES[1], what=role,
+                           fix=f"download {HUB_REPOS[role]} again")
 
 
 def _hub_config(role: str, folder: Path) -> dict:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from pipeline.backbones.base import Alternation
 from pipeline.backbones.vqvae import VQVAE, VQVAEConfig, count_indexed, vqvae_config_from_state_dict
-from pipeline.data.files import load_weights
+from pipeline.data.files import load_state_dict
 
 MAX_SCALE_MUL = math.log(100.0)   # the learned per-head q scale is clamped to at most 100
 T = TypeVar("T")
@@ -448,13 +448,6 @@ def random_var(vae_cfg: VQVAEConfig, var_cfg: VARConfig, *, seed: int = 0) -> VA
     return VARBackbone(vae, var.eval().requires_grad_(False))
 
 
-def _load_state_dict(path: str | Path, role: str) -> dict[str, Tensor]:
-    sd = load_weights(path, what=role, fix="pass the official .pth state dict")
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, Tensor) for v in sd.values()):
-        raise ValueError(f"{role} {path}: not a state dict (expected a dict of tensors, got {type(sd).__name__})")
-    return sd
-
-
 def var_config_from_state_dict(sd: dict[str, Tensor]) -> VARConfig:
     """Infer the transformer's hyper-parameters from an official-layout state dict (KeyError if a key is absent).
 
@@ -510,8 +503,8 @@ def load_var(vae_ckpt: str | Path, var_ckpt: str | Path, device: str | torch.dev
         ValueError: a file is missing, is not a tensor state dict, is not of its kind, or the two do not fit
             (vocabulary or latent channels differ), naming the file and the mismatch.
     """
-    vae_sd = _load_state_dict(vae_ckpt, "vae_ckpt")
-    var_sd = _load_state_dict(var_ckpt, "var_ckpt")
+    vae_sd = load_state_dict(vae_ckpt, what="vae_ckpt", fix="pass the official .pth state dict")
+    var_sd = load_state_dict(var_ckpt, what="var_ckpt", fix="pass the official .pth state dict")
     var_cfg = _infer(var_config_from_state_dict, "var_ckpt", var_ckpt, "VAR", var_sd)
     vae_cfg = _infer(vqvae_config_from_state_dict, "vae_ckpt", vae_ckpt, "VQVAE", vae_sd, var_cfg.patch_nums)
     if (vae_cfg.vocab_size, vae_cfg.z_channels) != (var_cfg.vocab_size, var_cfg.z_channels):

@@ -28,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.backbones.load import KINDS as BACKBONE_KINDS
 from pipeline.core.guidance import INTERVAL_SCHEDULES, KINDS, SCHEDULES
-from pipeline.data.files import sqlite_path
+from pipeline.data.files import SHARD_INDEXES, sqlite_path
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "backbones" / "weights"
@@ -524,7 +524,12 @@ def validate(cfg: SweepConfig) -> None:
                               "backbone.prompts=switti/eval_prompts/coco.csv")
         _existing_file("backbone.prompts", cfg.backbone.prompts, "give a CSV of prompts (Switti's eval_prompts)")
     if cfg.backbone.kind == "infinity":
-        for key in ("vae_ckpt", "var_ckpt"):
+        var_ckpt = Path(cfg.backbone.var_ckpt)
+        if var_ckpt.is_dir() and not any((var_ckpt / name).is_file() for name in SHARD_INDEXES):
+            raise ConfigError(f"backbone.var_ckpt: {var_ckpt} is a folder without a shard index "
+                              f"({' or '.join(SHARD_INDEXES)}); download the sharded checkpoint into it (infinity_8b: "
+                              "infinity_8b_weights) or set backbone.var_ckpt=PATH")
+        for key in ("vae_ckpt",) if var_ckpt.is_dir() else ("vae_ckpt", "var_ckpt"):
             _existing_file(f"backbone.{key}", getattr(cfg.backbone, key),
                            f"download it or set backbone.{key}=PATH (see conf/backbone/{cfg.backbone.name}.yaml)")
         if cfg.backbone.text_encoder is None or not Path(cfg.backbone.text_encoder).is_dir():

@@ -1,9 +1,11 @@
-"""Crash-safe file writes (a reader, or a run killed mid-write, sees the old file or the new one, never a half) and the
-cross-process lock that guards creating a SQLite store."""
+"""Crash-safe file writes (a reader, or a run killed mid-write, sees the old file or the new one, never a half), loading
+checkpoints (one file, or a folder of shards) with one clear error, and the cross-process lock that guards creating
+a SQLite store."""
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pickle
 import re
@@ -59,6 +61,63 @@ def load_weights(path: str | Path, *, what: str, fix: str) -> object:
         found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n|$)", str(e))
         reason = found.group(1) if found else type(e).__name__
         raise ValueError(f"{what} {path}: torch.load(weights_only=True) refused it ({reason}); {fix}") from None
+
+
+SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")   # transformers' names; first wins
+
+
+def load_state_dict(path: str | Path, *, what: str, fix: str) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint, on the CPU: a ``.safetensors`` file, a ``torch.save`` file (read with
+    ``weights_only=True``), or a folder of shards (:func:`load_sharded`); else one ValueError naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        return load_sharded(path, what=what, fix=fix)
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception as e:       # safetensors raises its own error types
+            raise ValueError(f"{what} {path}: not a safetensors file ({type(e).__name__}: {e}); {fix}") from None
+    sd = load_weights(path, what=what, fix=fix)
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{what} {path}: not a state dict (expected a dict of tensors, got {type(sd).__name__})")
+    return sd
+
+
+def load_sharded(folder: str | Path, *, what: str, fix: str) -> dict[str, torch.Tensor]:
+    """A sharded checkpoint in transformers' layout, merged: an index (``model.safetensors.index.json``, else
+    ``pytorch_model.bin.index.json``, as ``load_sharded_checkpoint`` prefers them) whose ``weight_map`` maps each key
+    to a shard file of the folder. One ValueError naming the file when the index is absent or unreadable, a shard is
+    missing, or a shard's keys are not the ones the index gives it."""
+    folder = Path(folder)
+    index = next((folder / name for name in SHARD_INDEXES if (folder / name).is_file()), None)
+    if index is None:
+        raise ValueError(f"{what} {folder}: a folder without a shard index ({' or '.join(SHARD_INDEXES)}); {fix}")
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        weight_map, reason = None, f"{type(e).__name__}: {e}"
+    else:
+        reason = "its weight_map is not {key: shard file name}"
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise ValueError(f"{what} {index}: not a shard index ({reason}); {fix}")
+    keys_by_shard: dict[str, set[str]] = {}
+    for key, shard in weight_map.items():
+        keys_by_shard.setdefault(shard, set()).add(key)
+    missing = [shard for shard in keys_by_shard if not (folder / shard).is_file()]
+    if missing:
+        raise ValueError(f"{what} {index}: names the shard {folder / missing[0]}, which is not there ({len(missing)} "
+                         f"of {len(keys_by_shard)} shards missing); {fix}")
+    sd: dict[str, torch.Tensor] = {}
+    for shard, keys in keys_by_shard.items():
+        part = load_state_dict(folder / shard, what=what, fix=fix)
+        if set(part) != keys:
+            raise ValueError(f"{what} {folder / shard}: not the keys {index.name} gives it (lacks "
+                             f"{sorted(keys - set(part))[:3]}, has unlisted {sorted(set(part) - keys)[:3]}); {fix}")
+        sd.update(part)
+    return sd
 
 
 def sqlite_path(url: str) -> Path | None:
