@@ -311,3 +311,11 @@ def test_tau_and_negative_prompt_are_sweep_settings(tmp_path):
     with pytest.raises(ConfigError, match=r"backbone\.tau and backbone\.negative_prompt are Infinity's \(backbone\.kind"
                                           r"=var\)"):
         load_config([f"root={tmp_path}", "backbone=tiny", "backbone.negative_prompt=blurry"])
+
+
+@pytest.mark.parametrize("name", ["infinity_vae_d32reg.pth", "infinity_vae_d32_reg.pth"])
+def test_both_released_vae_file_names_load(tmp_path, name):
+    """The 2B VAE circulates under two names; the file's contents decide, not its name."""
+    (tmp_path / name).write_bytes((DATA / "vae.pth").read_bytes())
+    ours, ref = load_bsq_decoder(tmp_path / name).state_dict(), load_bsq_decoder(DATA / "vae.pth").state_dict()
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
