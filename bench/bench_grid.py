@@ -58,6 +58,7 @@ from benchdoc import provenance, publish
 from scipy.stats import spearmanr
 
 from pipeline.config.schema import SearchConfig, load_config
+from pipeline.core.guidance import INTERVAL_SCHEDULES, SCHEDULES
 from pipeline.data.files import atomic_write
 
 SECTION = "Reference grid"        # the default backbone's; another's is "Reference grid (NAME)"
@@ -113,9 +114,9 @@ class Setting:
                 for k, v in asdict(self).items() if v != getattr(Setting, k)]
 
     def overrides(self) -> list[str]:
-        """The sweep's Hydra overrides that sample so."""
-        return [f"backbone.top_p={self.top_p}"] * bool(self.top_p) + [f"guidance.schedule={self.schedule}"] * (
-            self.schedule != Setting.schedule)
+        """The sweep's Hydra overrides that sample so (none for a default value)."""
+        keys = {"top_p": "backbone.top_p", "schedule": "guidance.schedule"}
+        return [f"{keys[k]}={v}" for k, v in asdict(self).items() if v != getattr(Setting, k)]
 
     def mismatch(self, top_p: float, schedule: str) -> str | None:
         """Why a sweep sampled with (top_p, schedule) is not of this setting, or None."""
@@ -128,9 +129,10 @@ class Setting:
         p.add_argument("--top-p", type=float, default=Setting.top_p,
                        help=f"nucleus sampling of {what} (0: none, the backbone's default): a sampling setting that "
                             "moves the optimum")
-        p.add_argument("--schedule", choices=("linear", "constant"), default=Setting.schedule,
-                       help=f"guidance schedule of {what} (linear: the default ramp; constant: the full weight at "
-                            "every scale)")
+        p.add_argument("--schedule", choices=[x for x in SCHEDULES if x not in INTERVAL_SCHEDULES],
+                       default=Setting.schedule, help=f"guidance schedule of {what} (linear: the default ramp; "
+                       "constant: the full weight at every scale; an interval would need its scales, so none is "
+                       "offered)")
 
     @staticmethod
     def of(args: argparse.Namespace) -> Setting:

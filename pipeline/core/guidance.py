@@ -162,10 +162,10 @@ def schedule_ratio(schedule: str, k: int, K: int, *, start: int = 0, end: int | 
     - ``linear``: k/(K−1), VAR's ramp (1.0 when K = 1);
     - ``constant``: 1.0;
     - ``interval``: the linear ramp inside scale indices [start, end) (``end=None`` means K), ``None`` outside.
-    - ``constant_interval``: 1.0 inside [start, end), ``None`` outside: Infinity's ``cfg_list`` of the form
-      ``[c, …, c, 1, …, 1]`` (cfg 1 leaves a scale unguided), the constant schedule with a guidance interval.
       An empty (``start == end``) or reversed (``start > end``) interval guides no scale: Switti's pipeline takes
       any ``turn_on_cfg_start_si`` and ``turn_off_cfg_start_si`` and guides only the scales ``on <= k < off``.
+    - ``constant_interval``: 1.0 inside [start, end) (the same rules), ``None`` outside: Infinity's ``cfg_list`` of
+      the form ``[c, …, c, 1, …, 1]`` (cfg 1 leaves a scale unguided), the constant schedule with an interval.
 
     ``None`` means no guidance at this scale: the sampler uses the conditional logits as they are (Switti's
     CFG on/off range).
