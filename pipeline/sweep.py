@@ -132,9 +132,8 @@ class Sweep:
     def _race(self, refine: RefineResult) -> RaceStage:
         """The refinement's finalists and the backbone's published CFG (unless it is one of them)."""
         cfg = self.cfg
-        racers = [Racer(c, REFINED, refine_fid=rec.value, refine_smoothed=smoothed)
-                  for c, rec, smoothed in refine.finalists(cfg.confirm.finalists, cfg.confirm.decimals,
-                                                           cfg.confirm.separation)]
+        racers = [Racer(r.candidate, REFINED, refine_fid=r.record.value, refine_smoothed=r.smoothed, region=r.region)
+                  for r in refine.finalists(cfg.confirm.finalists, cfg.confirm.decimals, cfg.confirm.separation)]
         default = default_candidate(cfg.backbone)
         if all(r.candidate.key(cfg.confirm.decimals) != default.key(cfg.confirm.decimals) for r in racers):
             racers.append(Racer(default, DEFAULT))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import deque
+from dataclasses import replace
 
 import numpy as np
 import optuna
@@ -410,10 +411,11 @@ def test_refinement_leaves_the_starting_range_for_the_optimum(tmp_path, scorer):
     assert "grew" in stage.history()["cfg-0"]
     assert all(len(s.counted()) == REFINE.n_trials for s in stage.regions.values())
     finalists = result.finalists(3, 2, 0.0)
-    assert {c.kind for c, _, _ in finalists[:2]} == {"cfg", "igg"} and len(finalists) == 3
-    assert finalists[0][2] <= finalists[1][2]  # each kind's best by smoothed FID, best kind first
-    assert {c for c, _, _ in finalists[:2]} == {best_cfg, best_igg}
-    rec = finalists[0][1]
+    assert {r.candidate.kind for r in finalists[:2]} == {"cfg", "igg"} and len(finalists) == 3
+    assert finalists[0].smoothed <= finalists[1].smoothed  # each kind's best by smoothed FID, best kind first
+    assert {r.candidate for r in finalists[:2]} == {best_cfg, best_igg}
+    assert {r.region for r in finalists[:2]} == {"cfg-0", "igg-0"}
+    rec = finalists[0].record
     assert rec.metrics["fid_low"] < rec.metrics["fid"] < rec.metrics["fid_high"] and rec.images == REFINE.num_images
 
 
@@ -427,12 +429,13 @@ def test_finalists_skip_near_neighbours_of_a_chosen_one(tmp_path, scorer):
     def u(c: Candidate) -> list[float]:
         return log_weights(torch.tensor(list(c.weights().values()))).tolist()
 
-    for i, (a, _, _) in enumerate(apart):
-        for b, _, _ in apart[:i]:
+    chosen = [r.candidate for r in apart]
+    for i, a in enumerate(chosen):
+        for b in chosen[:i]:
             assert a.kind != b.kind or a.window != b.window or math.dist(u(a), u(b)) >= 0.3
-    skipped = [c for c, _, _ in every if all(c != a for a, _, _ in apart)]
+    skipped = [r.candidate for r in every if r.candidate not in chosen]
     assert skipped and all(any(c.kind == a.kind and c.window == a.window and math.dist(u(c), u(a)) < 0.3
-                               for a, _, _ in apart) for c in skipped)
+                               for a in chosen) for c in skipped)
 
 
 def test_each_candidate_draws_its_own_images_unless_common():
@@ -462,9 +465,9 @@ def test_refinement_is_reproducible_and_resumes(tmp_path, scorer):
     assert len(pool.seen) < told  # what was told before the kill is not run again
 
 
-def race_stage(tmp_path, scorer, racers, name="race") -> RaceStage:
+def race_stage(tmp_path, scorer, racers, name="race", **confirm) -> RaceStage:
     study = open_study(storage(tmp_path), study_name(name, "confirm"))
-    return RaceStage(study, racers, CONFIRM, Recorder(), bank(tmp_path), scorer)
+    return RaceStage(study, racers, replace(CONFIRM, **confirm), Recorder(), bank(tmp_path), scorer)
 
 
 def test_race_extends_images_eliminates_the_worse_and_measures_the_margin(tmp_path, scorer):
@@ -475,9 +478,9 @@ def test_race_extends_images_eliminates_the_worse_and_measures_the_margin(tmp_pa
         b.put(job, {"features": features(job)})
     racers = [Racer(near, REFINED), Racer(other, REFINED), Racer(far, DEFAULT)]
     pool = StubPool()
-    race = race_stage(tmp_path, scorer, racers).run(pool)
+    race = race_stage(tmp_path, scorer, racers, holdout=False).run(pool)
     winner, margin = race.winner, race.margin
-    assert winner.candidate == near
+    assert winner.candidate == near and winner.holdout is None
     assert pool.seen[0].candidate == far  # the longest job of a rung goes first (the others extend their images)
     starts = {(j.candidate, j.num_images): j.start for j in pool.seen}
     assert starts[(near, 32)] == 16 and starts[(far, 32)] == 0 and starts[(near, 64)] == 32  # only new images
@@ -490,39 +493,95 @@ def test_race_extends_images_eliminates_the_worse_and_measures_the_margin(tmp_pa
     whole = {"features": torch.from_numpy(features(Job(near, 64, b.seed_of(near), fid=True)))}
     assert s.fid == pytest.approx(scorer.fid(whole).fid, rel=1e-9)
     again = StubPool()
-    winner2 = race_stage(tmp_path, scorer, [Racer(near, REFINED), Racer(other, REFINED), Racer(far, DEFAULT)]
-                         ).run(again).winner
+    winner2 = race_stage(tmp_path, scorer, [Racer(near, REFINED), Racer(other, REFINED), Racer(far, DEFAULT)],
+                         holdout=False).run(again).winner
     assert again.seen == [] and winner2.scores == winner.scores  # resumed from the ledger: nothing redone
 
 
-@pytest.mark.parametrize("stop", [True, False])
-def test_a_race_left_with_one_finalist_is_decided(tmp_path, scorer, stop):
+def lucky_first(lucky: Candidate, until: int, shift: float):
+    """A pool's evaluation where `lucky`'s images below `until` sit `shift` nearer the optimum than its others:
+    the draws that chose it flatter it."""
+    def evaluate(job: Job) -> Evaluation:
+        out = synthetic(job)
+        if job.candidate == lucky:
+            rows = out.features["features"]
+            rows[: max(0, until - job.start), 0] -= shift
+        return out
+    return evaluate
+
+
+def test_the_last_rung_decides_on_hold_out_images_not_on_those_that_chose_the_finalists(tmp_path, scorer):
+    # `lucky` is worse than `honest` (farther from W_STAR), but its first 32 images drew near the optimum
+    # (not separated at N=32, so both reach the last rung)
+    honest, lucky = Candidate(W_STAR + 1.0, None, None), Candidate(W_STAR + 1.2, None, None)
+    evaluate = lucky_first(lucky, 32, 1.0)
+    flattered = race_stage(tmp_path / "all", scorer, [Racer(honest, REFINED), Racer(lucky, REFINED)],
+                           holdout=False).run(StubPool(evaluate=evaluate))
+    assert flattered.winner.candidate == lucky  # on all its images the luck of the first half carries it
+    pool = StubPool(evaluate=evaluate)
+    race = race_stage(tmp_path / "held", scorer, [Racer(honest, REFINED), Racer(lucky, REFINED)]).run(pool)
+    winner, margin = race.winner, race.margin
+    assert winner.candidate == honest and winner.holdout is not None
+    assert (winner.holdout.start, winner.holdout.end, winner.holdout.num_images) == (32, 64, 32)
+    # the hold-out FID is the FID of exactly the images the last rung added, with their strata
+    added = {"features": torch.from_numpy(features(Job(honest, 64, bank(tmp_path).seed_of(honest), fid=True,
+                                                       start=32)))}
+    assert winner.fid == pytest.approx(scorer.fid(added, start=32).fid, rel=1e-9) == winner.final.fid
+    assert winner.scores[64].fid != winner.fid  # its FID on all 64 images is still reported beside it
+    assert margin is not None and margin.runner_up.candidate == lucky and (margin.start, margin.num_images) == (32, 32)
+    assert margin.diff == pytest.approx(margin.runner_up.fid - winner.fid, rel=1e-9)
+    assert [j.start for j in pool.seen if j.num_images == 64] == [32, 32]  # no image is drawn twice
+
+
+@pytest.mark.parametrize(("stop", "holdout"), [(True, True), (True, False), (False, True)])
+def test_a_race_left_with_one_finalist_is_decided(tmp_path, scorer, stop, holdout):
     best, worse = Candidate(9.0, None, None), Candidate(1.5, None, None)
-    confirm = ConfirmConfig(**{**CONFIRM.__dict__, "stop_when_decided": stop})
-    study = open_study(storage(tmp_path), study_name("race", "confirm"))
-    race = RaceStage(study, [Racer(best, REFINED), Racer(worse, DEFAULT)], confirm, Recorder(), bank(tmp_path),
-                     scorer)
+    race = race_stage(tmp_path, scorer, [Racer(best, REFINED), Racer(worse, DEFAULT)], stop_when_decided=stop,
+                      holdout=holdout)
     pool = StubPool()
     result = race.run(pool)
     winner, margin = result.winner, result.margin
     assert winner.candidate == best and margin is not None and margin.separated and margin.num_images == 32
-    if stop:  # the default left at the first rung: nothing more is sampled, the winner's FID is at N=32
+    assert margin.start == 0  # the loser left at N=32: the margin is on the first 32 images of both
+    if stop and not holdout:  # the default left at the first rung: nothing more is sampled, FID at N=32
         assert race.decided_at == 32 and winner.reached == 32 and max(j.num_images for j in pool.seen) == 32
         s = winner.scores[32]
         assert s.fid_low < s.fid < s.fid_high and s.fid_se > 0
+    elif stop:  # decided at N=32: only the winner goes on, to its hold-out images
+        assert race.decided_at == 32 and [(j.candidate, j.start) for j in pool.seen if j.num_images == 64] == [
+            (best, 32)]
+        assert winner.holdout is not None and winner.holdout.start == 32 and winner.fid == winner.holdout.score.fid
     else:
         assert race.decided_at is None and winner.reached == 64
 
 
+def test_the_cost_cap_keeps_each_regions_best_before_a_second_from_any(tmp_path, scorer):
+    # region a holds the two lowest FIDs, b a worse one that is not separated from them at N=32
+    a1, a2, b1 = Candidate(W_STAR, None, None), Candidate(W_STAR + 0.1, None, None), Candidate(W_STAR + 0.4, None, None)
+    racers = [Racer(a1, REFINED, region="cfg-0"), Racer(a2, REFINED, region="cfg-0"),
+              Racer(b1, REFINED, region="cfg-1")]
+    race = race_stage(tmp_path, scorer, racers, final_max=2)
+    race.run(StubPool())
+    assert max(racers[:2], key=lambda r: r.scores[32].fid).left.startswith("cut at N=32 by the cost cap")
+    assert racers[2].reached == 64 and racers[2].left is None
+    assert sorted(r.scores[32].fid for r in racers)[1] < racers[2].scores[32].fid  # it went on as b's best
+
+
 def test_bootstrap_replicates_are_computed_once_per_features(scorer):
-    from pipeline.core.metrics import bootstrap_fid
+    from pipeline.core.metrics import bootstrap_fid, resample_counts
     x = torch.from_numpy(features(Job(Candidate(8.0, None, None), 64, 3, fid=True)))
-    first = scorer._replicates(x)
-    assert scorer._replicates(x.clone()) is first  # the same features: the cached replicates
+    first = scorer._replicates(x, 0)
+    assert scorer._replicates(x.clone(), 0) is first  # the same features: the cached replicates
     mu, sigma = torch.from_numpy(scorer.reference.mu), torch.from_numpy(scorer.reference.sigma)
-    assert torch.equal(first, bootstrap_fid(x, mu, sigma, scorer._counts(64)))
-    other = scorer._replicates(x[:48])  # other features: their own replicates
-    assert other is not first and torch.equal(other, bootstrap_fid(x[:48], mu, sigma, scorer._counts(48)))
+
+    def counts(n: int, start: int = 0) -> torch.Tensor:  # resamples of images start..start+n-1: seeded by the end
+        return resample_counts(n, scorer.replicates, derive_seed(0, start + n))
+
+    assert torch.equal(first, bootstrap_fid(x, mu, sigma, counts(64)))
+    other = scorer._replicates(x[:48], 0)  # other features: their own replicates
+    assert other is not first and torch.equal(other, bootstrap_fid(x[:48], mu, sigma, counts(48)))
+    later = scorer._replicates(x, 16)  # the same features as images 16..79: other resamples
+    assert later is not first and torch.equal(later, bootstrap_fid(x, mu, sigma, counts(64, 16)))
 
 
 def test_a_scorer_with_conditions_resamples_inside_each(scorer):
@@ -535,12 +594,18 @@ def test_a_scorer_with_conditions_resamples_inside_each(scorer):
     mu, sigma = torch.from_numpy(scorer.reference.mu), torch.from_numpy(scorer.reference.sigma)
     inside = bootstrap_fid(x, mu, sigma, resample_counts(64, scorer.replicates, derive_seed(0, 64),
                                                           spread_labels(64, 8)))
-    reps = strat._replicates(x)
+    reps = strat._replicates(x, 0)
     assert torch.allclose(reps - reps.mean(), (inside - inside.mean()) * math.sqrt(8 / 7))
+    # images 5..68: each stratum is their own conditions, not those of images 0..63
+    later = bootstrap_fid(x, mu, sigma, resample_counts(64, scorer.replicates, derive_seed(0, 69),
+                                                         spread_labels(69, 8)[5:]))
+    held = strat._replicates(x, 5)
+    assert torch.allclose(held - held.mean(), (later - later.mean()) * math.sqrt(8 / 7))
+    assert not torch.allclose(held, reps)
     se = strat.fid({scorer.evaluator.feature_layer: x}).fid_se
     assert se == pytest.approx(float(inside.std()) * math.sqrt(8 / 7), rel=1e-9)
     few = replace(scorer, conditions=40)  # fewer than 2 images per condition: the plain bootstrap
-    assert torch.equal(few._replicates(x), bootstrap_fid(x, mu, sigma, resample_counts(64, scorer.replicates,
+    assert torch.equal(few._replicates(x, 0), bootstrap_fid(x, mu, sigma, resample_counts(64, scorer.replicates,
                                                                                       derive_seed(0, 64))))
 
 
@@ -599,10 +664,10 @@ def humped(job: Job) -> Evaluation:
 SCREEN = ScreenConfig(points=9, rungs=[32, 64], keep=0.5, regions=3)
 
 
-def screen_stage(tmp_path, scorer, name="screen", extra=()) -> ScreenStage:
+def screen_stage(tmp_path, scorer, name="screen", extra=(), config=SCREEN) -> ScreenStage:
     study = open_study(storage(tmp_path), study_name(name, "screen"))
     return ScreenStage(study, curves_of(["cfg"], [None], [0.5], None), totals(SCREEN.points, 0.25, 30.0),
-                       list(extra), SCREEN, 0.5, gap_name("vocab", "uncond"), Recorder(), bank(tmp_path / name),
+                       list(extra), config, 0.5, gap_name("vocab", "uncond"), Recorder(), bank(tmp_path / name),
                        scorer)
 
 
@@ -651,6 +716,27 @@ def test_screen_finds_the_basin_behind_a_hump_and_extends_the_survivors(tmp_path
     assert result.rho is not None and result.rho.n == 9 and result.rho.low <= result.rho.value <= result.rho.high
 
 
+def test_basins_rank_by_fid_so_a_narrow_basin_is_not_smoothed_away(tmp_path, scorer):
+    narrow = totals(SCREEN.points, 0.25, 30.0)[6]  # one screen point deep, its neighbours on steep walls
+
+    def spiked(job: Job) -> Evaluation:
+        evaluation = humped(job)
+        if job.fid:
+            u, base = math.log1p(strength(job.candidate)), evaluation.features["features"]
+            base[:, 0] += -base[:, 0].mean() + (0.3 if strength(job.candidate) == narrow
+                                                else 0.6 + 2.5 * abs(u - U_A))
+        return evaluation
+
+    # every point reaches the last rung, so the narrow one is smoothed with its steep neighbours there too
+    result = screen_stage(tmp_path, scorer, config=replace(SCREEN, keep=1.0)).run(StubPool(evaluate=spiked))
+    best, wide = result.basins[0], next(b for b in result.basins if abs(math.log1p(b.point.total) - U_A) < 0.4)
+    assert best.point.total == narrow and result.refined[0] is best
+    assert best.point.scores[64].fid < wide.point.scores[64].fid
+    assert best.smoothed > wide.smoothed  # smoothing alone would have ranked the narrow basin below the wide one
+    fids = [b.point.scores[64].fid for b in result.basins]
+    assert fids == sorted(fids)
+
+
 def test_the_proxy_adds_points_but_removes_none(tmp_path, scorer):
     result = screen_stage(tmp_path, scorer, extra=[Candidate(4.5, None, None), Candidate(None, 3.0, None)]).run(
         StubPool(evaluate=humped))
@@ -684,7 +770,7 @@ def test_a_region_starts_from_the_screened_points_without_drawing_them_again(tmp
     assert [record_of(t).stage for t in told[: len(seeds)]] == ["screen"] * len(seeds)
     assert all(record_of(t).images == 0 for t in told[: len(seeds)])  # their images count in the screen's cost
     assert {from_params(t.params) for t in told[: len(seeds)]} == {Candidate(**r.candidate) for r in seeds}
-    assert abs(math.log1p(refined.finalists(1, 2, 0.0)[0][0].w_cfg) - U_B) <= result.spacing
+    assert abs(math.log1p(refined.finalists(1, 2, 0.0)[0].candidate.w_cfg) - U_B) <= result.spacing
 
 
 def test_igg_against_cfg_takes_cfgs_best_not_the_published_default(tmp_path, scorer):
@@ -718,3 +804,4 @@ def test_a_score_round_trips_through_the_metrics_a_trial_logs(clip):
 def test_an_interval_has_a_direction_only_when_it_excludes_zero():
     assert [direction(lo, hi) for lo, hi in ((0.1, 0.3), (-0.3, -0.1), (-0.1, 0.1), (0.0, 0.2), (-0.2, 0.0))] == [
         1, -1, 0, 0, 0]
+

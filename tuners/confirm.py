@@ -5,12 +5,17 @@ published default CFG) are scored at every rung N of ``confirm.rungs``. A rung e
 labels and sampler seeds: the first N images at a larger N are the same images), so a rung costs only the images it
 adds. After each rung the finalist with the lowest FID is the current best; every other finalist whose FID exceeds
 it beyond noise (the lower end of the bootstrap interval of the difference is above 0) leaves. As a cost cap, at most a
-``confirm.keep`` share of the rest (the lowest FIDs) go on to the next rung, and at most ``confirm.final_max`` to the
-last, which decides; a finalist cut by the cap is reported as such, not as worse. When a rung leaves one finalist
-(every other one worse beyond noise), the race is decided there and stops (``confirm.stop_when_decided``): the
-winner's FID and interval are at that N. Every FID carries its interval;
-the result names the runner-up and the margin, and whether the winner is separated from it. Each (finalist, rung)
-is one trial of the ``confirm`` ledger study.
+``confirm.keep`` share of the rest go on to the next rung, and at most ``confirm.final_max`` to the last: the best
+of each refinement region first, then the lowest FIDs; a finalist cut by the cap is reported as such, not as worse.
+
+The last rung decides. With ``confirm.holdout`` it decides on the images it adds, which no stage has seen: the images
+that chose a finalist (the screen's, the refinement's, the earlier rungs') flatter it, the more so the more
+candidates they were chosen from (the winner's curse), so the winner's FID and the margin are measured on those
+hold-out images alone. When a rung leaves one finalist (every other one worse beyond noise), the race is decided
+(``confirm.stop_when_decided``): the winner goes straight to the last rung for its hold-out FID, or, without
+``confirm.holdout``, stops there with its FID at that N. Every FID carries its interval; the result names the
+runner-up and the margin, and whether the winner is separated from it. Each (finalist, rung) is one trial of the
+``confirm`` ledger study.
 """
 
 from __future__ import annotations
@@ -42,7 +47,9 @@ class Racer:
     role: str  # refined | default
     refine_fid: float | None = None  # its FID in the refinement stage (refine.num_images)
     refine_smoothed: float | None = None  # and its smoothed FID there (tuners.surrogate), which chose it
-    scores: dict[int, FidScore] = field(default_factory=dict)  # N -> its FID there
+    region: str = DEFAULT  # the refinement region (<kind>-<i>) it comes from; the published default its own
+    scores: dict[int, FidScore] = field(default_factory=dict)  # N -> its FID there (its images 0..N-1)
+    holdout: Holdout | None = None  # the last rung's FID on the images it added (confirm.holdout)
     left: str | None = None  # "worse at N=…", "cut at N=…" (cost cap) or a failure
 
     @property
@@ -50,20 +57,40 @@ class Racer:
         return max(self.scores, default=0)
 
     @property
+    def final(self) -> FidScore:
+        """The FID that decides and is reported: on its hold-out images when it has them, else at the highest N."""
+        return self.holdout.score if self.holdout is not None else self.scores[self.reached]
+
+    @property
     def fid(self) -> float:
-        """FID at the highest N reached (NaN if none)."""
-        return self.scores[self.reached].fid if self.scores else math.nan
+        """:attr:`final`'s FID (NaN if none)."""
+        return self.final.fid if self.scores else math.nan
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """The FID of a finalist's images start..end-1: those the last rung added, which no earlier stage saw."""
+
+    start: int
+    end: int
+    score: FidScore
+
+    @property
+    def num_images(self) -> int:
+        return self.end - self.start
 
 
 @dataclass
 class Margin:
-    """FID(runner-up) − FID(winner) at N on the same images, with its interval; separated when low > 0."""
+    """FID(runner-up) − FID(winner) on the same image indices start..start+num_images-1 (start 0: their first N
+    images; > 0: the hold-out images), with its interval; separated when low > 0."""
 
     runner_up: Racer
     num_images: int
     diff: float
     low: float
     high: float
+    start: int = 0
 
     @property
     def separated(self) -> bool:
@@ -105,14 +132,19 @@ class RaceStage:
         rungs = self.confirm.rungs
         for r, n in enumerate(rungs):
             last = r == len(rungs) - 1
+            if self.decided_at is not None and not last:
+                continue  # decided: the lone finalist goes straight to its hold-out images
             jobs = {job_key(j): (j, racer) for racer in alive for j in [self._job(racer, n)]}
             done = Ledger(self.study, "confirm", {k: j for k, (j, _) in jobs.items()}, self._finish(last),
                           self.observer).run(pool)
-            for key, (_, racer) in jobs.items():
-                if key in done:
-                    racer.scores[n] = FidScore.of(done[key].metrics)
-                else:
+            for key, (job, racer) in jobs.items():
+                if key not in done:
                     racer.left = f"failed at N={n}"
+                    continue
+                racer.scores[n] = FidScore.of(done[key].metrics)
+                if last and self.confirm.holdout:
+                    held = self.bank.get(racer.candidate, n, self.scorer.layers, job.start)
+                    racer.holdout = Holdout(job.start, n, self.scorer.fid(held, start=job.start))
             alive = [racer for racer in alive if n in racer.scores]
             if not alive:
                 raise RuntimeError("no finalist was scored; see the failed confirm runs in MLflow, then rerun")
@@ -121,18 +153,27 @@ class RaceStage:
             alive = self._eliminate(alive, n)
             if len(alive) == 1 and self.confirm.stop_when_decided:
                 self.decided_at = n  # every other finalist is worse beyond noise: more images change nothing
+                if self.confirm.holdout:
+                    continue
                 [winner] = alive  # its every metric (the last rung's scoring), from the features it has
                 winner.scores[n] = self.scorer.fid(self.bank.get(winner.candidate, n, self.scorer.layers),
                                                    all_metrics=True)
                 break
-            cap = self.confirm.final_max if r == len(rungs) - 2 else max(
-                self.confirm.final_max, math.ceil(self.confirm.keep * len(alive)))
-            alive.sort(key=lambda x: x.scores[n].fid)
-            for racer in alive[cap:]:
-                racer.left = f"cut at N={n} by the cost cap (not separated)"
-            alive = alive[:cap]
+            alive = self._capped(alive, n, self.confirm.final_max if r == len(rungs) - 2 else max(
+                self.confirm.final_max, math.ceil(self.confirm.keep * len(alive))))
         winner = min(alive, key=lambda x: x.fid)
         return RaceResult(winner, self._margin(winner), self.racers)
+
+    def _capped(self, alive: list[Racer], n: int, cap: int) -> list[Racer]:
+        """The cost cap: the best finalist of each region first (lowest FID at N), then the rest by FID; the first
+        `cap` go on. Two regions' bests are seldom separated at the N of a cut, and two points of one region are
+        nearly one point: a second from one region would push out the only one of another."""
+        ranked = sorted(alive, key=lambda x: x.scores[n].fid)
+        heads = [x for i, x in enumerate(ranked) if all(y.region != x.region for y in ranked[:i])]
+        ordered = [*heads, *(x for x in ranked if x not in heads)]
+        for racer in ordered[cap:]:
+            racer.left = f"cut at N={n} by the cost cap (not separated)"
+        return ordered[:cap]
 
     def _eliminate(self, alive: list[Racer], n: int) -> list[Racer]:
         best = min(alive, key=lambda x: x.scores[n].fid)
@@ -151,12 +192,16 @@ class RaceStage:
         return kept
 
     def _margin(self, winner: Racer) -> Margin | None:
-        """The runner-up: the next lowest FID at the highest N it shares with the winner."""
+        """The runner-up: the next lowest FID at the highest N it shares with the winner, on their hold-out images
+        when both have the same ones."""
         others = [x for x in self.racers if x is not winner and x.scores]
         if not others:
             return None
         runner = min(others, key=lambda x: (-x.reached, x.fid))
         n = runner.reached
-        diff = self.scorer.difference(self.bank.get(runner.candidate, n, self.scorer.layers),
-                                      self.bank.get(winner.candidate, n, self.scorer.layers))
-        return Margin(runner, n, diff.diff, diff.low, diff.high)
+        held = (runner.holdout is not None and winner.holdout is not None
+                and runner.holdout.start == winner.holdout.start and runner.holdout.end == winner.holdout.end)
+        start = runner.holdout.start if held else 0
+        diff = self.scorer.difference(self.bank.get(runner.candidate, n, self.scorer.layers, start),
+                                      self.bank.get(winner.candidate, n, self.scorer.layers, start), start=start)
+        return Margin(runner, n - start, diff.diff, diff.low, diff.high, start)

@@ -230,8 +230,8 @@ class RefineStage:
 
     def result(self) -> RefineResult:
         """Every told trial of every region with its smoothed FID, lowest first."""
-        scored = sorted(((from_params(t.params), record_of(t), value) for s in self.regions.values()
-                         for t, value in self.smoothed(s.counted())), key=lambda crv: crv[2])
+        scored = sorted((Refined(from_params(t.params), record_of(t), value, s.name) for s in self.regions.values()
+                         for t, value in self.smoothed(s.counted())), key=lambda r: r.smoothed)
         return RefineResult(scored, list(dict.fromkeys(s.kind for s in self.regions.values())), self.history())
 
 
@@ -257,22 +257,32 @@ class Round:
         search.pending.append((trial, job, done))
 
 
+@dataclass(frozen=True)
+class Refined:
+    """A told refinement trial: its candidate and record, its smoothed FID, and the region (<kind>-<i>) it is in."""
+
+    candidate: Candidate
+    record: TrialRecord
+    smoothed: float
+    region: str
+
+
 @dataclass
 class RefineResult:
     """The refinement's trials, each with its smoothed FID (lowest first), the kinds refined, what the regions did."""
 
-    scored: list[tuple[Candidate, TrialRecord, float]]
+    scored: list[Refined]
     kinds: list[str]
     history: dict[str, list[str]]
 
-    def finalists(self, count: int, decimals: int, separation: float) -> list[tuple[Candidate, TrialRecord, float]]:
+    def finalists(self, count: int, decimals: int, separation: float) -> list[Refined]:
         """Up to `count` distinct candidates by smoothed FID: each kind's best (best kind first), then the next
         lowest over all kinds, skipping any within `separation` (Euclidean, in log(1 + w)) of a chosen one of the
         same kind and window: the smoothed FID of such a neighbour is nearly the chosen one's, so racing it would
-        spend a finalist on one point twice. Each comes with its trial record and its smoothed FID."""
+        spend a finalist on one point twice."""
         scored = self.scored
-        heads = [next(crv for crv in scored if crv[0].kind == k) for k in self.kinds
-                 if any(crv[0].kind == k for crv in scored)]
+        heads = [next(r for r in scored if r.candidate.kind == k) for k in self.kinds
+                 if any(r.candidate.kind == k for r in scored)]
 
         def near(a: Candidate, b: Candidate) -> bool:
             if a.kind != b.kind or a.window != b.window or a.interval != b.interval:
@@ -280,10 +290,10 @@ class RefineResult:
             return math.dist(*(log_weights(torch.tensor(list(c.weights().values()))).tolist() for c in (a, b))
                              ) < separation
 
-        chosen: list[tuple[Candidate, TrialRecord, float]] = []
-        for crv in [*sorted(heads, key=lambda crv: crv[2]), *scored]:
-            if len(chosen) < count and not any(crv[0].key(decimals) == c.key(decimals) or near(crv[0], c)
-                                               for c, _, _ in chosen):
-                chosen.append(crv)
+        chosen: list[Refined] = []
+        for r in [*sorted(heads, key=lambda r: r.smoothed), *scored]:
+            if len(chosen) < count and not any(r.candidate.key(decimals) == c.candidate.key(decimals)
+                                               or near(r.candidate, c.candidate) for c in chosen):
+                chosen.append(r)
         return chosen
 

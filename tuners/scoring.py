@@ -159,12 +159,12 @@ class FeatureBank:
                 return stop
         return 0
 
-    def get(self, candidate: Candidate, num_images: int, layers: list[str]) -> dict[str, Tensor]:
-        """Features of the first `num_images` images of `candidate`: layer -> (num_images, F) float32."""
+    def get(self, candidate: Candidate, num_images: int, layers: list[str], start: int = 0) -> dict[str, Tensor]:
+        """Features of images start..num_images-1 of `candidate`: layer -> (num_images - start, F) float32."""
         jobs = self.chain(candidate, num_images, layers)
         if jobs is None:
             raise ValueError(f"no stored features cover {num_images} images of {candidate.label()}")
-        return {layer: torch.from_numpy(np.concatenate([np.load(self.path(j, layer)) for j in jobs]))
+        return {layer: torch.from_numpy(np.concatenate([np.load(self.path(j, layer)) for j in jobs])[start:])
                 for layer in layers}
 
 
@@ -177,7 +177,7 @@ class Scorer:
         reference: FID reference statistics.
         replicates: bootstrap resamples per estimate.
         level: confidence of the intervals (e.g. 0.95).
-        seed: the sweep seed; resamples at N are the same for every candidate (pairing).
+        seed: the sweep seed; resamples of images start..N-1 are the same for every candidate (pairing).
         conditions: the number of conditions the images cycle through (image i has condition
             ``spread_labels(i)``, :func:`pipeline.core.sampling.sweep_conditions`): the bootstrap resamples inside each
             condition (stratified, :func:`pipeline.core.metrics.resample_counts`) once every condition has at least two
@@ -193,30 +193,29 @@ class Scorer:
     seed: int
     conditions: int | None = None
     clip: bool = False
-    _cache: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False)  # features digest -> replicates
+    _cache: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False)  # start:digest -> replicates
 
     @property
     def layers(self) -> list[str]:
         isc = [self.evaluator.isc_layer] if "isc" in self.evaluator.metrics else []
         return list(dict.fromkeys([self.evaluator.feature_layer, *isc, *([CLIP_LAYER] if self.clip else [])]))
 
-    def _strata(self, num_images: int) -> Tensor | None:
+    def _strata(self, num_images: int, start: int) -> Tensor | None:
         if self.conditions is None or num_images < 2 * self.conditions:
             return None
-        return spread_labels(num_images, self.conditions)
+        return spread_labels(start + num_images, self.conditions)[start:]
 
-    def _counts(self, num_images: int) -> Tensor:
-        return resample_counts(num_images, self.replicates, derive_seed(self.seed, num_images),
-                               self._strata(num_images))
-
-    def _replicates(self, features_NF: Tensor) -> Tensor:
-        """The bootstrap FIDs of these features (computed once per distinct features: a race compares its current
-        best with every other finalist, and scores each finalist before that)."""
-        key = hashlib.sha256(features_NF.contiguous().numpy().tobytes()).hexdigest()
+    def _replicates(self, features_NF: Tensor, start: int) -> Tensor:
+        """The bootstrap FIDs of these features, images start..start+N-1 of their candidates (computed once per
+        distinct features: a race compares its current best with every other finalist, and scores each finalist
+        before that)."""
+        key = f"{start}:{hashlib.sha256(features_NF.contiguous().numpy().tobytes()).hexdigest()}"
         if key not in self._cache:
             mu, sigma = torch.from_numpy(self.reference.mu), torch.from_numpy(self.reference.sigma)
-            replicates_R = bootstrap_fid(features_NF, mu, sigma, self._counts(len(features_NF)))
-            strata_N = self._strata(len(features_NF))
+            strata_N = self._strata(len(features_NF), start)
+            counts_RN = resample_counts(len(features_NF), self.replicates,  # the same for every candidate: paired
+                                        derive_seed(self.seed, start + len(features_NF)), strata_N)
+            replicates_R = bootstrap_fid(features_NF, mu, sigma, counts_RN)
             if strata_N is not None:
                 # inside a stratum of m images the bootstrap's variance is (m - 1) / m of the sampling variance:
                 # widen the spread by the smallest stratum's factor
@@ -225,13 +224,14 @@ class Scorer:
             self._cache[key] = replicates_R
         return self._cache[key]
 
-    def fid(self, features: dict[str, Tensor], *, all_metrics: bool = False) -> FidScore:
+    def fid(self, features: dict[str, Tensor], *, all_metrics: bool = False, start: int = 0) -> FidScore:
         """The FID with its interval at `level` and standard error; every metric of the evaluator too with
-        `all_metrics` (IS, KID, precision/recall)."""
+        `all_metrics` (IS, KID, precision/recall). `start`: the features are of images start.. of their candidate
+        (the bootstrap's strata are those images' conditions)."""
         feats_NF = features[self.evaluator.feature_layer]
         metrics = self.evaluator.metrics_of(features, self.reference, None if all_metrics else ["fid"])
         fid = float(metrics.pop("fid"))
-        replicates_R = self._replicates(feats_NF)
+        replicates_R = self._replicates(feats_NF, start)
         low, high = normal_interval(fid, replicates_R, self.level)
         clip = None
         if self.clip:
@@ -242,14 +242,16 @@ class Scorer:
         return FidScore(fid, float(low), float(high), float(replicates_R.std()), clip,
                         {k: float(v) for k, v in metrics.items()})
 
-    def difference(self, features_a: dict[str, Tensor], features_b: dict[str, Tensor]) -> Difference:
-        """FID(a) − FID(b) with its interval at `level` (bootstrap with the same resampled indices for both)."""
+    def difference(self, features_a: dict[str, Tensor], features_b: dict[str, Tensor], *,
+                   start: int = 0) -> Difference:
+        """FID(a) − FID(b) with its interval at `level` (bootstrap with the same resampled indices for both);
+        `start` as in :meth:`fid`."""
         a_NF, b_NF = features_a[self.evaluator.feature_layer], features_b[self.evaluator.feature_layer]
         if a_NF.shape != b_NF.shape:
             raise ValueError(f"paired features must have one shape, got {tuple(a_NF.shape)} and {tuple(b_NF.shape)}")
         point = (self.evaluator.metrics_of(features_a, self.reference, ["fid"])["fid"]
                  - self.evaluator.metrics_of(features_b, self.reference, ["fid"])["fid"])
-        diff_R = self._replicates(a_NF) - self._replicates(b_NF)
+        diff_R = self._replicates(a_NF, start) - self._replicates(b_NF, start)
         low, high = normal_interval(point, diff_R, self.level)
         return Difference(float(point), float(low), float(high))
 

@@ -46,10 +46,12 @@ class Default(Scored):
 
 @dataclass
 class MarginRecord(Difference):
-    """FID(runner-up) − FID(winner) at N; separated when the interval excludes 0."""
+    """FID(runner-up) − FID(winner) on num_images images from image `start` (> 0: the hold-out images); separated
+    when the interval excludes 0."""
 
     num_images: int = 0
     separated: bool = False
+    start: int = 0
 
 
 @dataclass
@@ -174,6 +176,9 @@ class Best:
     # Infinity: the winner as the official sampler's arguments (None: another backbone, or an IGG term, which the
     # official code does not have)
     official: InfinityArgs | None = None
+    # fid is of the winner's images holdout_from .. holdout_from + num_images - 1: those the race's last rung added,
+    # which no stage saw before choosing it (confirm.holdout). None: of its first num_images images.
+    holdout_from: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The YAML content: nested dicts and lists, a non-finite float as None."""

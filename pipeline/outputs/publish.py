@@ -39,7 +39,7 @@ from pipeline.runtime.tracking import Tracker
 from tuners.confirm import DEFAULT, REFINED, Margin, Racer, RaceResult
 from tuners.jobs import DIVERGENCE_SIGNAL, EVENNESS_SIGNAL, TrialRecord
 from tuners.proxy import ProxyResult
-from tuners.scoring import Difference, FeatureBank, Scorer, candidate_seed, direction
+from tuners.scoring import Difference, FeatureBank, FidScore, Scorer, candidate_seed, direction
 from tuners.screen import ScreenResult
 from tuners.space import Candidate, Ranges
 
@@ -68,13 +68,13 @@ def official_args(cfg: SweepConfig, c: Candidate) -> InfinityArgs | None:
 def answer(cfg: SweepConfig, winner: Racer, margin: Margin | None, racers: list[Racer], ranges: Ranges,
            cost: dict[str, Cost], screen: ScreenResult, igg_vs_cfg: Versus | None) -> Best:
     """best.yaml of a finished race."""
-    n = winner.reached
-    scores = winner.scores[n]
+    scores, held = winner.final, winner.holdout
+    n = winner.reached if held is None else held.num_images
     c = winner.candidate
 
-    def scored(r: Racer, m: int) -> dict:
+    def scored(r: Racer, score: FidScore, m: int) -> dict:
         return {**r.candidate.as_dict(), "kind": r.candidate.kind, "num_images": m,
-                "fid": r.scores[m].fid, "fid_low": r.scores[m].fid_low, "fid_high": r.scores[m].fid_high}
+                "fid": score.fid, "fid_low": score.fid_low, "fid_high": score.fid_high}
 
     default = next((r for r in racers if r.role == DEFAULT and r.scores), None)
     gain = None if default is None or default.reached not in winner.scores else (
@@ -83,10 +83,13 @@ def answer(cfg: SweepConfig, winner: Racer, margin: Margin | None, racers: list[
         backbone=cfg.backbone.name, guidance=cfg.guidance.name, kind=c.kind, w_cfg=c.w_cfg, w_igg=c.w_igg,
         window=c.window, fid=scores.fid, fid_low=scores.fid_low, fid_high=scores.fid_high, num_images=n,
         at_bound=ranges.bounds(c),
-        runner_up=Scored(**scored(margin.runner_up, margin.num_images)) if margin else None,
+        runner_up=None if margin is None else Scored(**scored(
+            margin.runner_up, margin.runner_up.final if margin.start else margin.runner_up.scores[margin.num_images],
+            margin.num_images)),
         margin=None if margin is None else MarginRecord(margin.diff, margin.low, margin.high, margin.num_images,
-                                                        margin.separated),
-        default=None if default is None else Default(**scored(default, default.reached), gain=gain),
+                                                        margin.separated, margin.start),
+        default=None if default is None else Default(**scored(default, default.scores[default.reached],
+                                                              default.reached), gain=gain),
         cost=cost,
         interval=(list(c.interval) if c.interval is not None else None if cfg.search.intervals is None
                   else [cfg.guidance.schedule_start, cfg.guidance.schedule_end]),  # a default CFG: the sweep's own
@@ -119,6 +122,7 @@ def answer(cfg: SweepConfig, winner: Racer, margin: Margin | None, racers: list[
         proxy_rho=None if screen.rho is None else RhoRecord(**asdict(screen.rho)),
         curves=screen_curves(screen),
         official=official_args(cfg, c),
+        holdout_from=None if held is None else held.start,
     )
 
 

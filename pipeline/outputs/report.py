@@ -26,19 +26,28 @@ def _score(score: FidScore) -> str:
     return f"{_fmt(score.fid)} [{_fmt(score.fid_low)}, {_fmt(score.fid_high)}]"
 
 
+def _images(margin: Margin) -> str:
+    return (f"at N={margin.num_images}" if margin.start == 0 else
+            f"on the same {margin.num_images} hold-out image indices ({margin.start}..)")
+
+
 def race_table(racers: list[Racer], winner: Racer) -> dict[str, list]:
-    """The race as columns (for ``MlflowClient.log_table``): one row per finalist and rung it reached, with the FID
-    and its interval at that rung, its refinement FID (raw and smoothed), and how it left."""
+    """The race as columns (for ``MlflowClient.log_table``): one row per finalist and rung it reached (its images
+    0..num_images-1) and one for its hold-out images (from images_from), with the FID and its interval there, its
+    refinement FID (raw and smoothed), and how it left."""
     columns: dict[str, list] = {k: [] for k in ("candidate", "kind", "role", "w_cfg", "w_igg", "window", "interval",
-                                                "refine_fid", "refine_smoothed", "num_images", "fid", "fid_low",
-                                                "fid_high", "outcome")}
+                                                "refine_fid", "refine_smoothed", "images_from", "num_images", "fid",
+                                                "fid_low", "fid_high", "outcome")}
     for r in racers:
         c = r.candidate
-        for n, score in sorted(r.scores.items()):
+        rows = [(0, n, score) for n, score in sorted(r.scores.items())]
+        if r.holdout is not None:
+            rows.append((r.holdout.start, r.holdout.num_images, r.holdout.score))
+        for start, n, score in rows:
             row = {"candidate": c.label(), "kind": c.kind, "role": r.role, "w_cfg": c.w_cfg, "w_igg": c.w_igg,
                    "window": c.window, "interval": None if c.interval is None else interval_code(c.interval),
-                   "refine_fid": r.refine_fid, "refine_smoothed": r.refine_smoothed, "num_images": n,
-                   "fid": score.fid, "fid_low": score.fid_low, "fid_high": score.fid_high,
+                   "refine_fid": r.refine_fid, "refine_smoothed": r.refine_smoothed, "images_from": start,
+                   "num_images": n, "fid": score.fid, "fid_low": score.fid_low, "fid_high": score.fid_high,
                    "outcome": "winner" if r is winner else r.left or "-"}
             for k, v in row.items():
                 columns[k].append(v)
@@ -49,31 +58,37 @@ def report_markdown(title: str, racers: list[Racer], winner: Racer, margin: Marg
                     screen: ScreenResult) -> str:
     """report.md: the answer in words, then one row per finalist (winner first), the whole range, the cost."""
     n = best.num_images
+    where = (f"at N={n}" if best.holdout_from is None else
+             f"on its {n} hold-out images ({best.holdout_from}..{best.holdout_from + n - 1}: the race's last rung, "
+             "which no stage saw before choosing it)")
     lines = [f"# {title}", "",
              f"Best: **{winner.candidate.label()}** ({best.kind}), FID {_fmt(best.fid)} "
-             f"[{_fmt(best.fid_low)}, {_fmt(best.fid_high)}] at N={n} ({best.sampling.level:.0%} interval)"
+             f"[{_fmt(best.fid_low)}, {_fmt(best.fid_high)}] {where} ({best.sampling.level:.0%} interval)"
              + (f"; CLIP score {_fmt(best.clip_score.value)} [{_fmt(best.clip_score.low)}, "
                 f"{_fmt(best.clip_score.high)}]" if best.clip_score else "") + ".", ""]
     if margin is None:
         lines.append("No runner-up was scored: the winner is not compared with anything.")
     elif margin.separated:
         lines.append(f"Separated from the runner-up {margin.runner_up.candidate.label()}: FID +{_fmt(margin.diff)} "
-                     f"[{_fmt(margin.low)}, {_fmt(margin.high)}] at N={margin.num_images}.")
+                     f"[{_fmt(margin.low)}, {_fmt(margin.high)}] {_images(margin)}.")
     else:
         lines.append(f"**Not statistically separated** from the runner-up {margin.runner_up.candidate.label()}: "
-                     f"FID difference {_fmt(margin.diff)} [{_fmt(margin.low)}, {_fmt(margin.high)}] at "
-                     f"N={margin.num_images} includes 0; either is as good as this sweep can tell.")
+                     f"FID difference {_fmt(margin.diff)} [{_fmt(margin.low)}, {_fmt(margin.high)}] "
+                     f"{_images(margin)} includes 0; either is as good as this sweep can tell.")
     capped = [w for w, where in best.at_bound.items() if where == "cap"]
     if capped:
         lines.append(f"**Warning:** {', '.join(capped)} sits at search.max_weight: the optimum may lie beyond it.")
     rungs = sorted({m for r in racers for m in r.scores})
-    lines += ["", "| candidate | kind | role | FID (refine) | smoothed | " + " | ".join(f"FID@{m}" for m in rungs)
+    held = sorted({f"{r.holdout.start}..{r.holdout.end - 1}" for r in racers if r.holdout is not None})
+    heads = [f"FID@{m}" for m in rungs] + [f"hold-out FID ({', '.join(held)})"] * bool(held)
+    lines += ["", "| candidate | kind | role | FID (refine) | smoothed | " + " | ".join(heads)
               + " | IS | KID | precision | recall | left |",
-              "|---|---|---|---|---|" + "---|" * len(rungs) + "---|---|---|---|---|"]
+              "|---|---|---|---|---|" + "---|" * len(heads) + "---|---|---|---|---|"]
     for r in sorted(racers, key=lambda r: (r is not winner, -r.reached, r.fid)):
         final = r.scores[r.reached].extra if r.scores else {}  # torch-fidelity's other metrics, by its names
         left = "winner" if r is winner else r.left or "-"
         cells = [_score(r.scores[m]) if m in r.scores else "-" for m in rungs]
+        cells += [_score(r.holdout.score) if r.holdout is not None else "-"] * bool(held)
         lines.append(f"| {r.candidate.label()} | {r.candidate.kind} | {r.role} | {_fmt(r.refine_fid)} | "
                      f"{_fmt(r.refine_smoothed)} | "
                      + " | ".join(cells) + f" | {_fmt(final.get('isc'))} | {_fmt(final.get('kid'), 4)} | "
