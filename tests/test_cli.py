@@ -235,6 +235,20 @@ def test_summarize_gains_and_the_best_guidance_per_backbone():
     assert summary.summary_png(result)[:4] == b"\x89PNG"
 
 
+def test_the_summary_says_which_fids_are_on_hold_out_images():
+    held = dataclasses.replace(best("tiny", "igg", "igg", (7.5, 7.0, 8.0), None, w_igg=10.0, n=2048),
+                               holdout_from=2048)
+    whole = best("tiny", "cfg", "cfg", (9.0, 8.5, 9.5), None, w_cfg=5.0, n=2048)
+    result = summary.summarize([held, whole])
+    jobs = {j.sweep: j for j in result.jobs}
+    assert jobs["tiny-igg"].holdout_from == 2048 and jobs["tiny-cfg"].holdout_from is None
+    assert result.backbones["tiny"].same_num_images is False  # one N, but only one FID on hold-out images
+    text = summary.summary_markdown(result)
+    assert "| 7.50 [7.00, 8.00] | 2048 hold-out |" in text and "| 9.00 [8.50, 9.50] | 2048 |" in text
+    assert "FID 7.50 [7.00, 8.00] at N=2048 hold-out" in text
+    assert summary.summarize([held]).backbones["tiny"].same_num_images is True
+
+
 def test_the_summary_shows_the_whole_range_igg_against_cfg_and_the_proxy():
     sweep = best("tiny_small", "auto", "cfg", (24.0, 23.0, 25.0), None, w_cfg=20.0)
     curve = CurveRecord("cfg", 256, [0.25, 4.0, 20.0], [80.0, 45.0, 26.0], [75.0, 40.0, 24.0], [85.0, 50.0, 28.0],

@@ -62,10 +62,11 @@ def test_best_yaml_and_report(sweep):
     best = read_best(out / "best.yaml")
     assert (best.backbone, best.guidance) == ("tiny", "auto") and best.kind in KINDS
     assert best.fid_low <= best.fid <= best.fid_high
-    # the last rung decides, unless a rung left one finalist (every other one worse beyond noise): then the race
-    # stops there and the runner-up's margin is separated at that N
-    assert best.num_images == 72 or (best.num_images == 48 and best.margin.separated
-                                     and best.margin.num_images == 48)
+    # the last rung decides, on the images it added (48..71), which no stage saw before; a rung that left one
+    # finalist (every other one worse beyond noise) sends it straight there, its runner-up separated at that N
+    assert (best.holdout_from, best.num_images) == (48, 24)
+    assert (best.margin.start, best.margin.num_images) == (48, 24) or (
+        best.margin.separated and (best.margin.start, best.margin.num_images) == (0, 48))
     assert set(best.at_bound) == {w for w in ("w_cfg", "w_igg") if getattr(best, w) is not None}
     assert set(best.at_bound.values()) <= {"inside", "low", "cap"}
     assert best.margin is None or best.margin.low <= best.margin.diff <= best.margin.high
@@ -83,6 +84,8 @@ def test_best_yaml_and_report(sweep):
     assert len(best.checkpoints["var_ckpt"].sha256) == 64
     report = (out / "report.md").read_text()
     assert "separated" in report and "| stage | trials | images sampled | worker s |" in report
+    assert f"FID {best.fid:.3f} [{best.fid_low:.3f}, {best.fid_high:.3f}] on its 24 hold-out images (48..71" in report
+    assert "| hold-out FID (48..71) |" in report
     rows = [line for line in report.splitlines() if line.startswith("| w") and "|" in line[2:]]
     assert len(rows) >= 2  # finalists (and the default)
     assert all((out / f"proxy_signals_{k}.png").stat().st_size > 0 for k in KINDS)
@@ -158,14 +161,15 @@ def best_yaml(sweep) -> Path:
 
 def test_generate_samples_exactly_the_winner_the_sweep_scored(sweep, tmp_path, capsys):
     best = read_best(best_yaml(sweep))
+    end = best.holdout_from + best.num_images  # the images the winner's FID is of: holdout_from..end-1
     out = tmp_path / "winner"
-    assert generate.main([f"generate.best={best_yaml(sweep)}", f"generate.num_images={best.num_images}",
+    assert generate.main([f"generate.best={best_yaml(sweep)}", f"generate.num_images={end}",
                           f"generate.out={out}", "generate.grid=4"]) == 0
     assert capsys.readouterr().out.splitlines() == [f"grid: {out / 'grid.png'}", f"samples: {out / 'samples.npz'}"]
     with np.load(out / "samples.npz") as npz:
-        assert npz["arr_0"].shape == (best.num_images, 16, 16, 3) and npz["arr_0"].dtype == np.uint8
+        assert npz["arr_0"].shape == (end, 16, 16, 3) and npz["arr_0"].dtype == np.uint8
     extractor = sweep["root"].parent / "ckpt" / "cls.pt"  # the micro backbone's FID extractor (micro_overrides)
-    cfg, _ = generate.configure([f"generate.best={best_yaml(sweep)}", f"generate.num_images={best.num_images}",
+    cfg, _ = generate.configure([f"generate.best={best_yaml(sweep)}", f"generate.num_images={end}",
                                  f"confirm.extractor_weights={extractor}"])
     winner = Candidate(best.w_cfg, best.w_igg, best.window)
     assert (cfg.generate.w_cfg, cfg.generate.w_igg, cfg.generate.window) == (winner.w_cfg, winner.w_igg,
@@ -176,7 +180,7 @@ def test_generate_samples_exactly_the_winner_the_sweep_scored(sweep, tmp_path, c
     again_NF = evaluator.features(generate.images(backbone, cfg))[evaluator.feature_layer]
     bank = FeatureBank(best_yaml(sweep).parent / "features", [0, 24, 48, 72], best.sampling.sweep_seed)
     assert bank.seed_of(winner) == best.sampling.seed != best.sampling.sweep_seed  # the winner's own seeds
-    scored_NF = bank.get(winner, best.num_images, [evaluator.feature_layer])[evaluator.feature_layer]
+    scored_NF = bank.get(winner, end, [evaluator.feature_layer])[evaluator.feature_layer]
     torch.testing.assert_close(again_NF, scored_NF, rtol=1e-4, atol=1e-4)  # the images the race scored
 
 

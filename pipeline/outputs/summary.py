@@ -59,7 +59,8 @@ def _num(x: float | None) -> float:
 
 @dataclass
 class Answer:
-    """A sweep's answer: its guidance and its FID with the interval at N."""
+    """A sweep's answer: its guidance and its FID with the interval at N (on N hold-out images from image
+    `holdout_from` when it is set: Best.holdout_from)."""
 
     sweep: str
     guidance: str
@@ -71,6 +72,12 @@ class Answer:
     fid_low: float
     fid_high: float
     num_images: int
+    holdout_from: int | None = None
+
+    @property
+    def images(self) -> str:
+        """N, and whether the FID is on hold-out images."""
+        return f"{self.num_images}" + (" hold-out" if self.holdout_from is not None else "")
 
 
 @dataclass
@@ -96,7 +103,8 @@ class JobRow(Answer):
         return cls(
             sweep=sweep, backbone=best.backbone, guidance=best.guidance, kind=best.kind, w_cfg=best.w_cfg,
             w_igg=best.w_igg, window=best.window, fid=best.fid, fid_low=best.fid_low, fid_high=best.fid_high,
-            num_images=best.num_images, separated=None if best.margin is None else best.margin.separated,
+            num_images=best.num_images, holdout_from=best.holdout_from,
+            separated=None if best.margin is None else best.margin.separated,
             default_w_cfg=None if d is None else d.w_cfg, default_fid=None if d is None else d.fid,
             default_fid_low=None if d is None else d.fid_low, default_fid_high=None if d is None else d.fid_high,
             default_num_images=None if d is None else d.num_images, gain=gain,
@@ -135,7 +143,7 @@ class BackboneBest(Answer):
             **{f.name: getattr(best, f.name) for f in fields(Answer)}, gain=best.gain, gain_pct=best.gain_pct,
             runner_up=None if runner is None else RunnerUp(runner.sweep, runner.kind, runner.fid, runner.fid_low,
                                                            runner.fid_high),
-            separated=separated, same_num_images=len({r.num_images for r in ranked}) == 1)
+            separated=separated, same_num_images=len({r.images for r in ranked}) == 1)
 
 
 @dataclass
@@ -192,10 +200,11 @@ def summary_markdown(summary: Summary) -> str:
         gain = "-" if r.gain is None else f"{r.gain:+.2f} ({_f(r.gain_pct, 0)} %)"
         lines.append(
             f"| {r.sweep} | {r.backbone} | {r.guidance} | {r.kind} | {_f(r.w_cfg)} | {_f(r.w_igg)} | "
-            f"{window} | {_fid(r)} | {r.num_images} | {default} | "
+            f"{window} | {_fid(r)} | {r.images} | {default} | "
             f"{'-' if r.default_fid is None else _fid(r, 'default_')} | {r.default_num_images or '-'} | {gain} |")
     lines += ["", "A gain is FID(default CFG) − FID(answer) on the same images (at the default's N): > 0, the answer "
-              "is better.", ""]
+              "is better. An N marked hold-out: the answer's FID is on the images the race's last rung added, which "
+              "no stage saw before choosing it (its own earlier images flatter it).", ""]
     checks = [r for r in summary.jobs if r.versus or r.proxy]
     if checks:
         lines += ["## IGG against CFG, and the proxy's direction, per sweep", ""]
@@ -203,7 +212,7 @@ def summary_markdown(summary: Summary) -> str:
         lines.append("")
     lines += ["## Best guidance per backbone", ""]
     for backbone, b in summary.backbones.items():
-        text = f"- **{backbone}**: {_answer(b)} (sweep {b.sweep}), FID {_fid(b)} at N={b.num_images}"
+        text = f"- **{backbone}**: {_answer(b)} (sweep {b.sweep}), FID {_fid(b)} at N={b.images}"
         runner = b.runner_up
         if runner is None:
             text += "; the only sweep of this backbone."
@@ -214,7 +223,8 @@ def summary_markdown(summary: Summary) -> str:
             text += (f"; **not separated** from the runner-up {runner.sweep} ({runner.kind}, FID "
                      f"{_fid(runner)}): the intervals overlap, either is as good as these sweeps can tell.")
         if not b.same_num_images:
-            text += " Its sweeps end at different N (FID falls as N grows): compare them with care."
+            text += (" Its sweeps end at different N, or not all on hold-out images (FID falls as N grows, and an "
+                     "answer's own images flatter it): compare them with care.")
         lines.append(text)
     return "\n".join(lines) + "\n"
 
