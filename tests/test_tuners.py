@@ -533,6 +533,17 @@ def test_the_last_rung_decides_on_hold_out_images_not_on_those_that_chose_the_fi
     assert [j.start for j in pool.seen if j.num_images == 64] == [32, 32]  # no image is drawn twice
 
 
+def test_a_one_rung_race_holds_out_the_same_images_of_every_finalist(tmp_path, scorer):
+    refined, default = Candidate(9.0, None, None), Candidate(9.3, None, None)
+    b = bank(tmp_path)
+    job = Job(refined, REFINE.num_images, b.seed_of(refined), fid=True)  # the refined one holds images 0..15
+    b.put(job, {"features": features(job)})
+    result = race_stage(tmp_path, scorer, [Racer(refined, REFINED), Racer(default, DEFAULT)], rungs=[64]).run(
+        StubPool())
+    assert {(r.holdout.start, r.holdout.end) for r in result.racers} == {(16, 64)}  # the default's 0..15 too
+    assert result.margin is not None and (result.margin.start, result.margin.num_images) == (16, 48)
+
+
 @pytest.mark.parametrize(("stop", "holdout"), [(True, True), (True, False), (False, True)])
 def test_a_race_left_with_one_finalist_is_decided(tmp_path, scorer, stop, holdout):
     best, worse = Candidate(9.0, None, None), Candidate(1.5, None, None)

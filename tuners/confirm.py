@@ -137,14 +137,17 @@ class RaceStage:
             jobs = {job_key(j): (j, racer) for racer in alive for j in [self._job(racer, n)]}
             done = Ledger(self.study, "confirm", {k: j for k, (j, _) in jobs.items()}, self._finish(last),
                           self.observer).run(pool)
-            for key, (job, racer) in jobs.items():
-                if key not in done:
+            for key, (_, racer) in jobs.items():
+                if key in done:
+                    racer.scores[n] = FidScore.of(done[key].metrics)
+                else:
                     racer.left = f"failed at N={n}"
-                    continue
-                racer.scores[n] = FidScore.of(done[key].metrics)
-                if last and self.confirm.holdout:
-                    held = self.bank.get(racer.candidate, n, self.scorer.layers, job.start)
-                    racer.holdout = Holdout(job.start, n, self.scorer.fid(held, start=job.start))
+            if last and self.confirm.holdout:
+                # one block for all: from the furthest any finalist had seen (a published default may have none)
+                start = max(job.start for job, _ in jobs.values())
+                for racer in (racer for _, racer in jobs.values() if n in racer.scores):
+                    held = self.bank.get(racer.candidate, n, self.scorer.layers, start)
+                    racer.holdout = Holdout(start, n, self.scorer.fid(held, start=start))
             alive = [racer for racer in alive if n in racer.scores]
             if not alive:
                 raise RuntimeError("no finalist was scored; see the failed confirm runs in MLflow, then rerun")
