@@ -260,8 +260,10 @@ def main(argv: list[str] | None = None) -> int:
             ratios.append(ratio)
         c = b["cost"]["total"]
         by_variant.setdefault(variant, {})[seed] = (ratio, c["images"])
+        held = " hold-out" if b.get("holdout_from") is not None else ""  # best.yaml before confirm.holdout: none
         rows.append(f"| {name} | {variant} | {seed} | {pt.label()} | {b['fid']:.2f} [{b['fid_low']:.2f}, "
-                    f"{b['fid_high']:.2f}] | {statistics.mean(fids.values()):.3f} | {ratio:.3f} | {worst:.3f} | "
+                    f"{b['fid_high']:.2f}] at {b['num_images']}{held} | {statistics.mean(fids.values()):.3f} | "
+                    f"{ratio:.3f} | {worst:.3f} | "
                     f"{c['images']} | {c['worker_s']:.0f} | {f'{wall / 60:.1f}' if math.isfinite(wall) else '-'} | "
                     f"{rho_cell(b)} |")
     variant_lines = []
@@ -294,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         "and reference), and divided by the grid best's FID at the same seed (the two share their seeds, which on "
         "this backbone shrinks the noise of a difference little; see Reference grid); \"worst seed\" is the largest "
         "per-seed ratio. The sweep's own FID is against its own reference (confirm.reference_num_images real images, "
-        "the sweep seed). Wall minutes: the run that finished the sweep (a finished sweep is read, not rerun).",
+        "the sweep seed), at its N (hold-out: on the images the race's last rung added, confirm.holdout). Wall "
+        "minutes: the run that finished the sweep (a finished sweep is read, not rerun).",
         "",
         "| sweep | variant | seed | answer | sweep's FID [95 %] | re-measured FID | ÷ grid best | worst seed "
         "| images | worker s | wall min | ρ(gap, FID) [95 %] |",
