@@ -139,7 +139,7 @@ class ScreenConfig:
     keep: float = 0.4  # share of a curve's points that go on to the next rung
     shares: list[float] = field(default_factory=lambda: [0.5])  # mixed: the share of w' in w + w' of each ray
     # at most this many basins, each not worse than the best beyond noise (paired bootstrap at the last rung),
-    # become trust regions of the refinement
+    # lowest FID there first, become trust regions of the refinement
     regions: int = 3
 
 
