@@ -816,3 +816,10 @@ def test_an_interval_has_a_direction_only_when_it_excludes_zero():
     assert [direction(lo, hi) for lo, hi in ((0.1, 0.3), (-0.3, -0.1), (-0.1, 0.1), (0.0, 0.2), (-0.2, 0.0))] == [
         1, -1, 0, 0, 0]
 
+
+
+def test_heads_first_puts_each_groups_best_before_any_second():
+    from tuners.scoring import heads_first
+    ranked = [("a", 1), ("a", 2), ("b", 3), ("a", 4), ("c", 5), ("b", 6)]
+    assert heads_first(ranked, lambda x: x[0]) == [("a", 1), ("b", 3), ("c", 5), ("a", 2), ("a", 4), ("b", 6)]
+    assert heads_first([], lambda x: x) == []

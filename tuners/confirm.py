@@ -27,7 +27,7 @@ import optuna
 
 from pipeline.config.schema import BackboneConfig, ConfirmConfig
 from tuners.jobs import Job, Observer, Pool
-from tuners.scoring import Difference, FeatureBank, FidScore, Scorer, scored_record
+from tuners.scoring import Difference, FeatureBank, FidScore, Scorer, heads_first, scored_record
 from tuners.space import Candidate
 from tuners.studies import Ledger, job_key
 
@@ -171,9 +171,7 @@ class RaceStage:
         """The cost cap: the best finalist of each region first (lowest FID at N), then the rest by FID; the first
         `cap` go on. Two regions' bests are seldom separated at the N of a cut, and two points of one region are
         nearly one point: a second from one region would push out the only one of another."""
-        ranked = sorted(alive, key=lambda x: x.scores[n].fid)
-        heads = [x for i, x in enumerate(ranked) if all(y.region != x.region for y in ranked[:i])]
-        ordered = [*heads, *(x for x in ranked if x not in heads)]
+        ordered = heads_first(sorted(alive, key=lambda x: x.scores[n].fid), lambda x: x.region)
         for racer in ordered[cap:]:
             racer.left = f"cut at N={n} by the cost cap (not separated)"
         return ordered[:cap]

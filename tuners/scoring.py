@@ -18,9 +18,10 @@ import hashlib
 import io
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -33,6 +34,8 @@ from pipeline.data.files import atomic_write
 from pipeline.fid.fidelity import FidEvaluator, Reference
 from tuners.jobs import CLIP_LAYER, Done, Job, TrialRecord
 from tuners.space import Candidate
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -51,6 +54,13 @@ class Difference:
     diff: float
     low: float
     high: float
+
+
+def heads_first(ranked: list[T], group: Callable[[T], object]) -> list[T]:
+    """`ranked` (best first) with each group's best before any group's second: a cut of the result keeps one of
+    every group before two of any (a basin's or a region's points are nearly one point)."""
+    heads = [x for i, x in enumerate(ranked) if all(group(y) != group(x) for y in ranked[:i])]
+    return [*heads, *(x for x in ranked if x not in heads)]
 
 
 def direction(low: float, high: float) -> int:

@@ -41,7 +41,7 @@ from pipeline.config.schema import ScreenConfig
 from pipeline.core.guidance import KINDS
 from tuners.jobs import Done, Job, Observer, Pool, TrialRecord
 from tuners.proxy import gaps_of
-from tuners.scoring import Difference, FeatureBank, FidScore, Scorer, direction, scored_record
+from tuners.scoring import Difference, FeatureBank, FidScore, Scorer, direction, heads_first, scored_record
 from tuners.space import Candidate, Interval, interval_code
 from tuners.studies import Ledger, job_key
 from tuners.surrogate import log_weights, posterior_mean
@@ -284,8 +284,7 @@ class ScreenStage:
         out = []
         for curve in self.curves:
             ranked = sorted((p for p in alive if p.curve == curve), key=lambda p: p.smoothed[n])
-            heads = [p for i, p in enumerate(ranked) if all(q.basin != p.basin for q in ranked[:i])]
-            out += [*heads, *(p for p in ranked if p not in heads)][: math.ceil(self.config.keep * len(ranked))]
+            out += heads_first(ranked, lambda p: p.basin)[: math.ceil(self.config.keep * len(ranked))]
         return out
 
     def _result(self, alive: list[ScreenPoint], n: int) -> ScreenResult:
