@@ -108,15 +108,18 @@ class Setting:
     top_p: float = 0.0
     schedule: str = "linear"
 
+    def changed(self) -> dict[str, float | str]:
+        """The fields that differ from the defaults."""
+        return {k: v for k, v in asdict(self).items() if v != getattr(Setting, k)}
+
     def tags(self) -> list[str]:
         """The non-default values as they name a docs section: ``top_p=0.8``, ``schedule=constant``."""
-        return [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                for k, v in asdict(self).items() if v != getattr(Setting, k)]
+        return [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.changed().items()]
 
     def overrides(self) -> list[str]:
         """The sweep's Hydra overrides that sample so (none for a default value)."""
         keys = {"top_p": "backbone.top_p", "schedule": "guidance.schedule"}
-        return [f"{keys[k]}={v}" for k, v in asdict(self).items() if v != getattr(Setting, k)]
+        return [f"{keys[k]}={v}" for k, v in self.changed().items()]
 
     def mismatch(self, top_p: float, schedule: str) -> str | None:
         """Why a sweep sampled with (top_p, schedule) is not of this setting, or None."""

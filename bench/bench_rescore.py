@@ -1,7 +1,8 @@
 """FID of sampled image files on the Reference grid's protocol: an answer scored on images the sweep never saw.
 
-A sweep scores its winner on the images that chose it (README, What the numbers mean). To see how far that FID sits
-from the point's own, sample the winner again on other seeds and score those images here, in the shipped
+A sweep scores its winner on its hold-out images (the race's last rung), or, before `confirm.holdout`, on the images
+that chose it (README, What the numbers mean). To see how far that FID sits from the point's own, sample the winner
+again on other seeds and score those images here, in the shipped
 classifier's features against bench_grid.py's reference (8,000 procedural shapes, seed 7919, cached under
 ``--ref-cache``):
 

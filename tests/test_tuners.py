@@ -823,3 +823,13 @@ def test_heads_first_puts_each_groups_best_before_any_second():
     ranked = [("a", 1), ("a", 2), ("b", 3), ("a", 4), ("c", 5), ("b", 6)]
     assert heads_first(ranked, lambda x: x[0]) == [("a", 1), ("b", 3), ("c", 5), ("a", 2), ("a", 4), ("b", 6)]
     assert heads_first([], lambda x: x) == []
+
+
+@pytest.mark.parametrize("start", [0, 16, 20, 32, 63])
+def test_the_bank_gives_images_from_any_start(tmp_path, start):
+    c, b = Candidate(9.0, None, None), bank(tmp_path)
+    for lo, hi in ((0, 16), (16, 32), (32, 64)):
+        job = Job(c, hi, b.seed_of(c), fid=True, start=lo)
+        b.put(job, {"features": features(job)})
+    whole = features(Job(c, 64, b.seed_of(c), fid=True))
+    assert np.array_equal(b.get(c, 64, ["features"], start)["features"].numpy(), whole[start:])

@@ -96,6 +96,11 @@ class Margin:
     def separated(self) -> bool:
         return self.low > 0
 
+    @property
+    def runner_up_score(self) -> FidScore:
+        """The runner-up's FID on the images compared: its hold-out score, or its FID at N."""
+        return self.runner_up.final if self.start else self.runner_up.scores[self.num_images]
+
 
 @dataclass
 class RaceResult:

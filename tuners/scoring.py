@@ -170,12 +170,14 @@ class FeatureBank:
         return 0
 
     def get(self, candidate: Candidate, num_images: int, layers: list[str], start: int = 0) -> dict[str, Tensor]:
-        """Features of images start..num_images-1 of `candidate`: layer -> (num_images - start, F) float32."""
+        """Features of images start..num_images-1 of `candidate`: layer -> (num_images - start, F) float32 (the
+        blocks that end at or before `start` are not read)."""
         jobs = self.chain(candidate, num_images, layers)
         if jobs is None:
             raise ValueError(f"no stored features cover {num_images} images of {candidate.label()}")
-        return {layer: torch.from_numpy(np.concatenate([np.load(self.path(j, layer)) for j in jobs])[start:])
-                for layer in layers}
+        jobs = [j for j in jobs if j.num_images > start]
+        return {layer: torch.from_numpy(np.concatenate([np.load(self.path(j, layer)) for j in jobs])[
+            start - jobs[0].start:]) for layer in layers}
 
 
 @dataclass

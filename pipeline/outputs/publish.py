@@ -83,9 +83,8 @@ def answer(cfg: SweepConfig, winner: Racer, margin: Margin | None, racers: list[
         backbone=cfg.backbone.name, guidance=cfg.guidance.name, kind=c.kind, w_cfg=c.w_cfg, w_igg=c.w_igg,
         window=c.window, fid=scores.fid, fid_low=scores.fid_low, fid_high=scores.fid_high, num_images=n,
         at_bound=ranges.bounds(c),
-        runner_up=None if margin is None else Scored(**scored(
-            margin.runner_up, margin.runner_up.final if margin.start else margin.runner_up.scores[margin.num_images],
-            margin.num_images)),
+        runner_up=None if margin is None else Scored(**scored(margin.runner_up, margin.runner_up_score,
+                                                              margin.num_images)),
         margin=None if margin is None else MarginRecord(margin.diff, margin.low, margin.high, margin.num_images,
                                                         margin.separated, margin.start),
         default=None if default is None else Default(**scored(default, default.scores[default.reached],
