@@ -25,9 +25,9 @@ from pipeline.core.seeds import derive_seed
 from pipeline.fid.fidelity import FidEvaluator, Reference
 from pipeline.outputs.publish import versus
 from tuners.confirm import DEFAULT, REFINED, Racer, RaceStage, default_candidate
-from tuners.jobs import Done, Evaluation, Job
+from tuners.jobs import Done, Evaluation, Job, TrialRecord
 from tuners.proxy import ProxyStage, gap_name, gaps_of
-from tuners.refine import RefineStage, Start
+from tuners.refine import Refined, RefineResult, RefineStage, Start
 from tuners.samplers import make_sampler
 from tuners.scoring import FeatureBank, FidScore, Interval, Scorer, candidate_seed, direction
 from tuners.screen import (
@@ -417,6 +417,25 @@ def test_refinement_leaves_the_starting_range_for_the_optimum(tmp_path, scorer):
     assert {r.region for r in finalists[:2]} == {"cfg-0", "igg-0"}
     rec = finalists[0].record
     assert rec.metrics["fid_low"] < rec.metrics["fid"] < rec.metrics["fid_high"] and rec.images == REFINE.num_images
+
+
+def test_every_refined_region_gets_a_finalist_before_any_gets_a_second():
+    """Three regions (two of IGG): a region whose best ranks below two other regions' seconds still gets a finalist,
+    and the kinds' bests come first (session 11's tiny s0: the IGG basin at w'≈9.6 sent nobody to the race)."""
+    def refined(kind: str, w: float, smoothed: float, region: str) -> Refined:
+        candidate = Candidate(w_cfg=w if kind == "mixed" else None, w_igg=w, window=None)
+        record = TrialRecord("refine", kind, {}, 512, 0, 0, value=smoothed)
+        return Refined(candidate, record, smoothed, region)
+
+    scored = [refined("igg", 20.7, 8.0, "igg-0"), refined("igg", 17.4, 8.1, "igg-0"),
+              refined("mixed", 7.1, 8.2, "mixed-0"), refined("mixed", 5.4, 8.3, "mixed-0"),
+              refined("mixed", 10.4, 8.4, "mixed-0"), refined("igg", 9.6, 8.6, "igg-1")]
+    result = RefineResult(scored, {})
+    chosen = result.finalists(4, 2, 0.0)
+    assert [r.region for r in chosen] == ["igg-0", "mixed-0", "igg-1", "igg-0"]
+    assert [r.smoothed for r in chosen] == [8.0, 8.2, 8.6, 8.1]
+    assert [r.region for r in result.finalists(2, 2, 0.0)] == ["igg-0", "mixed-0"]  # kinds before regions
+    assert len(result.finalists(10, 2, 0.0)) == len(scored)
 
 
 def test_finalists_skip_near_neighbours_of_a_chosen_one(tmp_path, scorer):

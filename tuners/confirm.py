@@ -1,12 +1,13 @@
 """Stage 3 (confirm): race the finalists at growing N; FID decides, and says how sure it is.
 
-The finalists (each kind's best refined candidate by smoothed FID, then the next best, plus the backbone's
-published default CFG) are scored at every rung N of ``confirm.rungs``. A rung extends each finalist's images (its
-labels and sampler seeds: the first N images at a larger N are the same images), so a rung costs only the images it
-adds. After each rung the finalist with the lowest FID is the current best; every other finalist whose FID exceeds
-it beyond noise (the lower end of the bootstrap interval of the difference is above 0) leaves. As a cost cap, at most a
-``confirm.keep`` share of the rest go on to the next rung, and at most ``confirm.final_max`` to the last: the best
-of each refinement region first, then the lowest FIDs; a finalist cut by the cap is reported as such, not as worse.
+The finalists (each kind's best refined candidate by smoothed FID, then each other refinement region's best,
+then the next best, plus the backbone's published default CFG) are scored at every rung N of ``confirm.rungs``.
+A rung extends each finalist's images (its labels and sampler seeds: the first N images at a larger N are the same
+images), so a rung costs only the images it adds. After each rung the finalist with the lowest FID is the current
+best; every other finalist whose FID exceeds it beyond noise (the lower end of the bootstrap interval of the
+difference is above 0) leaves. As a cost cap, at most a ``confirm.keep`` share of the rest go on to the next
+rung, and at most ``confirm.final_max`` to the last: the best of each refinement region first, then the lowest FIDs;
+a finalist cut by the cap is reported as such, not as worse.
 
 The last rung decides. With ``confirm.holdout`` it decides on the images it adds, which no stage has seen: the images
 that chose a finalist (the screen's, the refinement's, the earlier rungs') flatter it, the more so the more

@@ -12,7 +12,7 @@ lives in u = log(1 + w) (:class:`tuners.space.Region`) and its weights are sampl
 
 "Best" is by smoothed FID (:mod:`tuners.surrogate`: the posterior mean of log FID given all the region's trials and
 their bootstrap noise), not by the lowest single FID, which at this N is mostly the luckiest draw. The region
-follows the smoothed best, and the finalists are the lowest smoothed FIDs.
+follows the smoothed best; the finalists are every region's best, then the next lowest smoothed FIDs.
 
 Trials run in rounds of ``launcher.workers`` trials per region (every worker busy, every region advancing); results
 are told at the end of a round in ask order, so the search is the same for a seed and a number of workers whatever
@@ -36,7 +36,7 @@ from pipeline.core.seeds import derive_seed
 from tuners.driver import drive
 from tuners.jobs import Done, Job, Observer, Pool, TrialRecord
 from tuners.samplers import make_sampler
-from tuners.scoring import FeatureBank, FidScore, Scorer, scored_record
+from tuners.scoring import FeatureBank, FidScore, Scorer, heads_first, scored_record
 from tuners.space import WEIGHTS, Candidate, Region, from_params, interval_code, suggest, trial_params
 from tuners.studies import RECORD, counts_toward_budget, fail_stale, reason_of, record_of, tell
 from tuners.surrogate import log_weights, posterior_mean
@@ -232,7 +232,7 @@ class RefineStage:
         """Every told trial of every region with its smoothed FID, lowest first."""
         scored = sorted((Refined(from_params(t.params), record_of(t), value, s.name) for s in self.regions.values()
                          for t, value in self.smoothed(s.counted())), key=lambda r: r.smoothed)
-        return RefineResult(scored, list(dict.fromkeys(s.kind for s in self.regions.values())), self.history())
+        return RefineResult(scored, self.history())
 
 
 @dataclass
@@ -269,20 +269,18 @@ class Refined:
 
 @dataclass
 class RefineResult:
-    """The refinement's trials, each with its smoothed FID (lowest first), the kinds refined, what the regions did."""
+    """The refinement's trials, each with its smoothed FID (lowest first), and what the regions did."""
 
     scored: list[Refined]
-    kinds: list[str]
     history: dict[str, list[str]]
 
     def finalists(self, count: int, decimals: int, separation: float) -> list[Refined]:
-        """Up to `count` distinct candidates by smoothed FID: each kind's best (best kind first), then the next
-        lowest over all kinds, skipping any within `separation` (Euclidean, in log(1 + w)) of a chosen one of the
-        same kind and window: the smoothed FID of such a neighbour is nearly the chosen one's, so racing it would
-        spend a finalist on one point twice."""
-        scored = self.scored
-        heads = [next(r for r in scored if r.candidate.kind == k) for k in self.kinds
-                 if any(r.candidate.kind == k for r in scored)]
+        """Up to `count` distinct candidates by smoothed FID: each kind's best (best kind first), then each other
+        region's best, then the next lowest over all regions, skipping any within `separation` (Euclidean, in
+        log(1 + w)) of a chosen one of the same kind and window: the smoothed FID of such a neighbour is nearly the
+        chosen one's, so racing it would spend a finalist on one point twice. Every refined basin gets a finalist
+        before any gets a second: the race, not the refinement's few low-N trials, decides between basins."""
+        ranked = heads_first(heads_first(self.scored, lambda r: r.region), lambda r: r.candidate.kind)
 
         def near(a: Candidate, b: Candidate) -> bool:
             if a.kind != b.kind or a.window != b.window or a.interval != b.interval:
@@ -291,7 +289,7 @@ class RefineResult:
                              ) < separation
 
         chosen: list[Refined] = []
-        for r in [*sorted(heads, key=lambda r: r.smoothed), *scored]:
+        for r in ranked:
             if len(chosen) < count and not any(r.candidate.key(decimals) == c.candidate.key(decimals)
                                                or near(r.candidate, c.candidate) for c in chosen):
                 chosen.append(r)

@@ -178,7 +178,8 @@ class ConfirmConfig:
     refinement region's best first, then the lowest FIDs) and `final_max` for the last rung, which decides (on its
     hold-out images with `holdout`). Every FID has an interval at `level`."""
 
-    finalists: int = 5  # best distinct refined candidates (each kind's best first), plus the published default
+    # best distinct refined candidates (each kind's, then each region's best first), plus the published default
+    finalists: int = 5
     # Finalists of one kind and window are at least this far apart in log(1 + weight): a near neighbour of a
     # finalist has nearly its smoothed FID, and racing both would spend two finalists on one point.
     separation: float = 0.15
