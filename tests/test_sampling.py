@@ -42,6 +42,28 @@ def test_seeds():
     assert not torch.equal(a.images, b.images)
 
 
+@pytest.mark.parametrize("w_cfg, w_igg", [(3.0, None), (None, 4.0), (2.0, 2.0)])
+def test_an_image_depends_only_on_its_own_label_and_noise(w_cfg, w_igg, monkeypatch):
+    """Changing one image's label changes no other image at the same seed (its noise draws are its own), and one
+    noise for every image with one label gives one image whatever its place in the batch."""
+    labels = torch.tensor([1, 5, 9, 2, 7, 0])
+    a = sample(BB, labels, w_cfg=w_cfg, w_igg=w_igg, seed=3, with_signals=False).images
+    for i in (0, len(labels) - 1):
+        other = labels.clone()
+        other[i] = (other[i] + 3) % 10
+        b = sample(BB, other, w_cfg=w_cfg, w_igg=w_igg, seed=3, with_signals=False).images
+        keep = torch.arange(len(labels)) != i
+        assert torch.equal(a[keep], b[keep]) and not torch.equal(a[i], b[i])
+
+    def one_noise(logits_BlV, *, top_k=0, top_p=0.0, generator=None):
+        e_lV = torch.empty(logits_BlV.shape[1:]).exponential_(generator=generator)
+        return (logits_BlV.softmax(-1) / e_lV).argmax(-1)
+
+    monkeypatch.setattr("pipeline.core.sampling.sample_top_k_top_p", one_noise)
+    images = sample(BB, [4] * 5, w_cfg=w_cfg, w_igg=w_igg, seed=3, with_signals=False).images
+    assert torch.equal(images, images[:1].expand_as(images))
+
+
 def test_top_k_1_is_greedy_and_deterministic_without_seed():
     steps = []
     a = sample(BB, LABELS, w_cfg=3.0, w_igg=2.0, window=3, top_k=1, callback=steps.append)
