@@ -41,6 +41,10 @@ def features_task(job: tuple[float | None, float | None, int, int, int, int]) ->
     return seed, order, np.concatenate(parts)
 
 
+def weight(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
 def fid(features_NF: np.ndarray, mu_F: torch.Tensor, sigma_FF: torch.Tensor) -> float:
     x = torch.from_numpy(features_NF).double()
     return float(frechet_distance(x.mean(0), torch.cov(x.T), mu_F, sigma_FF))
@@ -48,8 +52,8 @@ def fid(features_NF: np.ndarray, mu_F: torch.Tensor, sigma_FF: torch.Tensor) -> 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--w-cfg", type=float, default=None)
-    p.add_argument("--w-igg", type=float, default=9.630274198089628)
+    p.add_argument("--w-cfg", type=weight, default=None, help="CFG weight, or none (default none)")
+    p.add_argument("--w-igg", type=weight, default=9.630274198089628, help="IGG weight, or none (default 9.63…)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1000, 1001])
     p.add_argument("--orders", type=int, nargs="+", default=[1, 3, 5, 7], help="m of the labels i·m mod 8 (odd)")
     p.add_argument("--start", type=int, default=2048, help="first image (a multiple of 64)")
@@ -57,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--ref-cache", type=Path, default=None, help="reference statistics folder (bench_grid's)")
     args = p.parse_args(argv)
+    if args.w_cfg is None and args.w_igg is None:
+        p.error("give --w-cfg or --w-igg (or both)")
     if 1 not in args.orders or any(m % 2 == 0 for m in args.orders) or args.start % BATCH or args.n % BATCH:
         p.error("--orders must be odd and include 1; --start and --n multiples of 64")
     reference = FidEvaluator(TINY_EXTRACTOR, metrics=["fid"], batch_size=BATCH, progress=False,
