@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from bench_grid import _W, BATCH, NUM_CLASSES, REF_SEED, _init_worker
 
-from pipeline.core.metrics import frechet_distance
 from pipeline.core.sampling import sample
 from pipeline.core.seeds import derive_seed
 from pipeline.fid.fidelity import TINY_EXTRACTOR, FidEvaluator, shapes_source
@@ -45,11 +44,6 @@ def weight(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
 
-def fid(features_NF: np.ndarray, mu_F: torch.Tensor, sigma_FF: torch.Tensor) -> float:
-    x = torch.from_numpy(features_NF).double()
-    return float(frechet_distance(x.mean(0), torch.cov(x.T), mu_F, sigma_FF))
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--w-cfg", type=weight, default=None, help="CFG weight, or none (default none)")
@@ -65,9 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give --w-cfg or --w-igg (or both)")
     if 1 not in args.orders or any(m % 2 == 0 for m in args.orders) or args.start % BATCH or args.n % BATCH:
         p.error("--orders must be odd and include 1; --start and --n multiples of 64")
-    reference = FidEvaluator(TINY_EXTRACTOR, metrics=["fid"], batch_size=BATCH, progress=False,
-                             cache_dir=args.ref_cache).reference(shapes_source(8000, REF_SEED, BATCH))
-    mu_F, sigma_FF = torch.as_tensor(reference.mu).double(), torch.as_tensor(reference.sigma).double()
+    evaluator = FidEvaluator(TINY_EXTRACTOR, metrics=["fid"], batch_size=BATCH, progress=False,
+                             cache_dir=args.ref_cache)
+    reference = evaluator.reference(shapes_source(8000, REF_SEED, BATCH))
+
+    def fid(features_NF: np.ndarray) -> float:
+        return evaluator.metrics_of({evaluator.feature_layer: torch.from_numpy(features_NF)}, reference)["fid"]
+
     jobs = [(args.w_cfg, args.w_igg, s, m, args.start, args.n) for s in args.seeds for m in args.orders]
     with get_context("spawn").Pool(args.workers, _init_worker, (1,)) as pool:
         got = {(s, m): f for s, m, f in pool.imap_unordered(features_task, jobs)}
@@ -76,12 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     print("| seed | m | classes kept in place | FID | − FID(m=1), same seeds |")
     print("|---:|---:|---|---:|---:|")
     for s in args.seeds:
-        base = fid(got[(s, 1)], mu_F, sigma_FF)
+        base = fid(got[(s, 1)])
         for m in args.orders:
             kept = [c for c in range(NUM_CLASSES) if c * m % NUM_CLASSES == c]
             same = np.all(got[(s, m)] == got[(s, 1)], axis=1)
             assert same[np.isin(np.arange(args.start, args.start + args.n) % NUM_CLASSES, kept)].all()
-            value = fid(got[(s, m)], mu_F, sigma_FF)
+            value = fid(got[(s, m)])
             print(f"| {s} | {m} | {','.join(map(str, kept))} | {value:.3f} | {value - base:+.3f} |")
     return 0
 

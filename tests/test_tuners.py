@@ -29,7 +29,7 @@ from tuners.jobs import Done, Evaluation, Job, TrialRecord
 from tuners.proxy import ProxyStage, gap_name, gaps_of
 from tuners.refine import Refined, RefineResult, RefineStage, Start
 from tuners.samplers import make_sampler
-from tuners.scoring import FeatureBank, FidScore, Interval, Scorer, candidate_seed, direction
+from tuners.scoring import FeatureBank, FidScore, Interval, Scorer, candidate_seed, direction, heads_first
 from tuners.screen import (
     Basin,
     Curve,
@@ -836,12 +836,12 @@ def test_an_interval_has_a_direction_only_when_it_excludes_zero():
         1, -1, 0, 0, 0]
 
 
-
 def test_heads_first_puts_each_groups_best_before_any_second():
-    from tuners.scoring import heads_first
     ranked = [("a", 1), ("a", 2), ("b", 3), ("a", 4), ("c", 5), ("b", 6)]
     assert heads_first(ranked, lambda x: x[0]) == [("a", 1), ("b", 3), ("c", 5), ("a", 2), ("a", 4), ("b", 6)]
     assert heads_first([], lambda x: x) == []
+    twins = [("a", 1), ("a", 1), ("b", 2)]  # equal items are kept, each once in its place
+    assert heads_first(twins, lambda x: x[0]) == [("a", 1), ("b", 2), ("a", 1)]
 
 
 @pytest.mark.parametrize("start", [0, 16, 20, 32, 63])

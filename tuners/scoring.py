@@ -18,7 +18,7 @@ import hashlib
 import io
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -56,11 +56,16 @@ class Difference:
     high: float
 
 
-def heads_first(ranked: list[T], group: Callable[[T], object]) -> list[T]:
+def heads_first(ranked: list[T], group: Callable[[T], Hashable]) -> list[T]:
     """`ranked` (best first) with each group's best before any group's second: a cut of the result keeps one of
     every group before two of any (a basin's or a region's points are nearly one point)."""
-    heads = [x for i, x in enumerate(ranked) if all(group(y) != group(x) for y in ranked[:i])]
-    return [*heads, *(x for x in ranked if x not in heads)]
+    seen: set[Hashable] = set()
+    heads: list[T] = []
+    rest: list[T] = []
+    for x in ranked:
+        (rest if group(x) in seen else heads).append(x)
+        seen.add(group(x))
+    return heads + rest
 
 
 def direction(low: float, high: float) -> int:
